@@ -1,0 +1,1 @@
+"""Datasets: the built-in shapes world, image folders, WebDataset shards and pre-extracted code shards."""

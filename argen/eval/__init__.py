@@ -1,0 +1,1 @@
+"""Evaluation: the shapes judge, reconstruction and codebook metrics."""

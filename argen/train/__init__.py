@@ -1,0 +1,1 @@
+"""The one training loop every model uses, on Hugging Face accelerate."""

@@ -1,0 +1,1 @@
+"""Image tokenizers: VQ-VAE / VQGAN models that turn images into codebook index grids and back."""
