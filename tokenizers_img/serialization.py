@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,3 +122,17 @@ class PretrainedMixin:
                 "The checkpoint was written by a different architecture or version."
             )
         return model.to(device).eval()
+
+
+def pretrained_hash(path: str | Path) -> str:
+    """SHA-256 over a saved directory's config.json and model.safetensors: identifies one exact model."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        file = Path(path) / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: {str(path)!r} is not a saved model directory.")
+        digest.update(name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
