@@ -1,0 +1,212 @@
+"""VQConfig and VQModel: images in [-1, 1] <-> grids of codebook indices, saved as config.json + model.safetensors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tokenizers_img.autoencoder import Decoder, Encoder
+from tokenizers_img.quantizers import FSQuantizer, Quantizer, QuantizerOutput, VectorQuantizer
+from tokenizers_img.serialization import PretrainedMixin
+
+
+@dataclass
+class VQConfig:
+    """Architecture and quantizer of a VQ tokenizer. Defaults: a LlamaGen-style VQ-16 at 256 px.
+
+    Derived sizes are properties: `downsample` = 2 ** (len(ch_mult) - 1), `grid_size` = resolution // downsample,
+    `num_codes` (codebook_size for "vq", prod(fsq_levels) for "fsq"), `code_dim` (channels the quantizer sees).
+    `codebook_size`, `codebook_dim`, `l2_normalize`, `beta`, `ema*`, `kmeans*`, `dead_code_threshold` and
+    `rotation_trick` apply to "vq" only; `fsq_levels` to "fsq" only.
+    """
+
+    resolution: int = 256
+    in_channels: int = 3
+    base_channels: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn: bool = True  # self-attention at the lowest resolution (encoder and decoder)
+    z_channels: int = 256
+    norm_groups: int = 32  # GroupNorm groups; every channel count must be divisible by it
+    dropout: float = 0.0
+    quantizer: Literal["vq", "fsq"] = "vq"
+    codebook_size: int = 16384
+    codebook_dim: int = 8  # low-dimensional lookup space (LlamaGen: 8)
+    l2_normalize: bool = True  # cosine lookup on the unit sphere (ViT-VQGAN / LlamaGen)
+    beta: float = 0.25  # commitment weight: beta * ||z - sg(q)||^2
+    ema: bool = False  # EMA codebook updates instead of the codebook loss
+    ema_decay: float = 0.99
+    kmeans_init: bool = True  # codebook <- k-means centroids of the first training batch (all processes)
+    kmeans_iters: int = 10
+    dead_code_threshold: int = 100  # restart codes unused for this many training steps; 0 disables
+    rotation_trick: bool = False  # Fifty et al. 2024 gradient estimator instead of straight-through
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(self.ch_mult)
+        self.fsq_levels = tuple(self.fsq_levels)
+        positive = {
+            "resolution": self.resolution, "in_channels": self.in_channels, "base_channels": self.base_channels,
+            "num_res_blocks": self.num_res_blocks, "z_channels": self.z_channels, "norm_groups": self.norm_groups,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.downsample not in (4, 8, 16):
+            raise ValueError(
+                f"ch_mult={self.ch_mult} gives downsample factor {self.downsample}; it must be 4, 8 or 16 "
+                "(len(ch_mult) must be 3, 4 or 5)."
+            )
+        if min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult entries must be >= 1, got {self.ch_mult}.")
+        if self.resolution % self.downsample:
+            raise ValueError(
+                f"resolution={self.resolution} is not divisible by the downsample factor {self.downsample} "
+                f"(ch_mult={self.ch_mult})."
+            )
+        widths = sorted({self.base_channels * m for m in self.ch_mult})
+        bad = [c for c in widths if c % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"channel widths {bad} (base_channels={self.base_channels} x ch_mult={self.ch_mult}) are not "
+                f"divisible by norm_groups={self.norm_groups}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.quantizer not in ("vq", "fsq"):
+            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}.")
+        if self.quantizer == "vq":
+            if self.codebook_size < 2:
+                raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}.")
+            if self.codebook_dim < 1:
+                raise ValueError(f"codebook_dim must be >= 1, got {self.codebook_dim}.")
+            if self.beta < 0:
+                raise ValueError(f"beta must be >= 0, got {self.beta}.")
+            if not 0.0 < self.ema_decay < 1.0:
+                raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}.")
+            if self.kmeans_init and self.kmeans_iters < 1:
+                raise ValueError(f"kmeans_iters must be >= 1 when kmeans_init is on, got {self.kmeans_iters}.")
+            if self.dead_code_threshold < 0:
+                raise ValueError(f"dead_code_threshold must be >= 0 (0 disables restarts), got {self.dead_code_threshold}.")
+        else:
+            if not self.fsq_levels or min(self.fsq_levels) < 2:
+                raise ValueError(f"fsq_levels must be a non-empty tuple of ints >= 2, got {self.fsq_levels}.")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // self.downsample
+
+    @property
+    def num_codes(self) -> int:
+        return self.codebook_size if self.quantizer == "vq" else math.prod(self.fsq_levels)
+
+    @property
+    def code_dim(self) -> int:
+        return self.codebook_dim if self.quantizer == "vq" else len(self.fsq_levels)
+
+
+@dataclass
+class VQOutput:
+    """reconstruction: (B, in_channels, H, W), roughly in [-1, 1]; quantizer_output: the quantizer's result."""
+
+    reconstruction: torch.Tensor
+    quantizer_output: QuantizerOutput
+
+
+def build_quantizer(config: VQConfig) -> Quantizer:
+    """The quantizer a config asks for, consuming `config.code_dim` channels."""
+    if config.quantizer == "fsq":
+        return FSQuantizer(levels=config.fsq_levels)
+    return VectorQuantizer(
+        dim=config.codebook_dim,
+        codebook_size=config.codebook_size,
+        l2_normalize=config.l2_normalize,
+        beta=config.beta,
+        ema=config.ema,
+        ema_decay=config.ema_decay,
+        kmeans_init=config.kmeans_init,
+        kmeans_iters=config.kmeans_iters,
+        dead_code_threshold=config.dead_code_threshold,
+        rotation_trick=config.rotation_trick,
+    )
+
+
+class VQModel(PretrainedMixin, nn.Module):
+    """Encoder -> 1x1 conv to code_dim -> quantizer -> 1x1 conv to z_channels -> decoder.
+
+    Images are float (B, in_channels, H, W) in [-1, 1] with H, W divisible by `config.downsample`;
+    codes are int64 (B, H/f, W/f) in [0, config.num_codes).
+    """
+
+    config_class = VQConfig
+
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        arch = dict(
+            base_channels=config.base_channels, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
+            attn=config.attn, z_channels=config.z_channels, norm_groups=config.norm_groups, dropout=config.dropout,
+        )
+        self.encoder = Encoder(in_channels=config.in_channels, **arch)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.code_dim, 1)
+        self.quantizer = build_quantizer(config)
+        self.post_quant_conv = nn.Conv2d(config.code_dim, config.z_channels, 1)
+        self.decoder = Decoder(out_channels=config.in_channels, **arch)
+
+    @property
+    def num_codes(self) -> int:
+        return self.config.num_codes
+
+    @property
+    def last_decoder_layer(self) -> nn.Parameter:
+        """The final conv's weight, for the VQGAN adaptive GAN weight ||grad L_rec|| / ||grad L_gan||."""
+        return self.decoder.conv_out.weight
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        f = self.config.downsample
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(
+                f"images must be (B, {self.config.in_channels}, H, W) with H and W divisible by {f}, "
+                f"got shape {tuple(images.shape)}."
+            )
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor in [-1, 1], got dtype {images.dtype}.")
+
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        return self.quant_conv(self.encoder(images))  # (B, code_dim, h, w)
+
+    def forward(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> VQOutput:
+        """Reconstruct images through the quantizer. In training mode the quantizer updates its statistics
+        (k-means init, dead-code restart, EMA); `generator` drives their random draws (default: global RNG)."""
+        q = self.quantizer(self._latents(images), generator=generator)
+        reconstruction = self._decode_vectors(q.quantized)
+        return VQOutput(reconstruction=reconstruction, quantizer_output=q)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> codes (B, H/f, W/f) int64. Never changes quantizer state."""
+        return self.quantizer.encode(self._latents(images))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w), or (B, h*w) for a square grid, -> images (B, C, h*f, w*f), roughly in [-1, 1]."""
+        if codes.ndim == 2:
+            side = math.isqrt(codes.shape[1])
+            if side * side != codes.shape[1]:
+                raise ValueError(f"flat codes (B, N) need a square grid, got N={codes.shape[1]}; pass (B, h, w) instead.")
+            codes = codes.reshape(codes.shape[0], side, side)
+        elif codes.ndim != 3:
+            raise ValueError(f"codes must be (B, h, w) or (B, h*w), got shape {tuple(codes.shape)}.")
+        return self._decode_vectors(self.quantizer.codes_to_vectors(codes))
+
+    def _decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Quantized vectors (B, code_dim, h, w), fp32 from the quantizer, -> images (B, C, H, W)."""
+        return self.decoder(self.post_quant_conv(vectors.to(self.post_quant_conv.weight.dtype)))
