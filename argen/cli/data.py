@@ -1,0 +1,249 @@
+"""`argen data preview` (captioned contact sheet of a dataset) and `argen data judge` (score a folder of images)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import IterableDataset
+
+from tokenizers_img.serialization import atomic_write_bytes
+
+CAPTION_LINES = 4  # captions are wrapped to this many lines under each image, then cut with "..."
+MIN_CELL = 128  # images are upscaled (nearest) by an integer factor to at least this many pixels
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="inspect datasets and score generated images")
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("preview", help="write a captioned contact sheet PNG of a dataset")
+    p.add_argument("--dataset", required=True, help="shapes | imagefolder:PATH | webdataset:PATTERN")
+    p.add_argument("--split", default="train", help="train | val (| heldout for shapes, | all for real data)")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("-n", type=int, default=16, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="shapes seed, and which items a folder preview shows")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
+    p.set_defaults(func=preview_main)
+
+    j = sub.add_parser("judge", help="score a folder of images against their captions with the shapes judge")
+    j.add_argument("--images", required=True, type=Path, help="folder of images + metadata.jsonl or sidecar .txt")
+    j.add_argument("-o", "--output", type=Path, default=None, help="folder for judge.json and judge.md (default: --images)")
+    j.set_defaults(func=judge_main)
+
+
+# ---------------------------------------------------------------- preview
+
+def sheet_layout(n: int, image_size: int) -> tuple[int, int, int, int, int]:
+    """(cols, rows, cell_w, cell_h, scale) of the contact sheet for n images of side image_size."""
+    if n <= 0:
+        raise ValueError(f"need at least one image, got n={n}")
+    scale = max(1, math.ceil(MIN_CELL / image_size))
+    side = image_size * scale
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    line_h = _line_height(_font())
+    return cols, rows, side + 8, side + 8 + CAPTION_LINES * line_h + 4, scale
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=12)  # Pillow's bundled font; nothing is downloaded
+    except TypeError:  # Pillow < 10.1 has no size argument
+        return ImageFont.load_default()
+
+
+def _line_height(font) -> int:
+    left, top, right, bottom = font.getbbox("Agy|")
+    return bottom - min(top, 0) + 2
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to pixel `width`, at most CAPTION_LINES lines; overflow ends in '...'."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(_cut(word, font, width) if font.getlength(word) > width else word)
+    if len(lines) > CAPTION_LINES:
+        lines = lines[:CAPTION_LINES]
+        lines[-1] = _cut(lines[-1], font, width, force=True)
+    return lines or [""]
+
+
+def _cut(line: str, font, width: int, *, force: bool = False) -> str:
+    """Trim `line` so that it plus '...' fits `width`; unless `force`, a line that already fits is kept."""
+    if not force and font.getlength(line) <= width:
+        return line
+    while line and font.getlength(line + "...") > width:
+        line = line[:-1]
+    return line.rstrip() + "..."
+
+
+def contact_sheet(images: Sequence[torch.Tensor | Image.Image], captions: Sequence[str]) -> Image.Image:
+    """A grid of images (each (3, R, R) in [-1, 1] or PIL, all the same size) with each caption wrapped under it."""
+    from argen.data.transforms import tensor_to_pil
+
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    pils = [im if isinstance(im, Image.Image) else tensor_to_pil(im) for im in images]
+    size = pils[0].size[0]
+    cols, rows, cell_w, cell_h, scale = sheet_layout(len(pils), size)
+    font = _font()
+    line_h = _line_height(font)
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, cap) in enumerate(zip(pils, captions)):
+        x, y = (i % cols) * cell_w + 4, (i // cols) * cell_h + 4
+        sheet.paste(im.convert("RGB").resize((size * scale, size * scale), Image.Resampling.NEAREST), (x, y))
+        for k, line in enumerate(_wrap(cap, font, cell_w - 8)):
+            draw.text((x, y + size * scale + 4 + k * line_h), line, fill=(0, 0, 0), font=font)
+    return sheet
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def preview_main(args: argparse.Namespace) -> int:
+    from argen.data.registry import build_dataset
+    from argen.data.skips import DatasetError, SkipReport
+
+    if args.n <= 0:
+        print(f"error: -n must be positive, got {args.n}", file=sys.stderr)
+        return 2
+    try:
+        ds = build_dataset(args.dataset, split=args.split, resolution=args.resolution, seed=args.seed,
+                           val_fraction=args.val_fraction)
+    except (ValueError, ImportError) as err:  # DatasetError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = SkipReport.for_dataset(ds)
+    items: list[dict[str, Any]] = []
+    try:
+        if isinstance(ds, IterableDataset):
+            for item in ds:
+                report.update(item)
+                items.append(item)
+                if len(items) == args.n:
+                    break
+        else:
+            # A random sample of indices; an undecodable file is replaced by its successor, which may
+            # already be shown, so keep going until n distinct items (or the dataset runs out).
+            g = torch.Generator().manual_seed(args.seed)
+            shown: set[str] = set()
+            for i in torch.randperm(len(ds), generator=g).tolist():
+                item = ds[i]
+                report.update(item)
+                if item["key"] not in shown:
+                    shown.add(item["key"])
+                    items.append(item)
+                if len(items) == args.n:
+                    break
+            items.sort(key=lambda it: it["key"])
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not items:
+        print(f"error: dataset {args.dataset!r} split {args.split!r} yielded no items", file=sys.stderr)
+        print(report.summary())
+        return 1
+    save_png(contact_sheet([it["image"] for it in items], [it["caption"] for it in items]), args.output)
+    print(f"wrote {args.output} ({len(items)} images at {args.resolution}px from {args.dataset}, split {args.split})")
+    print(report.summary())
+    return 0
+
+
+# ---------------------------------------------------------------- judge
+
+def judge_folder(folder: Path) -> dict[str, Any]:
+    """Score every captioned image in `folder` with the shapes judge at its native size; JSON-ready results."""
+    from argen.data.imagefolder import index_folder
+    from argen.data.transforms import ImageDecodeError, load_image
+    from argen.eval.judge import judge
+
+    index = index_folder(folder)
+    rows: list[dict[str, Any]] = []
+    attr: dict[str, list[int]] = {}  # name -> [correct, total]
+    for f in index.files:
+        row: dict[str, Any] = {"file": f.key, "caption": f.caption}
+        try:
+            image = np.asarray(load_image(f.path, name=f.key))  # (H, W, 3) uint8, native size
+            result = judge(f.caption, image)
+        except ImageDecodeError as err:
+            row["error"] = err.reason
+        except (ValueError, LookupError) as err:  # e.g. a caption word the judge does not know
+            row["error"] = f"{type(err).__name__}: {err}"
+        else:
+            row.update(correct=bool(result.correct), attributes=dict(result.attributes),
+                       reason=str(getattr(result, "reason", "")))
+            for name, ok in result.attributes.items():
+                if ok is not None:
+                    c = attr.setdefault(name, [0, 0])
+                    c[0] += bool(ok)
+                    c[1] += 1
+        rows.append(row)
+    scored = [r for r in rows if "error" not in r]
+    n_correct = sum(r["correct"] for r in scored)
+    totals = {
+        "images": len(rows),
+        "scored": len(scored),
+        "errors": len(rows) - len(scored),
+        "skipped": len(index.skips),
+        "correct": n_correct,
+        "accuracy": n_correct / len(scored) if scored else None,
+        "attributes": {k: {"correct": c, "total": t, "accuracy": c / t} for k, (c, t) in sorted(attr.items())},
+    }
+    return {
+        "folder": str(index.root),
+        "totals": totals,
+        "images": rows,
+        "skipped": [{"file": s.key, "reason": s.reason} for s in index.skips],
+    }
+
+
+def judge_markdown(res: dict[str, Any]) -> str:
+    t = res["totals"]
+    acc = "n/a" if t["accuracy"] is None else f"{t['accuracy']:.3f}"
+    lines = [
+        f"# Judge: {res['folder']}", "",
+        f"{t['scored']} images scored, {t['errors']} errors, {t['skipped']} skipped.", "",
+        "| measure | accuracy | correct | total |", "| --- | ---: | ---: | ---: |",
+        f"| whole prompt | {acc} | {t['correct']} | {t['scored']} |",
+    ]
+    lines += [f"| {k} | {v['accuracy']:.3f} | {v['correct']} | {v['total']} |" for k, v in t["attributes"].items()]
+    errors = [r for r in res["images"] if "error" in r]
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- `{r['file']}`: {r['error']}" for r in errors]
+    if res["skipped"]:
+        lines += ["", "## Skipped", ""] + [f"- `{s['file']}`: {s['reason']}" for s in res["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def judge_main(args: argparse.Namespace) -> int:
+    from argen.data.skips import DatasetError
+
+    try:
+        res = judge_folder(args.images)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.output or args.images
+    md = judge_markdown(res)
+    atomic_write_bytes(out / "judge.json", (json.dumps(res, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "judge.md", md.encode("utf-8"))
+    print(md, end="")
+    print(f"wrote {out / 'judge.json'} and {out / 'judge.md'}")
+    return 0

@@ -1,0 +1,105 @@
+"""One entry point from a dataset spec string (`shapes`, `imagefolder:PATH`, `webdataset:PATTERN`) to a dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from argen.data.skips import collate
+
+SPEC_FORMS = (
+    "shapes                      the built-in procedural shapes world (splits: train, val, heldout)",
+    "imagefolder:PATH            a folder of images with metadata.jsonl or sidecar .txt captions (splits: train, val, all)",
+    "webdataset:PATTERN          tar shards, a brace pattern like data/shard-{000..009}.tar or a directory of .tar (splits: train, val, all)",
+)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split a dataset spec into (kind, argument); raise ValueError listing the valid forms."""
+    kind, sep, arg = spec.partition(":")
+    if kind == "shapes" and not sep:
+        return kind, ""
+    if kind in ("imagefolder", "webdataset") and sep and arg:
+        return kind, arg
+    forms = "\n  ".join(SPEC_FORMS)
+    raise ValueError(f"unknown dataset spec {spec!r}. Valid forms:\n  {forms}")
+
+
+def build_dataset(
+    spec: str, *, split: str = "train", resolution: int, seed: int = 0,
+    val_fraction: float = 0.05, size: int | None = None,
+) -> Dataset:
+    """The dataset a spec names. Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}.
+
+    `seed` and `size` (number of scenes) apply to shapes; `val_fraction` to image folders and shards.
+    Real-data items also carry "skipped"; batch with `argen.data.skips.collate` (or `build_dataloader`).
+    """
+    kind, arg = parse_spec(spec)
+    if kind == "shapes":
+        from argen.data.shapes import ShapesDataset
+
+        return ShapesDataset(split, resolution=resolution, size=size, seed=seed)
+    if kind == "imagefolder":
+        from argen.data.imagefolder import ImageFolderDataset
+
+        return ImageFolderDataset(arg, split=split, resolution=resolution, val_fraction=val_fraction)
+    from argen.data.webdataset import WebDatasetShards
+
+    return WebDatasetShards(arg, split=split, resolution=resolution, val_fraction=val_fraction)
+
+
+def build_dataloader(
+    dataset: Dataset, *, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+    generator: torch.Generator | None = None, drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with `collate` (strings as lists, skips carried). Shuffling is ignored for streamed shards."""
+    iterable = isinstance(dataset, IterableDataset)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and not iterable, num_workers=num_workers,
+        collate_fn=collate, generator=generator, drop_last=drop_last,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    )
+
+
+@dataclass
+class DatasetConfig:
+    """The data section of a model config.
+
+    spec: `shapes`, `imagefolder:PATH` or `webdataset:PATTERN`; resolution: side of the square crop in pixels;
+    val_fraction: share of files hashed into "val" (image folders, shards); num_workers: DataLoader workers;
+    seed: shapes scene seed; size: number of shapes scenes per split (None: the shapes default).
+    """
+
+    spec: str = "shapes"
+    resolution: int = 32
+    val_fraction: float = 0.05
+    num_workers: int = 0
+    seed: int = 0
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        parse_spec(self.spec)
+        if self.resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {self.resolution}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.size is not None and self.size <= 0:
+            raise ValueError(f"size must be positive or null, got {self.size}")
+
+    def build(self, split: str = "train") -> Dataset:
+        return build_dataset(
+            self.spec, split=split, resolution=self.resolution, seed=self.seed,
+            val_fraction=self.val_fraction, size=self.size,
+        )
+
+    def dataloader(self, split: str = "train", *, batch_size: int, shuffle: bool = False,
+                   generator: torch.Generator | None = None, drop_last: bool = False) -> Any:
+        return build_dataloader(
+            self.build(split), batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            generator=generator, drop_last=drop_last,
+        )
