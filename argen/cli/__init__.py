@@ -9,6 +9,8 @@ import sys
 # Each module defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
     "argen.cli.data",
+    "argen.cli.train",
+    "argen.cli.tokenize",
 )
 
 

@@ -1,0 +1,149 @@
+"""Image-tokenizer training (VQ-VAE, or VQGAN with a discriminator) as a Task for the shared training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from argen.data.registry import DatasetConfig
+from argen.data.skips import SkipReport, collate
+from argen.eval.tokenizer import evaluate_tokenizer
+from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
+from tokenizers_img.config import to_dict
+from tokenizers_img.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
+from tokenizers_img.losses import VQGANLoss, VQGANLossConfig, gan_schedule
+from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.vq_model import VQConfig, VQModel
+
+TOKENIZER_DIR = "tokenizer"  # save_artifacts writes the VQ model here, under the run directory
+
+
+@dataclass
+class TokenizerEvalConfig:
+    """Validation: `max_images` None means the whole val split; `judge` scores agreement on shapes data."""
+
+    split: str = "val"
+    max_images: int | None = None
+    batch_size: int = 128
+    judge: bool = True
+
+
+@dataclass
+class TokenizerExperiment:
+    """One tokenizer run. The image resolution is typed once, in `data.resolution`; `model.resolution` follows it."""
+
+    model: VQConfig = field(default_factory=VQConfig)
+    loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
+    discriminator: PatchDiscriminatorConfig = field(default_factory=PatchDiscriminatorConfig)
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
+    disc_lr_scale: float = 1.0  # discriminator lr = train lr * this
+
+    def __post_init__(self) -> None:
+        if self.model.resolution != self.data.resolution:
+            # resolution is derived from the data section; a model section that also sets it must agree
+            default = VQConfig.__dataclass_fields__["resolution"].default
+            if self.model.resolution != default:
+                raise ValueError(
+                    f"model.resolution={self.model.resolution} disagrees with data.resolution={self.data.resolution}: "
+                    "set the resolution once, in data.resolution."
+                )
+            self.model = dataclasses.replace(self.model, resolution=self.data.resolution)
+
+    @property
+    def gan(self) -> bool:
+        return self.loss.disc_weight > 0
+
+
+class TokenizerTask:
+    """Modules {"vq"} or {"vq", "disc"}; optimisers "generator" over vq and "discriminator" over disc."""
+
+    def __init__(self, experiment: TokenizerExperiment) -> None:
+        self.experiment = experiment
+        self.optimizer = experiment.optimizer
+        self.vq = VQModel(experiment.model)
+        self.loss = VQGANLoss(experiment.loss)
+        self.disc = PatchDiscriminator(experiment.discriminator) if experiment.gan else None
+        self.val_dataset = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {"vq": self.vq}
+        if self.disc is not None:
+            mods["disc"] = self.disc
+        return mods
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        specs = [OptimizerSpec(name="generator", modules=["vq"], config=self.optimizer)]
+        if self.disc is not None:
+            disc_cfg = dataclasses.replace(self.optimizer, lr=self.optimizer.lr * self.experiment.disc_lr_scale)
+            specs.append(OptimizerSpec(name="discriminator", modules=["disc"], config=disc_cfg))
+        return specs
+
+    def ema_modules(self) -> list[str]:
+        return ["vq"]
+
+    def training_step(self, batch: dict, *, modules: dict[str, nn.Module], step: int) -> StepOutput:
+        images = batch["image"]
+        vq = modules["vq"]
+        out = vq(images)
+        q = out.quantizer_output
+        inner = vq.module if hasattr(vq, "module") else vq
+        g = self.loss.generator_loss(
+            images, out.reconstruction, quantizer_loss=q.loss, last_layer=inner.last_decoder_layer,
+            step=step, discriminator=modules.get("disc"),  # None when the GAN is off: then it is never called
+        )
+        losses = {"generator": g.total}
+        logs = {
+            "rec": g.rec, "quant": g.quantizer, "commit": q.commit_loss.detach(), "perplexity": q.perplexity.detach(),
+            "dead_codes": float(inner.quantizer.num_dead_codes(unused_for=self.experiment.model.dead_code_threshold or 100)),
+        }
+        if self.disc is not None:
+            factors = gan_schedule(step, self.experiment.loss)
+            logs.update(g_adv=g.g_adv, d_weight=g.d_weight, g_factor=factors.g_factor)
+            if factors.d_factor > 0:
+                d = self.loss.discriminator_loss(images, out.reconstruction, step=step, discriminator=modules["disc"])
+                losses["discriminator"] = d.total
+                logs.update(d_loss=d.total.detach(), logits_real=d.logits_real, logits_fake=d.logits_fake)
+        return StepOutput(losses=losses, logs=logs)
+
+    def evaluate(self, *, modules: dict[str, nn.Module], accelerator, step: int) -> dict[str, float]:
+        ev = self.experiment.eval
+        if self.val_dataset is None:
+            self.val_dataset = self.experiment.data.build(ev.split)
+        metrics = evaluate_tokenizer(
+            modules["vq"], self.val_dataset, batch_size=ev.batch_size,
+            judge=ev.judge and self.experiment.data.spec == "shapes", max_images=ev.max_images,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            reduce=lambda t: accelerator.reduce(t, reduction="sum"),
+        )
+        return {f"val/{k}": float(v) for k, v in metrics.as_dict().items() if v is not None}
+
+    def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
+        modules["vq"].save_pretrained(Path(out_dir) / TOKENIZER_DIR)
+
+
+
+def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False) -> TrainResult:
+    """Train the experiment's tokenizer; the VQ model lands in `out_dir/final/tokenizer`, metrics in `out_dir/metrics.json`.
+
+    Skipped training files (corrupt, caption-less) are counted and named at the end; they never stop the run.
+    """
+    dataset = experiment.data.build("train")
+    skips = SkipReport.for_dataset(dataset)
+    result = train(
+        TokenizerTask(experiment), dataset, experiment.train, resume=resume,
+        task_config=to_dict(experiment), collate_fn=collate, on_batch_meta=skips.update,
+    )
+    out = Path(experiment.train.out_dir)
+    report = {"step": result.step, "eval": result.eval, "tokenizer": str(result.artifacts_dir / TOKENIZER_DIR),
+              "skipped": [{"key": s.key, "reason": s.reason} for s in skips.skips]}
+    atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
+    print(skips.summary())
+    return result
