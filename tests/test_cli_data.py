@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from argen.cli import main
-from argen.cli.data import sheet_layout
+from argen.viz import sheet_layout
 
 
 def _folder(root: Path) -> Path:

@@ -13,15 +13,6 @@ from tokenizers_img.losses import VQGANLoss, VQGANLossConfig, gan_schedule
 ON = dict(disc_start=0, disc_d_only_steps=0, disc_ramp_steps=0, disc_weight=0.5)  # GAN fully on at step 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run faster on one thread than on two on a shared CPU (tests/conftest.py would be its home)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class FirstChannel(nn.Module):
     """A stand-in discriminator whose logits are the images' first channel, so logits can be set by hand."""
 

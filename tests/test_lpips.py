@@ -27,15 +27,6 @@ def _fake_lpips_heads(g: torch.Generator) -> dict:
     return {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate(LIN_CHANNELS)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """VGG convs on tiny inputs run several times faster on one thread than on two on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Random weights in the two upstream layouts, torch.save'd, converted by the CLI to our safetensors file."""

@@ -14,15 +14,6 @@ from safetensors.torch import load_file, save_file
 from tokenizers_img import FSQuantizer, QuantizerOutput, VectorQuantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: intra-op threads only contend on a shared CPU (measured: 37 s -> 4 s for these files)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _vq(**kw) -> VectorQuantizer:
     args = dict(dim=4, codebook_size=16, l2_normalize=False, kmeans_init=False, dead_code_threshold=0)
     args.update(kw)

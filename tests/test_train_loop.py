@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from torch import nn
 import argen.train.checkpoint as ckpt_mod
 from argen.train.checkpoint import latest_checkpoint, load_checkpoint
 from argen.train.ema import EMA
-from argen.train.loop import NonFiniteLossError, ResumeMismatchError, TrainConfig, lr_factor, train
+from argen.train.loop import NonFiniteLossError, ResumeMismatchError, lr_factor, train
 from train_toy_script import ToyData, ToyTask, toy_config
 
 SCRIPT = Path(__file__).with_name("train_toy_script.py")

@@ -11,15 +11,6 @@ from tokenizers_img import VQConfig, VQModel
 from tokenizers_img.config import from_dict, to_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: intra-op threads only contend on a shared CPU (measured: 37 s -> 4 s for these files)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> VQConfig:
     args = dict(
         resolution=16, base_channels=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, norm_groups=4,

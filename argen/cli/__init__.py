@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "argen.cli.data",
     "argen.cli.train",
     "argen.cli.tokenize",
+    "argen.cli.demo",
 )
 
 

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import IterableDataset
 
+from argen.viz import contact_sheet, save_png
 from tokenizers_img.serialization import atomic_write_bytes
-
-CAPTION_LINES = 4  # captions are wrapped to this many lines under each image, then cut with "..."
-MIN_CELL = 128  # images are upscaled (nearest) by an integer factor to at least this many pixels
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="inspect datasets and score generated images")
@@ -42,80 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- preview
-
-def sheet_layout(n: int, image_size: int) -> tuple[int, int, int, int, int]:
-    """(cols, rows, cell_w, cell_h, scale) of the contact sheet for n images of side image_size."""
-    if n <= 0:
-        raise ValueError(f"need at least one image, got n={n}")
-    scale = max(1, math.ceil(MIN_CELL / image_size))
-    side = image_size * scale
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    line_h = _line_height(_font())
-    return cols, rows, side + 8, side + 8 + CAPTION_LINES * line_h + 4, scale
-
-
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=12)  # Pillow's bundled font; nothing is downloaded
-    except TypeError:  # Pillow < 10.1 has no size argument
-        return ImageFont.load_default()
-
-
-def _line_height(font) -> int:
-    left, top, right, bottom = font.getbbox("Agy|")
-    return bottom - min(top, 0) + 2
-
-
-def _wrap(text: str, font, width: int) -> list[str]:
-    """Greedy word wrap to pixel `width`, at most CAPTION_LINES lines; overflow ends in '...'."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and font.getlength(lines[-1] + " " + word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(_cut(word, font, width) if font.getlength(word) > width else word)
-    if len(lines) > CAPTION_LINES:
-        lines = lines[:CAPTION_LINES]
-        lines[-1] = _cut(lines[-1], font, width, force=True)
-    return lines or [""]
-
-
-def _cut(line: str, font, width: int, *, force: bool = False) -> str:
-    """Trim `line` so that it plus '...' fits `width`; unless `force`, a line that already fits is kept."""
-    if not force and font.getlength(line) <= width:
-        return line
-    while line and font.getlength(line + "...") > width:
-        line = line[:-1]
-    return line.rstrip() + "..."
-
-
-def contact_sheet(images: Sequence[torch.Tensor | Image.Image], captions: Sequence[str]) -> Image.Image:
-    """A grid of images (each (3, R, R) in [-1, 1] or PIL, all the same size) with each caption wrapped under it."""
-    from argen.data.transforms import tensor_to_pil
-
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    pils = [im if isinstance(im, Image.Image) else tensor_to_pil(im) for im in images]
-    size = pils[0].size[0]
-    cols, rows, cell_w, cell_h, scale = sheet_layout(len(pils), size)
-    font = _font()
-    line_h = _line_height(font)
-    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, cap) in enumerate(zip(pils, captions)):
-        x, y = (i % cols) * cell_w + 4, (i // cols) * cell_h + 4
-        sheet.paste(im.convert("RGB").resize((size * scale, size * scale), Image.Resampling.NEAREST), (x, y))
-        for k, line in enumerate(_wrap(cap, font, cell_w - 8)):
-            draw.text((x, y + size * scale + 4 + k * line_h), line, fill=(0, 0, 0), font=font)
-    return sheet
-
-
-def save_png(img: Image.Image, path: Path) -> None:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
 
 def preview_main(args: argparse.Namespace) -> int:
     from argen.data.registry import build_dataset

@@ -84,7 +84,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
     from argen.data.registry import build_dataset
     from argen.data.skips import collate
-    from argen.viz import save_image_grid
+    from argen.viz import contact_sheet, save_png
     from tokenizers_img.metrics import psnr
     from tokenizers_img.vq_model import VQModel
 
@@ -100,6 +100,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     for i in range(n):  # original, then its reconstruction, side by side
         rows.append((images[i], batch["caption"][i]))
         rows.append((recon[i], f"recon {scores[i]:.1f} dB"))
-    save_image_grid([im for im, _ in rows], args.out, captions=[c for _, c in rows], columns=8 if n >= 4 else 2 * n)
+    save_png(contact_sheet([im for im, _ in rows], [c for _, c in rows], columns=8 if n >= 4 else 2 * n), Path(args.out))
     print(f"wrote {args.out}: {n} originals beside reconstructions, mean PSNR {scores.mean():.2f} dB")
     return 0

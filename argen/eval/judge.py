@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from argen.data.shapes import (COLORS, POSITIONS, SHAPES, SIZE_FRACTION, SIZES, CaptionSpec, ObjectSpec, Scene,
+from argen.data.shapes import (COLORS, POSITIONS, SHAPES, SIZE_FRACTION, SIZES, CaptionSpec, Scene,
                                ShapeObject, parse_caption, relation_holds)
 
 MIN_SIDE, MAX_SIDE = 32, 128
@@ -173,13 +173,13 @@ def match(spec: CaptionSpec, scene: Scene) -> tuple[dict[str, bool | None], list
     found = list(scene.objects)[:12]  # beyond 12 objects the count is wrong anyway; keep the search small
     n = len(spec.objects)
     candidates = list(range(len(found))) + [None] * n
-    best, best_score, best_objs = None, -1, []
+    best_score, best_objs, best_checks = -1, [], {}
     for perm in dict.fromkeys(itertools.permutations(candidates, n)):  # dedupe, keeping a fixed order
         objs = [None if k is None else found[k] for k in perm]
         checks = _checks(spec, objs)
         score = sum(sum(v) for v in checks.values())
         if score > best_score:
-            best, best_score, best_objs, best_checks = perm, score, objs, checks
+            best_score, best_objs, best_checks = score, objs, checks
     attributes: dict[str, bool | None] = {"count": len(scene.objects) == n}
     for attr, outcomes in best_checks.items():
         attributes[attr] = all(outcomes) if outcomes else None
