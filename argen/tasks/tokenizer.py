@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from torch import nn
 
 from argen.data.registry import DatasetConfig
@@ -136,6 +138,7 @@ def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False) ->
     """
     dataset = experiment.data.build("train")
     skips = SkipReport.for_dataset(dataset)
+    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
     result = train(
         TokenizerTask(experiment), dataset, experiment.train, resume=resume,
         task_config=to_dict(experiment), collate_fn=collate, on_batch_meta=skips.update,
