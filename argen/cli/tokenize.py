@@ -39,43 +39,18 @@ def _cuda() -> bool:
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
-    import shutil
-
-    import torch
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
-
-    from argen.data.codes import CodeShardMeta, CodeShardWriter
+    from argen.data.codes import encode_to_shard
     from argen.data.registry import build_dataset
-    from argen.data.skips import SkipReport, collate
     from tokenizers_img.serialization import pretrained_hash
     from tokenizers_img.vq_model import VQModel
 
     model = VQModel.from_pretrained(args.tokenizer, device=args.device)
     digest = pretrained_hash(args.tokenizer)
-    res = model.config.resolution
     for split in args.split or ["train", "val"]:
-        dataset = build_dataset(args.dataset, split=split, resolution=res, seed=args.seed)
-        n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-        out = Path(args.out) / split
-        if args.overwrite and out.exists():
-            shutil.rmtree(out)
-        meta = CodeShardMeta(num_items=n, done=0, grid=(model.config.grid_size, model.config.grid_size),
-                             num_codes=model.num_codes, tokenizer_hash=digest, dataset=args.dataset, split=split, resolution=res)
-        writer = CodeShardWriter(out, meta, resume=args.resume)
-        if writer.meta.complete:
-            print(f"{out}: complete ({n} items), nothing to do")
-            continue
-        skips = SkipReport.for_dataset(dataset)
-        loader = DataLoader(Subset(dataset, range(writer.meta.done, n)), batch_size=args.batch_size, collate_fn=collate)
-        with tqdm(total=n, initial=writer.meta.done, desc=f"tokenize {split}", unit="img") as bar:
-            for batch in loader:
-                skips.update(batch)
-                with torch.no_grad():
-                    codes = model.encode(batch["image"].to(args.device))  # (B, h, w)
-                writer.append(codes.flatten(1).cpu().numpy(), batch["caption"], batch["key"])
-                bar.update(len(codes))
-        print(f"{out}: {n} items, grid {meta.grid}, {meta.num_codes} codes; {skips.summary()}")
+        dataset = build_dataset(args.dataset, split=split, resolution=model.config.resolution, seed=args.seed)
+        encode_to_shard(model, dataset, Path(args.out) / split, dataset_spec=args.dataset, split=split, limit=args.limit,
+                        batch_size=args.batch_size, device=args.device, resume=args.resume, overwrite=args.overwrite,
+                        tokenizer_hash=digest)
     return 0
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from argen.data.skips import SkipReport, collate
 from tokenizers_img.serialization import atomic_write_bytes
 
 CODES_NAME = "codes.npy"
@@ -131,3 +134,37 @@ class CodeShardDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"codes": torch.from_numpy(self.codes[i].astype(np.int64)), "caption": self.captions[i], "key": self.keys[i]}
+
+
+def encode_to_shard(model, dataset, out: str | Path, *, dataset_spec: str, split: str, limit: int | None = None,
+                    batch_size: int = 128, device: str | torch.device = "cpu", resume: bool = False,
+                    overwrite: bool = False, tokenizer_hash: str) -> CodeShardMeta:
+    """Encode the first `limit` items of `dataset` with the VQ `model` into a code shard at `out`.
+
+    `resume` continues an interrupted shard (nothing lost or duplicated); `overwrite` replaces an existing one.
+    Skipped items (corrupt, caption-less) are counted and named at the end. Returns the finished shard's meta.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    out = Path(out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    grid = (model.config.grid_size, model.config.grid_size)
+    meta = CodeShardMeta(num_items=n, done=0, grid=grid, num_codes=model.num_codes, tokenizer_hash=tokenizer_hash,
+                         dataset=dataset_spec, split=split, resolution=model.config.resolution)
+    writer = CodeShardWriter(out, meta, resume=resume)
+    if writer.meta.complete:
+        print(f"{out}: complete ({n} items), nothing to do")
+        return writer.meta
+    skips = SkipReport.for_dataset(dataset)
+    loader = DataLoader(Subset(dataset, range(writer.meta.done, n)), batch_size=batch_size, collate_fn=collate)
+    with tqdm(total=n, initial=writer.meta.done, desc=f"tokenize {split}", unit="img") as bar:
+        for batch in loader:
+            skips.update(batch)
+            with torch.inference_mode():
+                codes = model.encode(batch["image"].to(device))  # (B, h, w)
+            writer.append(codes.flatten(1).cpu().numpy(), batch["caption"], batch["key"])
+            bar.update(len(codes))
+    print(f"{out}: {n} items, grid {grid}, {model.num_codes} codes; {skips.summary()}")
+    return writer.meta

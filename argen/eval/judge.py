@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from argen.data.shapes import (COLORS, POSITIONS, SHAPES, SIZE_FRACTION, SIZES, CaptionSpec, Scene,
-                               ShapeObject, parse_caption, relation_holds)
+from argen.data.shapes import (
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZE_FRACTION,
+    SIZES,
+    CaptionSpec,
+    Scene,
+    ShapeObject,
+    parse_caption,
+    relation_holds,
+    shape_coverage,
+)
 
 MIN_SIDE, MAX_SIDE = 32, 128
 FG_CONTRAST = 70.0  # |pixel - background| in RGB units above which a pixel is foreground (objects are ~230)
 MIN_AREA_CELLS = 0.04  # soft area below this fraction of a cell is noise; the smallest object (small triangle) is 0.125
 SPLIT_SHARE = 0.2  # a second colour inside one blob counts as a second object when it holds this share of the blob
-# Fill ratio (soft area / bounding box) is 1 for a square, pi/4 for a circle, 1/2 for a triangle. A triangle's
-# centroid also sits h/6 below its box centre, which survives blur better than the fill ratio does.
-SQUARE_FILL, TRIANGLE_FILL, TRIANGLE_ASYM = 0.87, 0.6, 0.045
-_EXPECTED_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
-_LARGE_EXTENT = float(np.sqrt(SIZE_FRACTION["small"] * SIZE_FRACTION["large"]))  # geometric mean, in cells
 _COLOR_NAMES = tuple(COLORS)
 _COLOR_DIRS = np.array([np.asarray(c, np.float64) / np.linalg.norm(c) for c in COLORS.values()])  # (8, 3)
 ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
@@ -64,17 +71,14 @@ def to_uint8_image(image) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Blob:
-    """Measurements of one segmented object, in pixels: soft area, bounding-box profile width/height and
-    centre, fill ratio = area / (width * height), asym = (centroid y - box centre y) / height."""
+    """One segmented object: its colour, soft coverage map (H, W) in [0, 1], soft area and the centre of its
+    bounding-box profile, in pixels."""
 
     color: str
+    coverage: np.ndarray = field(repr=False, compare=False)
     area: float
-    width: float
-    height: float
     x_mid: float
     y_mid: float
-    fill: float
-    asym: float
 
 
 def measure(image) -> list[Blob]:
@@ -119,33 +123,39 @@ def measure(image) -> list[Blob]:
         if area < MIN_AREA_CELLS * cell * cell:
             continue
         px, py = cov.max(axis=0), cov.max(axis=1)  # (W,), (H,) profiles of the bounding box
-        width, height = float(px.sum()), float(py.sum())
-        x_mid, y_mid = float((idx * px).sum() / width), float((idx * py).sum() / height)
-        y_centroid = float((idx[:, None] * cov).sum() / area)
-        out.append(Blob(color=color, area=area, width=width, height=height, x_mid=x_mid, y_mid=y_mid,
-                        fill=area / (width * height), asym=(y_centroid - y_mid) / height))
+        x_mid, y_mid = float((idx * px).sum() / px.sum()), float((idx * py).sum() / py.sum())
+        out.append(Blob(color=color, coverage=cov, area=area, x_mid=x_mid, y_mid=y_mid))
     return out
 
 
+@lru_cache(maxsize=4096)
+def _template(shape: str, size: str, cx: float, cy: float, resolution: int) -> np.ndarray:
+    """The renderer's own coverage of one shape and size with its box centred at (cx, cy)."""
+    extent = SIZE_FRACTION[size] * resolution / 3
+    return shape_coverage(shape, cx=cx, cy=cy, extent=extent, resolution=resolution,
+                          supersample=max(4, 256 // resolution))
+
+
 def classify(blob: Blob, *, resolution: int) -> ShapeObject:
-    """Shape from fill ratio and asymmetry, size from the shape-corrected extent, position from the box centre."""
+    """Shape and size by template matching, position from the grid cell of the box centre.
+
+    The blob's soft coverage is compared (sum of squared differences) with the renderer's coverage of each
+    shape and size, centred where the blob's box is centred (to a quarter pixel), so the decision uses the
+    whole silhouette rather than one summary statistic: at 32 px a small circle and a small square differ in
+    only a few corner pixels, which a fill-ratio threshold cannot separate once the edges are blurred."""
+    cx, cy = round(blob.x_mid * 4) / 4, round(blob.y_mid * 4) / 4
+    errors = {(shape, size): float(np.square(blob.coverage - _template(shape, size, cx, cy, resolution)).sum())
+              for shape in SHAPES for size in SIZES}
+    shape, size = min(errors, key=errors.get)
     cell = resolution / 3
-    if blob.fill < TRIANGLE_FILL or blob.asym > TRIANGLE_ASYM:
-        shape = "triangle"
-    elif blob.fill > SQUARE_FILL:
-        shape = "square"
-    else:
-        shape = "circle"
-    extent = np.sqrt(blob.area / _EXPECTED_FILL[shape]) / cell
-    size = "large" if extent > _LARGE_EXTENT else "small"
     row, col = min(2, int(blob.y_mid // cell)), min(2, int(blob.x_mid // cell))
     return ShapeObject(shape=shape, color=blob.color, size=size, position=POSITIONS[3 * row + col])
 
 
 def parse(image) -> Scene:
     """Read objects back from an image (see `to_uint8_image` for accepted inputs): colour segmentation, then
-    per object the soft fill ratio and box-centre asymmetry (shape), the soft area (size) and the grid cell
-    of its box centre (position). Sorted by cell, largest first within a cell; any number may be found."""
+    per object a template match of its soft coverage (shape and size) and the grid cell of its box centre
+    (position). Sorted by cell, largest first within a cell; any number may be found."""
     res = to_uint8_image(image).shape[0]
     blobs = sorted(measure(image), key=lambda b: -b.area)
     objects = [classify(b, resolution=res) for b in blobs]
