@@ -1,0 +1,141 @@
+"""The one attention function: causal or full, grouped-query, with sdpa, xformers and reference math backends."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["auto", "sdpa", "xformers", "math"]
+BACKENDS: tuple[str, ...] = ("auto", "sdpa", "xformers", "math")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An attention backend was asked for by name but cannot run here (not installed, or wrong device)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_installed() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """Why `backend` cannot run on `device`, or None when it can. Unknown names raise ValueError."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}.")
+    if backend == "xformers":
+        if not _xformers_installed():
+            return "the xformers package is not installed (pip install 'argen[xformers]')"
+        if torch.device(device).type != "cuda":
+            return f"xformers.ops.memory_efficient_attention needs CUDA tensors, got device {str(device)!r}"
+    return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The concrete backends (not "auto") that can run on `device`, reference "math" included."""
+    return tuple(b for b in BACKENDS if b != "auto" and backend_unavailable_reason(b, device) is None)
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend `attention` runs for `backend` on `device`; an unavailable one raises, naming why.
+
+    "auto" is "sdpa": PyTorch picks its flash / memory-efficient kernel on GPU and its flash kernel on CPU,
+    which matches or beats xformers on current PyTorch; xformers is used only when asked for by name.
+    """
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"attention backend {backend!r} is not available: {reason}.")
+    return "sdpa" if backend == "auto" else backend
+
+
+def causal_mask(q_len: int, k_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool (q_len, k_len), True where attention is allowed: query i sits at key position k_len - q_len + i."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: str = "auto",
+    causal: bool = True,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention, softmax(q k^T / sqrt(D)) v, over heads.
+
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H % Hkv == 0 (grouped-query attention: query head h reads
+    key/value head h // (H // Hkv)) and Tq <= Tk when causal. Returns (B, H, Tq, D) in q's dtype.
+
+    causal=True aligns the queries with the *last* Tq keys (bottom-right): query i sits at position
+    Tk - Tq + i and sees keys [0, Tk - Tq + i]. So training (Tq == Tk), prefill and one-token decode
+    against a KV cache holding positions [0, Tk) all use the same call. Note that PyTorch's
+    `is_causal=True` aligns top-left, which is only the same when Tq == Tk; this function handles it.
+
+    dropout_p > 0 applies attention dropout (global RNG); pass 0 in eval.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be (B, H, T, D), got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or H % Hkv:
+        raise ValueError(
+            f"k and v must be (B={B}, Hkv, Tk, D={D}) with H={H} divisible by Hkv; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}."
+        )
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq} > Tk={Tk}.")
+    name = resolve_backend(backend, q.device)
+    if name == "sdpa":
+        return _sdpa(q, k, v, causal=causal, dropout_p=dropout_p)
+    if name == "xformers":
+        return _xformers(q, k, v, causal=causal, dropout_p=dropout_p)
+    return _math(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, dropout_p: float) -> torch.Tensor:
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not causal or Tq == 1:  # one query at the end of the keys sees all of them: no mask
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    mask = causal_mask(Tq, Tk, device=q.device)  # bottom-right; is_causal would align top-left here
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, dropout_p: float) -> torch.Tensor:
+    import xformers.ops as xops
+
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    # xformers layout (B, T, groups, heads per group, D); k/v are broadcast over the heads of their group.
+    q5 = q.transpose(1, 2).reshape(B, Tq, Hkv, G, D)
+    k5 = k.transpose(1, 2).unsqueeze(3).expand(B, Tk, Hkv, G, D)
+    v5 = v.transpose(1, 2).unsqueeze(3).expand(B, Tk, Hkv, G, D)
+    bias = None
+    if causal and Tq > 1:
+        bias = xops.LowerTriangularFromBottomRightMask()
+    out = xops.memory_efficient_attention(q5, k5, v5, attn_bias=bias, p=dropout_p)  # (B, Tq, Hkv, G, D)
+    return out.reshape(B, Tq, H, D).transpose(1, 2)
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, dropout_p: float) -> torch.Tensor:
+    """The reference: explicit scores, fp32 softmax, repeated key/value heads."""
+    H, Hkv, Tq, Tk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if H != Hkv:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Tq, Tk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(Tq, Tk, device=q.device), float("-inf"))
+    # softmax in at least fp32 (bf16/fp16 inputs are upcast; fp64 stays fp64)
+    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v

@@ -1,0 +1,313 @@
+"""GPTConfig, KVCache and GPT: a Llama-style decoder over [text | BOI | image codes] with 1-D/2-D RoPE."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from argen.model.attention import BACKENDS, attention
+from tokenizers_img.serialization import PretrainedMixin
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of the image-token GPT.
+
+    The input sequence is `prefix_len` text positions (text ids, then BOI) followed by image tokens on an
+    `image_grid` = (h, w) raster; the longest input is `block_size` = prefix_len + h*w - 1 (the last image
+    token is only ever a target). `vocab_size` is derived by the sequence layout, never typed in YAML.
+    `n_kv_head` < `n_head` gives grouped-query attention (None: n_head). `ffn_hidden` is the SwiGLU hidden
+    width (None: 8/3 n_embd rounded up to a multiple of 64). `dropout` applies to the embedding, attention
+    weights and both residual branches. `grad_checkpointing` recomputes each block in backward (training only).
+    """
+
+    vocab_size: int
+    prefix_len: int
+    image_grid: tuple[int, int]
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_kv_head: int | None = None
+    ffn_hidden: int | None = None
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    attn_backend: Literal["auto", "sdpa", "xformers", "math"] = "auto"
+    grad_checkpointing: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.image_grid = tuple(self.image_grid)  # JSON/YAML give a list
+        if len(self.image_grid) != 2 or any(not isinstance(s, int) or s < 1 for s in self.image_grid):
+            raise ValueError(f"image_grid must be two positive ints (h, w), got {self.image_grid!r}.")
+        positive = {
+            "vocab_size": self.vocab_size, "prefix_len": self.prefix_len, "n_layer": self.n_layer,
+            "n_head": self.n_head, "n_embd": self.n_embd, "n_kv_head": self.kv_heads, "ffn_hidden": self.ffn_dim,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads} (grouped-query attention).")
+        if self.head_dim % 4:
+            raise ValueError(
+                f"head_dim = n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim} must be divisible by 4: "
+                "2-D RoPE rotates one half of each head by the row and the other half by the column, in pairs."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.attn_backend!r}.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def block_size(self) -> int:
+        """The longest input: prefix_len + h*w - 1 positions."""
+        return self.prefix_len + self.num_image_tokens - 1
+
+
+def rope_positions(config: GPTConfig) -> torch.Tensor:
+    """Int64 (block_size, 2): the (row, col) RoPE position of every input position.
+
+    Text position p (p < prefix_len) gets (p, p), so text sees plain 1-D RoPE; image token j at
+    position prefix_len + j gets (prefix_len + j // w, prefix_len + j % w).
+    """
+    i = torch.arange(config.block_size)
+    P, w = config.prefix_len, config.image_grid[1]
+    j = (i - P).clamp(min=0)
+    row = torch.where(i < P, i, P + j // w)
+    col = torch.where(i < P, i, P + j % w)
+    return torch.stack([row, col], dim=-1)
+
+
+def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 (block_size, head_dim // 2): the rotation angle of each (d, d + head_dim/2) pair.
+
+    The first head_dim/4 pairs rotate with the row position, the last head_dim/4 with the column; each
+    axis uses the usual RoPE frequencies theta^(-i / (head_dim/4)), i < head_dim/4 (Su et al. 2021, eq. 15,
+    on head_dim/2 dimensions per axis).
+    """
+    quarter = config.head_dim // 4
+    inv_freq = config.rope_theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    pos = rope_positions(config).to(torch.float64)  # (S, 2)
+    angles = torch.cat([pos[:, :1] * inv_freq, pos[:, 1:] * inv_freq], dim=-1)  # (S, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, nh, D) by cos/sin (T, 1, D/2): pair (d, d + D/2) turns by angle d (rotate-half form)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer, passed into `GPT.forward`; the model never keeps state.
+
+    k, v: (n_layer, B, n_kv_head, block_size, head_dim). `forward(idx, cache=c, start=s)` writes positions
+    [s, s + T) and attends to [0, s + T), so positions [0, s) must have been written by earlier calls.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, config: GPTConfig, batch_size: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> KVCache:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        shape = (config.n_layer, batch_size, config.kv_heads, config.block_size, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class SelfAttention(nn.Module):
+    """Fused q/k/v projection, RoPE on q and k, optional KV-cache write, `attention`, output projection."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.backend = config.attn_backend
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
+        qk = apply_rope(qkv[:, :, : H + Hkv], cos, sin)  # (B, T, H + Hkv, D): one rotation for q and k
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, D)
+        v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
+        if cache is not None:
+            cache_k, cache_v = cache  # (B, Hkv, block_size, D)
+            cache_k[:, :, start : start + T] = k
+            cache_v[:, :, start : start + T] = v
+            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, Hkv, start + T, D)
+        y = attention(q, k, v, backend=self.backend, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(x w1) * x w3) with w1 and w3 fused into one projection (Shazeer 2020)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.w13 = nn.Linear(config.n_embd, 2 * config.ffn_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_dim, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, ffn) each
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = SwiGLU(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache=cache, start=start))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(PretrainedMixin, nn.Module):
+    """Token embedding -> n_layer pre-norm blocks (RMSNorm, GQA attention with 1-D/2-D RoPE, SwiGLU) -> RMSNorm -> head.
+
+    `forward(idx, cache=None, start=0)` maps int64 token ids (B, T) to float logits (B, T, vocab_size).
+    Without a cache it is plain causal self-attention over idx (start must be 0). With a `KVCache` it
+    writes the keys/values of positions [start, start + T) and attends to [0, start + T): prefill is
+    start=0 with the whole prefix, decode is T=1 at start = number of tokens already in the cache.
+    """
+
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim / 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections get init_std / sqrt(2 n_layer) (GPT-2)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            for weight in (block.attn.proj.weight, block.mlp.w2.weight):
+                nn.init.normal_(weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self, *, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights once. non_embedding drops the input embedding table (kept when tied,
+        since it is then also the output head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be int64 token ids (B, T), got shape {tuple(idx.shape)}.")
+        B, T = idx.shape
+        if start < 0 or start + T > self.config.block_size:
+            raise ValueError(
+                f"positions [start, start + T) = [{start}, {start + T}) must lie in [0, block_size={self.config.block_size})."
+            )
+        if cache is None and start != 0:
+            raise ValueError(f"start={start} needs a KVCache holding positions [0, {start}); without a cache start must be 0.")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"the KVCache holds {cache.batch_size} rows but idx has {B}.")
+        cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
+        sin = self.rope_sin[start : start + T].unsqueeze(1)
+        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        recompute = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if recompute and cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache=None if cache is None else (cache.k[i], cache.v[i]), start=start)
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+
+
+def flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) at `seq_len`, PaLM style (Chowdhery et al. 2022, app. B):
+    6 N + 12 n_layer n_embd seq_len, where N counts the matmul weights (every Linear, the output head
+    included, the embedding lookup not). The attention term counts the full seq_len x seq_len score matrix,
+    as PaLM does, although a causal kernel can skip half of it."""
+    C, L, D = config.n_embd, config.n_layer, config.head_dim
+    per_layer = C * (config.n_head + 2 * config.kv_heads) * D + config.n_head * D * C + 3 * C * config.ffn_dim
+    n_matmul = L * per_layer + C * config.vocab_size
+    return 6.0 * n_matmul + 12.0 * L * config.n_head * D * seq_len

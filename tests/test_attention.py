@@ -1,0 +1,101 @@
+"""attention(): every available backend equals the math reference (forward and backward), causal offsets, GQA, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from argen.model.attention import (
+    BackendUnavailableError,
+    attention,
+    available_backends,
+    resolve_backend,
+)
+
+BACKENDS = available_backends("cpu")
+# (n_head, n_kv_head, Tq, Tk, causal): self-attention, GQA, MQA, prefill after a cache, one-token decode, full
+CASES = [
+    (4, 4, 7, 7, True),
+    (4, 2, 7, 7, True),
+    (4, 1, 6, 6, True),
+    (4, 2, 3, 9, True),
+    (4, 4, 1, 9, True),
+    (4, 2, 5, 8, False),
+]
+
+
+def qkv(n_head: int, n_kv_head: int, tq: int, tk: int, *, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, n_head, tq, 8, generator=g, dtype=dtype)
+    k = torch.randn(2, n_kv_head, tk, 8, generator=g, dtype=dtype)
+    v = torch.randn(2, n_kv_head, tk, 8, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def test_cpu_backends_are_sdpa_and_math():
+    assert set(BACKENDS) >= {"sdpa", "math"} and "auto" not in BACKENDS
+    assert resolve_backend("auto", "cpu") == "sdpa"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "h{}kv{}q{}k{}{}".format(*c[:4], "c" if c[4] else "f"))
+def test_backend_equals_math_forward_and_backward(backend, case):
+    n_head, n_kv_head, tq, tk, causal = case
+    inputs = [t.requires_grad_() for t in qkv(n_head, n_kv_head, tq, tk)]
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = attention(*inputs, backend=backend, causal=causal)
+    ref = attention(*ref_inputs, backend="math", causal=causal)
+    assert out.shape == (2, n_head, tq, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    for a, b in zip(inputs, ref_inputs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_queries_align_with_the_last_keys(backend):
+    """Queries for positions [Tk - Tq, Tk) against keys [0, Tk) equal the last rows of full causal attention:
+    what prefill-after-cache and decode rely on."""
+    q, k, v = qkv(4, 2, 9, 9)
+    full = attention(q, k, v, backend=backend)
+    for tq in (1, 3, 9):
+        torch.testing.assert_close(attention(q[:, :, -tq:], k, v, backend=backend), full[:, :, -tq:])
+    # and a query never sees a later key: changing the last key leaves every earlier query's output unchanged
+    k2 = k.clone()
+    k2[:, :, -1] += 5.0
+    torch.testing.assert_close(attention(q, k2, v, backend=backend)[:, :, :-1], full[:, :, :-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_query_equals_repeated_key_value_heads(backend):
+    q, k, v = qkv(6, 2, 5, 5)
+    grouped = attention(q, k, v, backend=backend)
+    repeated = attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), backend=backend)
+    torch.testing.assert_close(grouped, repeated)
+
+
+def test_float32_sdpa_matches_math():
+    q, k, v = qkv(4, 2, 6, 10, dtype=torch.float32)
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), attention(q, k, v, backend="math"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_xformers_on_cpu_is_a_clear_error():
+    q, k, v = qkv(2, 2, 3, 3)
+    with pytest.raises(BackendUnavailableError, match="'xformers' is not available: .*(not installed|needs CUDA)"):
+        attention(q, k, v, backend="xformers")
+    assert "xformers" not in BACKENDS
+
+
+def test_unknown_backend_and_bad_shapes_raise():
+    q, k, v = qkv(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        attention(q, k, v, backend="flash")
+    q, k, v = qkv(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="H=4 divisible by Hkv"):
+        attention(q, k, v, backend="math")
+    q, k, v = qkv(2, 2, 5, 3)
+    with pytest.raises(ValueError, match="Tq=5 > Tk=3"):
+        attention(q, k, v)

@@ -1,0 +1,216 @@
+"""GPT invariants: cached decoding == full forward, batch == rows alone, 2-D RoPE, strict save/load, checkpointing, config checks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from argen.model import GPT, GPTConfig, KVCache, available_backends, flops_per_token
+from argen.model.gpt import apply_rope, rope_positions, rope_tables
+from tokenizers_img.config import from_dict, to_dict
+
+
+def tiny(**kw) -> GPTConfig:
+    args = {"vocab_size": 40, "prefix_len": 5, "image_grid": (3, 4), "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32}
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def model_of(cfg: GPTConfig, *, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(cfg).eval()
+
+
+def tokens(cfg: GPTConfig, batch: int = 2, *, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(seed))
+
+
+def test_shapes_and_derived_sizes():
+    cfg = tiny()
+    assert cfg.block_size == 5 + 12 - 1 and cfg.head_dim == 8 and cfg.kv_heads == 2 and cfg.ffn_dim == 128  # 85.3 rounded up to 64s
+    assert tiny(n_embd=96, n_head=4).ffn_dim == 256  # 8/3 * 96 = 256 exactly
+    assert tiny(n_kv_head=None).kv_heads == 4
+    logits = model_of(cfg)(tokens(cfg))
+    assert logits.shape == (2, cfg.block_size, cfg.vocab_size) and logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_cached_decoding_equals_full_forward(backend, n_kv_head):
+    cfg = tiny(n_kv_head=n_kv_head, attn_backend=backend)
+    model, idx = model_of(cfg), tokens(cfg)
+    with torch.no_grad():
+        full = model(idx)
+        # prefill the prefix, then one token at a time
+        cache = KVCache.allocate(cfg, 2)
+        steps = [model(idx[:, : cfg.prefix_len], cache=cache, start=0)]
+        steps += [model(idx[:, t : t + 1], cache=cache, start=t) for t in range(cfg.prefix_len, cfg.block_size)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+        # uneven chunks (T > 1 with start > 0) reach the same logits
+        cache = KVCache.allocate(cfg, 2)
+        bounds = [0, 3, 4, 9, cfg.block_size]
+        chunks = [model(idx[:, a:b], cache=cache, start=a) for a, b in itertools.pairwise(bounds)]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_backends_give_the_same_model_outputs_and_gradients():
+    outs, grads = [], []
+    for backend in available_backends("cpu"):
+        model = model_of(tiny(attn_backend=backend))
+        logits = model(tokens(model.config))
+        logits.square().mean().backward()
+        outs.append(logits.detach())
+        grads.append(model.blocks[0].attn.qkv.weight.grad)
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_equals_each_row_alone_and_is_causal():
+    cfg = tiny()
+    model, idx = model_of(cfg), tokens(cfg, 3)
+    with torch.no_grad():
+        batch = model(idx)
+        for i in range(3):
+            torch.testing.assert_close(model(idx[i : i + 1]), batch[i : i + 1], rtol=1e-5, atol=1e-5)
+        changed = idx.clone()
+        changed[:, 9] = (changed[:, 9] + 1) % cfg.vocab_size
+        torch.testing.assert_close(model(changed)[:, :9], batch[:, :9])
+        assert not torch.allclose(model(changed)[:, 9:], batch[:, 9:])
+
+
+def test_rope_positions_are_1d_for_text_and_2d_for_image_tokens():
+    cfg = tiny(prefix_len=3, image_grid=(2, 3))
+    pos = rope_positions(cfg).tolist()
+    # text 0, 1, BOI 2, then image tokens (r, c) = (0,0) (0,1) (0,2) (1,0) (1,1); (1,2) is never an input
+    assert pos == [[0, 0], [1, 1], [2, 2], [3, 3], [3, 4], [3, 5], [4, 3], [4, 4]]
+
+
+def test_2d_rope_scores_depend_only_on_the_row_and_column_offsets():
+    cfg = tiny(prefix_len=2, image_grid=(4, 4), n_embd=64, n_head=4)
+    cos, sin = rope_tables(cfg)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, cfg.head_dim, generator=g, dtype=torch.float64)
+
+    def score(i: int, j: int) -> float:  # q at input position i against k at input position j
+        rot = [apply_rope(x.view(1, 1, 1, -1), cos[p].double().view(1, 1, -1), sin[p].double().view(1, 1, -1))
+               for x, p in ((q, i), (k, j))]
+        return (rot[0] * rot[1]).sum().item()
+
+    def image(r: int, c: int) -> int:
+        return cfg.prefix_len + 4 * r + c
+
+    # the same (dr, dc) = (1, 1) offset at two places in the grid: equal scores
+    assert score(image(0, 1), image(1, 2)) == pytest.approx(score(image(2, 0), image(3, 1)), abs=1e-5)
+    # the same raster distance (4) as a vertical step vs wrapping across rows: different offsets, different scores
+    assert score(image(0, 3), image(1, 3)) != pytest.approx(score(image(1, 0), image(1, 3)), abs=1e-3)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, tie):
+    cfg = tiny(tie_embeddings=tie)
+    model = model_of(cfg)
+    assert (model.lm_head.weight is model.tok_emb.weight) == tie
+    model.save_pretrained(tmp_path / "gpt")
+    saved = json.loads((tmp_path / "gpt" / "config.json").read_text())
+    assert saved["_class_name"] == "GPT" and saved["image_grid"] == [3, 4]
+    loaded = GPT.from_pretrained(tmp_path / "gpt")
+    assert loaded.config == cfg and isinstance(loaded.config.image_grid, tuple) and not loaded.training
+    assert (loaded.lm_head.weight is loaded.tok_emb.weight) == tie
+    idx = tokens(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_config_survives_dict_round_trip():
+    cfg = tiny(n_kv_head=None, ffn_hidden=48, attn_backend="math")
+    assert from_dict(GPTConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_from_pretrained_of_a_vq_directory_names_both_classes(tmp_path):
+    from tokenizers_img import VQConfig, VQModel
+
+    VQModel(VQConfig(resolution=16, base_channels=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8,
+                     norm_groups=4, codebook_size=32, codebook_dim=4)).save_pretrained(tmp_path / "vq")
+    with pytest.raises(ValueError, match="holds a VQModel checkpoint, not a GPT"):
+        GPT.from_pretrained(tmp_path / "vq")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    idx = tokens(tiny())
+    grads = []
+    for ckpt in (False, True):
+        model = model_of(tiny(grad_checkpointing=ckpt)).train()
+        loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_dropout_only_in_training():
+    model, idx = model_of(tiny(dropout=0.2)), tokens(tiny())
+    with torch.no_grad():
+        assert torch.equal(model(idx), model(idx))
+        model.train()
+        assert not torch.equal(model(idx), model(idx))
+
+
+def test_init_scales_residual_projections_and_counts_params():
+    cfg = tiny(n_embd=64, n_head=4, n_layer=8, init_std=0.02)
+    model = model_of(cfg)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.blocks[0].mlp.w2.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=True) == model.num_params() - cfg.vocab_size * cfg.n_embd
+    tied = model_of(tiny(n_embd=64, n_head=4, n_layer=8, tie_embeddings=True))
+    assert tied.num_params() == model.num_params() - cfg.vocab_size * cfg.n_embd
+
+
+def test_flops_per_token_counts_every_matmul_weight():
+    cfg = tiny(n_embd=64, n_head=4, n_kv_head=2)
+    model = model_of(cfg)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops_per_token(cfg, 16) == 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * 16
+
+
+def test_forward_rejects_bad_positions_and_caches():
+    cfg = tiny()
+    model, idx = model_of(cfg), tokens(cfg)
+    with pytest.raises(ValueError, match=r"start=3 needs a KVCache"):
+        model(idx[:, :2], start=3)
+    with pytest.raises(ValueError, match=r"\[10, 20\) must lie in \[0, block_size=16\)"):
+        model(idx[:, :10], cache=KVCache.allocate(cfg, 2), start=10)
+    with pytest.raises(ValueError, match="holds 3 rows but idx has 2"):
+        model(idx[:, :2], cache=KVCache.allocate(cfg, 3))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"n_embd": 30}, "n_embd=30 must be divisible by n_head=4"),
+        ({"n_kv_head": 3}, "n_head=4 must be divisible by n_kv_head=3"),
+        ({"n_embd": 24, "n_head": 4}, "head_dim = n_embd / n_head = 24 / 4 = 6 must be divisible by 4"),
+        ({"image_grid": (3,)}, r"image_grid must be two positive ints \(h, w\), got \(3,\)"),
+        ({"image_grid": (0, 4)}, r"image_grid must be two positive ints"),
+        ({"vocab_size": 0}, "vocab_size must be >= 1, got 0"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+        ({"norm_eps": 0.0}, "norm_eps must be > 0, got 0.0"),
+        ({"attn_backend": "flash"}, "attn_backend must be one of .* got 'flash'"),
+    ],
+)
+def test_config_validation_prints_the_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
+
+
+def test_bad_config_json_names_the_key(tmp_path):
+    model_of(tiny()).save_pretrained(tmp_path / "gpt")
+    path = tmp_path / "gpt" / "config.json"
+    path.write_text(path.read_text().replace('"n_layer"', '"n_layers"'))
+    with pytest.raises(ValueError, match="n_layers"):
+        GPT.from_pretrained(tmp_path / "gpt")
