@@ -1,0 +1,207 @@
+"""Sampling image tokens from the GPT: CFG (one function), temperature, top-k, top-p, KV-cached and seeded."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from argen.model.gpt import GPT, KVCache
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each image token.
+
+    temperature: logits are divided by it; 0 means greedy (argmax, no randomness).
+    top_k: keep the k most likely codes (ties at the k-th logit are kept too); None keeps all.
+    top_p: nucleus, keep the smallest set of most likely codes whose probability reaches top_p (at least one);
+        None or 1.0 keeps all. Applied after top_k.
+    cfg_scale: classifier-free guidance scale s in uncond + s * (cond - uncond); 1 is the conditional model
+        alone and skips the unconditional rows.
+    cfg_schedule: "constant" uses cfg_scale at every token; "linear" ramps the scale from 1 at the first image
+        token to cfg_scale at the last (s_t = 1 + (cfg_scale - 1) * t / (N - 1)), so the coarse early tokens
+        are guided less.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float = 1.0
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}.")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}.")
+        if self.cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}.")
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the unconditional rows are needed at all."""
+        return self.cfg_scale != 1.0
+
+    def scale_at(self, step: int, num_steps: int) -> float:
+        """The guidance scale for image token `step` of `num_steps`."""
+        if self.cfg_schedule == "constant" or num_steps == 1:
+            return self.cfg_scale
+        return 1.0 + (self.cfg_scale - 1.0) * step / (num_steps - 1)
+
+
+def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """THE classifier-free guidance combination (Ho & Salimans 2022): uncond + scale * (cond - uncond).
+
+    logits: (2B, V) in the batch order [cond; uncond] (rows 0..B-1 conditional, B..2B-1 unconditional).
+    Returns (B, V). scale 1 gives the conditional logits, 0 the unconditional ones.
+    """
+    if logits.shape[0] % 2:
+        raise ValueError(f"guided_logits needs an even batch [cond; uncond], got {logits.shape[0]} rows.")
+    cond, uncond = logits.chunk(2, dim=0)
+    return torch.lerp(uncond, cond, scale)  # uncond + scale * (cond - uncond)
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf the logits (B, V) outside the top-k and outside the top-p nucleus; at least one survives per row."""
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely codes
+        drop_sorted = mass_before >= top_p  # the first code has mass_before 0 < top_p, so it always stays
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class TokenPicker:
+    """Draws one token per row from logits (B, V) with a SamplingConfig and reusable buffers.
+
+    Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is a draw from p (the
+    Gumbel-max trick in another form). It needs one noise tensor per step, which lets each row own a
+    generator: with one generator per row, a row's tokens do not depend on the rest of the batch.
+    """
+
+    def __init__(self, config: SamplingConfig, *, batch_size: int, vocab: int, device: torch.device,
+                 generator: Generators = None):
+        self.config = config
+        if generator is not None and not isinstance(generator, torch.Generator):
+            generator = list(generator)
+            if len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for {batch_size} prompts; pass one per prompt or a single one.")
+        self.generator = generator
+        self.noise = torch.empty(batch_size, vocab, device=device)  # (B, V), refilled each step
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> int64 (B,) in [0, V)."""
+        cfg = self.config
+        if cfg.temperature == 0:
+            return logits.argmax(dim=-1)
+        if cfg.temperature != 1.0:
+            logits = logits / cfg.temperature
+        logits = filter_logits(logits, top_k=cfg.top_k, top_p=cfg.top_p)
+        probs = torch.softmax(logits.float(), dim=-1)
+        if isinstance(self.generator, list):
+            for row, gen in zip(self.noise, self.generator):
+                row.exponential_(generator=gen)
+        else:
+            self.noise.exponential_(generator=self.generator)
+        self.noise.clamp_(min=torch.finfo(self.noise.dtype).tiny)  # an exact 0 would make 0 / 0 = nan win the argmax
+        return (probs / self.noise).argmax(dim=-1)
+
+
+def sample_image_tokens(
+    model: GPT,
+    prefix: torch.Tensor,
+    *,
+    image_offset: int,
+    num_codes: int,
+    uncond_prefix: torch.Tensor | None = None,
+    config: SamplingConfig = SamplingConfig(),
+    generator: Generators = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample h*w image codes for each prompt prefix.
+
+    prefix: int64 (B, prefix_len), text ids then BOI. uncond_prefix: int64 (prefix_len,), the empty-caption
+    prefix, required when config.cfg_scale != 1; the model then runs [cond; uncond] as one batch of 2B rows
+    and `guided_logits` combines them. Only the logits of the image codes, vocabulary ids
+    [image_offset, image_offset + num_codes), are sampled. Returns int64 (B, h*w) codes in [0, num_codes).
+
+    With use_cache (the default) the prefix is prefilled into a KVCache allocated once, then each image
+    token is one forward of T=1. use_cache=False recomputes the whole sequence every step (quadratic; for
+    measuring the cache only). generator: one torch.Generator for the batch, or one per prompt so that a
+    prompt's tokens are the same in any batch; None uses the global RNG. Runs under torch.inference_mode
+    with the model in eval mode (its train/eval mode is restored afterwards).
+    """
+    cfg = model.config
+    if prefix.ndim != 2 or prefix.shape[1] != cfg.prefix_len or prefix.dtype != torch.long:
+        raise ValueError(
+            f"prefix must be int64 (B, prefix_len={cfg.prefix_len}), got {prefix.dtype} {tuple(prefix.shape)}."
+        )
+    if image_offset < 0 or num_codes < 1 or image_offset + num_codes > cfg.vocab_size:
+        raise ValueError(
+            f"image codes [image_offset, image_offset + num_codes) = [{image_offset}, {image_offset + num_codes}) "
+            f"must lie inside the model's vocab_size={cfg.vocab_size}."
+        )
+    B, P, N = prefix.shape[0], cfg.prefix_len, cfg.num_image_tokens
+    rows = prefix
+    if config.uses_cfg:
+        if uncond_prefix is None:
+            raise ValueError(f"cfg_scale={config.cfg_scale} needs uncond_prefix (the empty-caption prefix, shape ({P},)).")
+        if uncond_prefix.shape != (P,) or uncond_prefix.dtype != torch.long:
+            raise ValueError(f"uncond_prefix must be int64 ({P},), got {uncond_prefix.dtype} {tuple(uncond_prefix.shape)}.")
+        rows = torch.cat([prefix, uncond_prefix.to(prefix.device).expand(B, P)])  # (2B, P): [cond; uncond]
+    R = rows.shape[0]
+    device = prefix.device
+    pick = TokenPicker(config, batch_size=B, vocab=num_codes, device=device, generator=generator)
+    scales = [config.scale_at(t, N) for t in range(N)]
+    codes_slice = slice(image_offset, image_offset + num_codes)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            codes = torch.empty(B, N, dtype=torch.long, device=device)  # (B, N)
+            if use_cache:
+                param = next(model.parameters())
+                cache = KVCache.allocate(cfg, R, device=device, dtype=param.dtype)
+                logits = model(rows, cache=cache, start=0)[:, -1, codes_slice]  # (R, K)
+                step_input = torch.empty(R, 1, dtype=torch.long, device=device)  # (R, 1), reused every step
+            else:
+                seq = torch.empty(R, cfg.block_size, dtype=torch.long, device=device)  # (R, P + N - 1)
+                seq[:, :P] = rows
+                logits = model(rows)[:, -1, codes_slice]
+            for t in range(N):
+                if config.uses_cfg:
+                    logits = guided_logits(logits, scales[t])  # (B, K)
+                code = pick(logits)  # (B,)
+                codes[:, t] = code
+                if t == N - 1:
+                    break
+                token = (code + image_offset).view(B, 1)
+                if use_cache:
+                    step_input[:B] = token
+                    if R > B:
+                        step_input[B:] = token  # the uncond rows continue with the same image tokens
+                    logits = model(step_input, cache=cache, start=P + t)[:, -1, codes_slice]
+                else:
+                    seq[:B, P + t : P + t + 1] = token
+                    if R > B:
+                        seq[B:, P + t : P + t + 1] = token
+                    logits = model(seq[:, : P + t + 1])[:, -1, codes_slice]
+    finally:
+        model.train(was_training)
+    return codes
