@@ -22,6 +22,7 @@ def measure(*, n: int, split: str, seed: int, resolutions: tuple[int, ...]) -> d
     for res in resolutions:
         generator = np.random.default_rng([seed, res])
         counts = {"clean": [0, 0], "degraded": [0, 0]} | {f"wrong_{k}": [0, 0] for k in CORRUPTIONS}
+        counts["wrong_degraded"] = [0, 0]
         failures: list[str] = []
         start = time.perf_counter()
         for i in range(n):
@@ -38,11 +39,14 @@ def measure(*, n: int, split: str, seed: int, resolutions: tuple[int, ...]) -> d
                 wrong = corrupt_scene(scene, spec, kind=kind, generator=generator)
                 if wrong is None:
                     continue
-                result = judge(caption, render(wrong, res))
-                counts[f"wrong_{kind}"][0] += not result.correct
-                counts[f"wrong_{kind}"][1] += 1
-                if result.correct and len(failures) < 10:
-                    failures.append(f"wrong_{kind} {res}px #{i} '{caption}' accepted; image: {wrong.describe()}")
+                wrong_image = render(wrong, res)
+                for name, img in ((f"wrong_{kind}", wrong_image),
+                                  ("wrong_degraded", degrade(wrong_image, generator=generator))):
+                    result = judge(caption, img)
+                    counts[name][0] += not result.correct
+                    counts[name][1] += 1
+                    if result.correct and len(failures) < 10:
+                        failures.append(f"{name} ({kind}) {res}px #{i} '{caption}' accepted; image: {wrong.describe()}")
         rows[str(res)] = {
             name: {"rate": ok / total if total else None, "n": total} for name, (ok, total) in counts.items()
         } | {"seconds": time.perf_counter() - start, "failures": failures}
@@ -59,7 +63,8 @@ def to_markdown(rows: dict, *, command: str) -> str:
         lines.append(f"| {res} | " + " | ".join(cells) + " |")
     note = ("clean/degraded: whole-prompt accuracy on renders of the caption's own scene (degraded: "
             "`argen.eval.judge.degrade`). wrong_*: rate at which the judge rejects a render of a scene "
-            "corrupted by that kind, over the items where the caption states something that kind can break.")
+            "corrupted by that kind, over the items where the caption states something that kind can break. "
+            "wrong_degraded: the same wrong renders of every kind, passed through `degrade` first.")
     return "\n".join([f"Command: `{command}`", "", *lines, "", note, ""])
 
 
