@@ -97,9 +97,9 @@ class SequenceLayout:
                 "seq_len": self.seq_len}
 
     # ------------------------------------------------------------------------------------------- sequences
-    def prefix(self, text_ids: Tensor) -> Tensor:
-        """Text ids (B, text_len) -> prefix (B, prefix_len): the text, then BOI."""
-        self._check_text(text_ids)
+    def prefix(self, text_ids: Tensor, *, check: bool = True) -> Tensor:
+        """Text ids (B, text_len) -> prefix (B, prefix_len): the text, then BOI. `check` validates the id range."""
+        self._check_text(text_ids, values=check)
         boi = torch.full((text_ids.shape[0], 1), self.boi_id, dtype=torch.long, device=text_ids.device)
         return torch.cat([text_ids.long(), boi], dim=1)
 
@@ -109,18 +109,21 @@ class SequenceLayout:
         out[-1] = self.boi_id
         return out
 
-    def build(self, text_ids: Tensor, codes: Tensor) -> Tensor:
-        """Text ids (B, text_len) and codes (B, h*w) or (B, h, w) in [0, num_codes) -> sequences (B, seq_len) int64."""
+    def build(self, text_ids: Tensor, codes: Tensor, *, check: bool = True) -> Tensor:
+        """Text ids (B, text_len) and codes (B, h*w) or (B, h, w) in [0, num_codes) -> sequences (B, seq_len) int64.
+
+        `check=False` skips the id-range checks (a device sync each) for data validated once up front.
+        """
         codes = codes.reshape(codes.shape[0], -1) if codes.ndim == 3 else codes
         if codes.ndim != 2 or codes.shape[1] != self.num_image_tokens:
             raise LayoutMismatchError(f"codes have shape {tuple(codes.shape)}, but the layout expects (B, {self.num_image_tokens}) "
                                       f"= (B, h*w) for image_grid {self.image_grid}.")
         if codes.shape[0] != text_ids.shape[0]:
             raise ValueError(f"batch sizes differ: text ids {tuple(text_ids.shape)}, codes {tuple(codes.shape)}.")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
+        if check and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
             raise LayoutMismatchError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {self.num_codes}) "
                                       "(num_codes of the layout): the codes come from a different image tokenizer.")
-        return torch.cat([self.prefix(text_ids), codes.long() + self.image_offset], dim=1)
+        return torch.cat([self.prefix(text_ids, check=check), codes.long() + self.image_offset], dim=1)
 
     def split(self, seq: Tensor) -> TrainingPair:
         """Sequences (B, seq_len) -> inputs and targets (B, seq_len - 1) for next-token prediction."""
@@ -147,11 +150,11 @@ class SequenceLayout:
             text[targets[:, : self.prefix_len - 1] != self.pad_id] = float(text_loss_weight)
         return weights
 
-    def _check_text(self, text_ids: Tensor) -> None:
+    def _check_text(self, text_ids: Tensor, *, values: bool = True) -> None:
         if text_ids.ndim != 2 or text_ids.shape[1] != self.text_len:
             raise LayoutMismatchError(f"text ids have shape {tuple(text_ids.shape)}, but the layout expects (B, {self.text_len}) "
                                       "(text_len): encode captions with the same text_len.")
-        if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= self.text_vocab_size):
+        if values and text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= self.text_vocab_size):
             raise LayoutMismatchError(f"text ids span [{int(text_ids.min())}, {int(text_ids.max())}], outside the text "
                                       f"vocabulary [0, {self.text_vocab_size}): they come from a different text tokenizer.")
 

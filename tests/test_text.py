@@ -107,3 +107,14 @@ def test_any_local_tokenizer_json_loads(tmp_path):
 def test_vocab_size_too_small_is_an_error():
     with pytest.raises(ValueError, match="use at least 258"):
         train_text_tokenizer(CAPTIONS[:10], vocab_size=100)
+
+
+def test_train_text_tokenizer_cli(tmp_path, capsys):
+    from argen.cli import main
+
+    assert main(["train", "text-tokenizer", "--dataset", "shapes", "--limit", "300", "--vocab-size", "400",
+                 "-o", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "trained on 300 captions of shapes" in printed and "caption length in tokens" in printed
+    tok = TextTokenizer.load(tmp_path)
+    assert tok.vocab_size <= 400 and tok.pad_token == PAD_TOKEN

@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "argen.cli.train",
     "argen.cli.tokenize",
     "argen.cli.demo",
+    "argen.cli.sample",
 )
 
 

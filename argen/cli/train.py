@@ -1,4 +1,4 @@
-"""`argen train MODEL CONFIG [key=value ...]`: build the experiment from YAML and run it through the shared loop."""
+"""`argen train MODEL ...`: tokenizer and GPT experiments from YAML through the shared loop, and the BPE text tokenizer."""
 
 from __future__ import annotations
 
@@ -16,13 +16,69 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     t.set_defaults(func=run_train_tokenizer)
 
+    g = models.add_parser("gpt", help="train the image-token GPT on pre-extracted code shards (see `argen tokenize`)")
+    g.add_argument("config", help="YAML experiment, e.g. configs/gpt/shapes_32.yaml")
+    g.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000 model.n_layer=4")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    g.set_defaults(func=run_train_gpt)
+
+    b = models.add_parser("text-tokenizer", help="train a byte-level BPE caption tokenizer; writes DIR/tokenizer.json")
+    b.add_argument("--dataset", default="shapes",
+                   help="shapes | imagefolder:PATH | webdataset:PATTERN | codes:DIR (a code shard's captions)")
+    b.add_argument("--split", default="train")
+    b.add_argument("--limit", type=int, default=100_000, help="train on at most this many captions (default 100000)")
+    b.add_argument("--vocab-size", type=int, default=512, help="upper bound on the vocabulary, specials included")
+    b.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
+    b.add_argument("--keep-case", action="store_true", help="do not lowercase captions (the default lowercases)")
+    b.add_argument("--seed", type=int, default=0, help="shapes scene seed")
+    b.add_argument("-o", "--out", required=True, help="output directory")
+    b.set_defaults(func=run_train_text_tokenizer)
+
 
 def run_train_tokenizer(args: argparse.Namespace) -> int:
-    from argen.tasks.tokenizer import TOKENIZER_DIR, TokenizerExperiment, train_tokenizer
+    from argen.tasks.tokenizer import (
+        TOKENIZER_DIR,
+        TokenizerExperiment,
+        train_tokenizer,
+    )
     from tokenizers_img.config import load_config
 
     experiment = load_config(args.config, TokenizerExperiment, args.overrides)
     result = train_tokenizer(experiment, resume=args.resume)
     print(json.dumps(result.eval, indent=2))
     print(f"tokenizer saved to {result.artifacts_dir / TOKENIZER_DIR}; metrics in {Path(experiment.train.out_dir) / 'metrics.json'}")
+    return 0
+
+
+def run_train_gpt(args: argparse.Namespace) -> int:
+    from argen.tasks.gpt import GPT_DIR, GPTExperiment, train_gpt
+    from tokenizers_img.config import load_config
+
+    experiment = load_config(args.config, GPTExperiment, args.overrides)
+    result = train_gpt(experiment, resume=args.resume)
+    print(json.dumps(result.eval, indent=2))
+    final = result.artifacts_dir
+    if experiment.data.vq_tokenizer is not None:
+        print(f"pipeline saved to {final}: sample with `argen sample --pipeline {final} \"a red circle\" -o grid.png`")
+    else:
+        print(f"GPT saved to {final / GPT_DIR} with {final / 'tokenizer.json'}; set data.vq_tokenizer (or use "
+              "argen.pipeline.build_pipeline) to make a pipeline for `argen sample`")
+    return 0
+
+
+def run_train_text_tokenizer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from argen.text import dataset_captions, train_text_tokenizer
+
+    captions = dataset_captions(args.dataset, split=args.split, limit=args.limit, seed=args.seed)
+    tok = train_text_tokenizer(captions, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                               lowercase=not args.keep_case)
+    file = tok.save(args.out)
+    lengths = np.array([len(tok.tokenize(c)) for c in captions[:20_000]])
+    print(f"trained on {len(captions)} captions of {args.dataset} ({args.split}): vocab {tok.vocab_size} "
+          f"(asked <= {args.vocab_size}), pad {tok.pad_token!r} = id {tok.pad_id}")
+    print(f"caption length in tokens: mean {lengths.mean():.1f}, p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()} "
+          "(choose data.text_len >= the max to avoid truncation)")
+    print(f"wrote {file} (sha256 {tok.sha256[:12]})")
     return 0

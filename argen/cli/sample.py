@@ -1,0 +1,100 @@
+"""`argen sample --pipeline DIR PROMPT ...`: images from text with a pipeline directory, written as a grid, files and a JSON record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate images from prompts with a pipeline directory",
+                       description="Generate images. The empty prompt \"\" samples the unconditional model.")
+    p.add_argument("--pipeline", required=True, help="pipeline directory (vq/, tokenizer.json, gpt/, pipeline.json)")
+    p.add_argument("prompts", nargs="*", help='prompts, e.g. "a red circle above a blue square"; "" is unconditional')
+    p.add_argument("--prompts-file", help="more prompts, one per line (blank lines are unconditional prompts)")
+    p.add_argument("-n", "--num", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale; 1 turns it off (default 3)")
+    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per GPT batch")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-verify", action="store_true", help="skip re-hashing the parts (faster start for big models)")
+    p.add_argument("-o", "--out", default="samples.png", help="grid PNG; images go to OUT_images/, the record to OUT.json")
+    p.set_defaults(func=run_sample)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from argen.pipeline import Pipeline
+    from argen.sample import SamplingConfig
+    from argen.viz import contact_sheet, save_png
+    from tokenizers_img.serialization import atomic_write_bytes
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+    if not prompts:
+        print("error: give at least one prompt (\"\" samples unconditionally).", file=sys.stderr)
+        return 2
+    if args.num < 1:
+        print(f"error: -n must be >= 1, got {args.num}.", file=sys.stderr)
+        return 2
+    try:
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = Pipeline.load(args.pipeline, device=device, verify=not args.no_verify)
+    for prompt in dict.fromkeys(prompts):
+        if not prompt.strip():
+            print("note: the empty prompt samples the unconditional model (no caption).")
+            continue
+        unseen = pipe.unseen_words(prompt)
+        if unseen:
+            print(f"warning: in {prompt!r}, {', '.join(map(repr, unseen))} never occurred in a training caption: the model "
+                  "cannot know what that means and will mostly ignore it.")
+
+    start = time.perf_counter()
+    result = pipe.generate(prompts, n_per_prompt=args.num, sampling=sampling, seed=args.seed, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+
+    out = Path(args.out)
+    images_dir = out.with_name(out.stem + "_images")
+    images_dir.mkdir(parents=True, exist_ok=True)
+    from argen.data.transforms import tensor_to_pil
+
+    files = []
+    for r, (image, k) in enumerate(zip(result.images, result.sample_index)):
+        file = images_dir / f"p{r // args.num:03d}_s{k:02d}.png"
+        save_png(tensor_to_pil(image), file)
+        files.append(str(file))
+    captions = [p if p.strip() else "(unconditional)" for p in result.prompts]
+    save_png(contact_sheet(list(result.images), captions, columns=args.num), out)
+    record = {
+        "pipeline": str(Path(args.pipeline).resolve()), "pipeline_parts": _part_hashes(pipe.manifest),
+        "prompts": prompts, "n_per_prompt": args.num, "seed": args.seed,
+        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                     "cfg_scale": sampling.cfg_scale, "cfg_schedule": sampling.cfg_schedule},
+        "images": [{"file": f, "prompt": p, "sample": k, "row_seed": s}
+                   for f, p, k, s in zip(files, result.prompts, result.sample_index, result.row_seeds)],
+        "grid": str(out), "device": device, "seconds": round(seconds, 3),
+        "images_per_s": round(len(files) / max(seconds, 1e-9), 3),
+    }
+    record_file = out.with_suffix(".json")
+    atomic_write_bytes(record_file, json.dumps(record, indent=2).encode())
+    print(f"wrote {out} ({len(files)} images, {len(prompts)} prompt(s) x {args.num}), {images_dir}/ and {record_file}; "
+          f"sampling took {seconds:.1f} s on {device}")
+    return 0
+
+
+def _part_hashes(manifest: dict) -> dict[str, str]:
+    return {name: part.get("hash") or part.get("sha256") for name, part in manifest["parts"].items()}

@@ -1,0 +1,234 @@
+"""A pipeline directory (VQ tokenizer + text tokenizer + GPT + pipeline.json with their hashes): built, verified, loaded, sampled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import argen
+from argen.layout import SequenceLayout
+from argen.model.gpt import GPT
+from argen.sample import SamplingConfig, sample_image_tokens
+from argen.text import TOKENIZER_FILE, TextTokenizer, tokenizer_file_hash
+from tokenizers_img.config import to_dict
+from tokenizers_img.serialization import (
+    atomic_write_bytes,
+    atomic_write_dir,
+    pretrained_hash,
+    read_pretrained_config,
+)
+from tokenizers_img.vq_model import VQModel
+
+PIPELINE_FILE = "pipeline.json"
+VQ_DIR = "vq"
+GPT_DIR = "gpt"
+FORMAT = "argen-pipeline"
+FORMAT_VERSION = 1
+TRAINED_WITH_KEY = "_trained_with"  # the GPT's config.json records what it was trained with (see argen.tasks.gpt)
+
+
+class PipelineError(ValueError):
+    """A pipeline directory is missing a part, a part was swapped, or the GPT was not trained with these tokenizers."""
+
+
+def _short(h: str | None) -> str:
+    return h[:12] if h else "<none>"
+
+
+def gpt_training_record(gpt_dir: str | Path) -> dict[str, Any]:
+    """What the GPT in `gpt_dir` was trained with (text tokenizer sha256, VQ hash, text_len, ...), from its config.json."""
+    record = read_pretrained_config(gpt_dir).get(TRAINED_WITH_KEY)
+    if not isinstance(record, dict) or "vq_hash" not in record or "text_tokenizer_sha256" not in record:
+        raise PipelineError(f"the GPT in {str(gpt_dir)!r} does not record which tokenizers it was trained with (no "
+                            f"'{TRAINED_WITH_KEY}' in its config.json), so a pipeline cannot vouch for the pairing. "
+                            "Use a GPT written by `argen train gpt`.")
+    return record
+
+
+def check_pairing(*, gpt_dir: Path, record: dict[str, Any], vq_dir: Path, vq_hash: str, tokenizer: Path,
+                  tokenizer_sha256: str) -> None:
+    """Raise PipelineError naming both sides (paths and hashes) if the GPT was trained with another VQ or text tokenizer."""
+    problems = []
+    if record["vq_hash"] != vq_hash:
+        problems.append(f"the GPT was trained on codes of VQ tokenizer {_short(record['vq_hash'])} (code shards "
+                        f"{record.get('code_shards', '?')}), but VQ tokenizer {str(vq_dir)!r} is {_short(vq_hash)}")
+    if record["text_tokenizer_sha256"] != tokenizer_sha256:
+        problems.append(f"the GPT was trained with text tokenizer {_short(record['text_tokenizer_sha256'])}, but text "
+                        f"tokenizer {str(tokenizer)!r} is {_short(tokenizer_sha256)}")
+    if problems:
+        raise PipelineError(f"GPT {str(gpt_dir)!r} does not belong with these tokenizers: " + "; ".join(problems) +
+                            ". Pair the GPT with the tokenizers it was trained with, or retrain it on codes and "
+                            "captions made by these.")
+
+
+def _layout(text: TextTokenizer, vq_config: Any, gpt_config: Any) -> SequenceLayout:
+    return SequenceLayout.from_vq(text, vq_config, text_len=gpt_config.prefix_len - 1)
+
+
+def build_pipeline(out: str | Path, *, vq_dir: str | Path, tokenizer: str | Path, gpt_dir: str | Path,
+                   overwrite: bool = False) -> Path:
+    """Put a VQ tokenizer, a text tokenizer (tokenizer.json or its directory) and a GPT into one directory with a
+    pipeline.json holding each part's hash; returns `out`.
+
+    Refuses (PipelineError, naming both sides) a GPT trained with another VQ or text tokenizer, and a GPT whose
+    sizes do not fit them. Parts already in place (`out/gpt` given as `gpt_dir`) are kept, others copied byte for
+    byte; pipeline.json is written last, so a crash never leaves a directory that loads as a pipeline.
+    """
+    out, vq_dir, gpt_dir = Path(out), Path(vq_dir), Path(gpt_dir)
+    tok_file = Path(tokenizer) if Path(tokenizer).is_file() else Path(tokenizer) / TOKENIZER_FILE
+    if (out / PIPELINE_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out / PIPELINE_FILE} already exists; pass overwrite=True or choose another directory.")
+    record = gpt_training_record(gpt_dir)
+    vq_hash, gpt_hash = pretrained_hash(vq_dir), pretrained_hash(gpt_dir)
+    text = TextTokenizer.load(tok_file, pad_token=record.get("pad_token"))
+    check_pairing(gpt_dir=gpt_dir, record=record, vq_dir=vq_dir, vq_hash=vq_hash, tokenizer=tok_file,
+                  tokenizer_sha256=text.sha256)
+    vq_config = VQModel.config_from_pretrained(vq_dir)
+    gpt_config = GPT.config_from_pretrained(gpt_dir)
+    layout = _layout(text, vq_config, gpt_config)
+    layout.check(gpt_config, names=(f"GPT {str(gpt_dir)!r}", f"text tokenizer {str(tok_file)!r} + VQ tokenizer {str(vq_dir)!r}"))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for src, name in ((vq_dir, VQ_DIR), (gpt_dir, GPT_DIR)):
+        if src.resolve() != (out / name).resolve():
+            atomic_write_dir(out / name, lambda tmp, src=src: [shutil.copy2(f, tmp / f.name) for f in src.iterdir() if f.is_file()])
+    if tok_file.resolve() != (out / TOKENIZER_FILE).resolve():
+        text.save(out / TOKENIZER_FILE)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "argen_version": argen.__version__,
+        "text_len": layout.text_len,
+        "layout": layout.summary(),
+        "parts": {
+            "vq": {"path": VQ_DIR, "hash": vq_hash, "num_codes": layout.num_codes, "resolution": vq_config.resolution},
+            "text_tokenizer": {"path": TOKENIZER_FILE, "sha256": text.sha256, "pad_token": text.pad_token,
+                               "vocab_size": text.vocab_size},
+            "gpt": {"path": GPT_DIR, "hash": gpt_hash, "config": to_dict(gpt_config)},
+        },
+        "gpt_trained_with": {k: v for k, v in record.items() if k != "text_ids_seen"},
+    }
+    atomic_write_bytes(out / PIPELINE_FILE, json.dumps(manifest, indent=2).encode())
+    return out
+
+
+@dataclass
+class GenerationResult:
+    """Images and codes of one `Pipeline.generate` call. Row r is sample `sample_index[r]` of prompt `prompts[r]`."""
+
+    images: Tensor        # (N, 3, H, W) float32 in [-1, 1], on the CPU
+    codes: Tensor         # (N, h*w) int64 in [0, num_codes), on the CPU
+    prompts: list[str]    # (N,) the prompt of each row (prompts repeated n_per_prompt times, in order)
+    sample_index: list[int]  # (N,) k for the k-th sample of its prompt
+    row_seeds: list[int]  # (N,) the seed of each row's generator (see Pipeline.generate)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def row_seed(seed: int, k: int) -> int:
+    """Generator seed of the k-th sample of any prompt under `seed`."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+class Pipeline:
+    """A loaded pipeline directory: text tokenizer -> GPT -> VQ decoder. Use `Pipeline.load(dir)`."""
+
+    def __init__(self, *, vq: VQModel, text: TextTokenizer, gpt: GPT, layout: SequenceLayout, manifest: dict[str, Any],
+                 path: Path | None = None, text_ids_seen: set[int] | None = None) -> None:
+        self.vq, self.text, self.gpt, self.layout = vq, text, gpt, layout
+        self.manifest, self.path = manifest, path
+        self.text_ids_seen = text_ids_seen
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.gpt.parameters()).device
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> Pipeline:
+        """Load and check a pipeline directory.
+
+        With `verify` (the default) every part's hash is recomputed and compared with pipeline.json (a swapped
+        part is refused, naming it), and the GPT's own training record must name these VQ and text tokenizers
+        (refused naming both sides otherwise). Its sizes are checked against the layout in any case.
+        """
+        path = Path(path)
+        file = path / PIPELINE_FILE
+        if not file.is_file():
+            raise PipelineError(f"{str(path)!r} is not a pipeline directory: {PIPELINE_FILE} is missing. A pipeline is "
+                                f"made by `argen train gpt` (with data.vq_tokenizer set) or argen.pipeline.build_pipeline.")
+        manifest = json.loads(file.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise PipelineError(f"{file} has format {manifest.get('format')!r} v{manifest.get('format_version')}, this argen "
+                                f"reads {FORMAT!r} v{FORMAT_VERSION}.")
+        parts = manifest["parts"]
+        vq_dir, gpt_dir = path / parts["vq"]["path"], path / parts["gpt"]["path"]
+        tok_file = path / parts["text_tokenizer"]["path"]
+        for what, where in (("VQ tokenizer", vq_dir), ("GPT", gpt_dir), ("text tokenizer", tok_file)):
+            if not where.exists():
+                raise PipelineError(f"pipeline {str(path)!r} is missing its {what} at {str(where)!r}.")
+        record = gpt_training_record(gpt_dir)
+        if verify:
+            actual = {"vq": pretrained_hash(vq_dir), "gpt": pretrained_hash(gpt_dir),
+                      "text_tokenizer": tokenizer_file_hash(tok_file)}
+            for name, have in actual.items():
+                want = parts[name].get("hash") or parts[name].get("sha256")
+                if have != want:
+                    where = path / parts[name]["path"]
+                    raise PipelineError(f"{name} {str(where)!r} has hash {_short(have)}, but {file} records {_short(want)}: "
+                                        "the part was replaced after the pipeline was built. Restore it, or rebuild the "
+                                        "pipeline with build_pipeline (which checks that the parts belong together).")
+            check_pairing(gpt_dir=gpt_dir, record=record, vq_dir=vq_dir, vq_hash=actual["vq"], tokenizer=tok_file,
+                          tokenizer_sha256=actual["text_tokenizer"])
+        text = TextTokenizer.load(tok_file, pad_token=parts["text_tokenizer"].get("pad_token"))
+        vq = VQModel.from_pretrained(vq_dir, device=device)
+        gpt = GPT.from_pretrained(gpt_dir, device=device)
+        layout = _layout(text, vq.config, gpt.config)
+        layout.check(gpt.config, names=(f"GPT {str(gpt_dir)!r}", f"text tokenizer {str(tok_file)!r} + VQ tokenizer {str(vq_dir)!r}"))
+        seen = record.get("text_ids_seen")
+        seen_ids = {i for a, b in seen for i in range(a, b + 1)} if seen is not None else None
+        return cls(vq=vq, text=text, gpt=gpt, layout=layout, manifest=manifest, path=path, text_ids_seen=seen_ids)
+
+    def unseen_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` with a token that never occurred in a training caption (the GPT cannot know them)."""
+        if self.text_ids_seen is None:
+            return []
+        return [w for w in prompt.split() if any(i not in self.text_ids_seen for i in self.text.tokenize(w))]
+
+    @torch.no_grad()
+    def generate(self, prompts: str | Sequence[str], *, n_per_prompt: int = 1, sampling: SamplingConfig | None = None,
+                 seed: int = 0, batch_size: int | None = None) -> GenerationResult:
+        """Sample `n_per_prompt` images for each prompt; rows are the prompts in order, each repeated n times.
+
+        The k-th sample of every prompt draws from its own generator seeded by `row_seed(seed, k)`, so a row's
+        image depends only on (prompt, seed, k, sampling), never on the batch it ran in. The empty prompt "" is
+        the unconditional model. `sampling` defaults to SamplingConfig() (plain sampling, no CFG). `batch_size` caps
+        the rows per GPT batch (CFG doubles it internally).
+        """
+        sampling = sampling if sampling is not None else SamplingConfig()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("give at least one prompt (the empty prompt \"\" samples unconditionally).")
+        if n_per_prompt < 1:
+            raise ValueError(f"n_per_prompt must be >= 1, got {n_per_prompt}.")
+        text_ids = self.text.encode(prompts, text_len=self.layout.text_len)  # (P, text_len); one warning if cut
+        rows = [p for p in prompts for _ in range(n_per_prompt)]
+        ks = [k for _ in prompts for k in range(n_per_prompt)]
+        seeds = [row_seed(seed, k) for k in ks]
+        device = self.device
+        prefix = self.layout.prefix(text_ids.repeat_interleave(n_per_prompt, dim=0)).to(device)  # (N, prefix_len)
+        uncond = self.layout.uncond_prefix(device=device) if sampling.uses_cfg else None
+        step = batch_size or len(rows)
+        codes, images = [], []
+        for start in range(0, len(rows), step):
+            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + step]]
+            c = sample_image_tokens(self.gpt, prefix[start:start + step], image_offset=self.layout.image_offset,
+                                    num_codes=self.layout.num_codes, uncond_prefix=uncond, config=sampling, generator=gens)
+            codes.append(c.cpu())
+            images.append(self.vq.decode(c).clamp(-1, 1).float().cpu())
+        return GenerationResult(images=torch.cat(images), codes=torch.cat(codes), prompts=rows, sample_index=ks,
+                                row_seeds=seeds, sampling=sampling)

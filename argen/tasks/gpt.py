@@ -1,0 +1,370 @@
+"""GPT training on pre-extracted code shards (captions as a BPE prefix, CFG caption dropout) as a Task for the shared loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from argen.data.codes import CodeShardDataset
+from argen.layout import LayoutMismatchError, SequenceLayout
+from argen.model.gpt import GPT, GPTConfig
+from argen.text import TextTokenizer, warn_truncated
+from argen.train.loop import (
+    OptimizerConfig,
+    OptimizerSpec,
+    StepOutput,
+    TrainConfig,
+    TrainResult,
+    train,
+)
+from tokenizers_img.config import to_dict
+from tokenizers_img.serialization import atomic_write_bytes, pretrained_hash
+
+GPT_DIR = "gpt"  # save_artifacts writes the GPT here, under the run's final/ directory
+TRAINED_WITH_KEY = "_trained_with"  # extra key of the GPT's config.json: what it was trained with
+DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid")  # set by the sequence layout, never typed in YAML
+
+
+def _check_architecture(self: Any) -> None:
+    """Validate with GPTConfig's own checks (placeholder derived sizes), so a bad YAML fails at load time."""
+    GPTConfig(vocab_size=1, prefix_len=1, image_grid=(1, 1), **architecture_kwargs(self))
+
+
+def _architecture_class() -> type:
+    hints = get_type_hints(GPTConfig)
+    specs = []
+    for f in dataclasses.fields(GPTConfig):
+        if f.name in DERIVED_GPT_FIELDS:
+            continue
+        default = {} if f.default is dataclasses.MISSING else {"default": f.default}
+        specs.append((f.name, hints[f.name], field(**default)))
+    cls = dataclasses.make_dataclass("GPTArchitecture", specs, namespace={"__post_init__": _check_architecture})
+    cls.__module__ = __name__
+    cls.__doc__ = (f"The `model` section: GPTConfig without the sizes the layout derives ({', '.join(DERIVED_GPT_FIELDS)}). "
+                   "Fields and meanings are GPTConfig's.")
+    return cls
+
+
+GPTArchitecture = _architecture_class()
+
+
+def architecture_kwargs(arch: Any) -> dict[str, Any]:
+    return {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}
+
+
+def gpt_config_for(arch: Any, layout: SequenceLayout) -> GPTConfig:
+    """The full GPTConfig: the architecture plus the layout's vocab_size, prefix_len and image_grid."""
+    return GPTConfig(**layout.gpt_sizes(), **architecture_kwargs(arch))
+
+
+@dataclass
+class GPTDataConfig:
+    """Where the training data lives.
+
+    train / val: code-shard directories written by `argen tokenize` (e.g. OUT/train); several are concatenated.
+    text_tokenizer: a tokenizer.json or a directory holding one. text_len: caption tokens in the prefix.
+    vq_tokenizer: the VQ tokenizer directory that made the codes (optional): the shards' tokenizer hash is checked
+        against it, and the run's final/ directory becomes a complete pipeline (`argen sample --pipeline`).
+    pad_token: the text tokenizer's pad token (None: found by name, e.g. <pad> or [PAD]).
+    """
+
+    train: list[str]
+    text_tokenizer: str
+    val: list[str] = field(default_factory=list)
+    text_len: int = 32
+    vq_tokenizer: str | None = None
+    pad_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.val, str):
+            self.val = [self.val]
+        if not self.train:
+            raise ValueError("data.train must name at least one code-shard directory (written by `argen tokenize`).")
+        if self.text_len < 1:
+            raise ValueError(f"data.text_len must be >= 1, got {self.text_len}.")
+
+
+@dataclass
+class GPTEvalConfig:
+    """Validation loss over the val shards: `max_items` None means the whole val set. `uncond` also measures the
+    loss with every caption dropped; the gap to the conditional loss is what the text tells the model."""
+
+    batch_size: int = 64
+    max_items: int | None = None
+    uncond: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}.")
+        if self.max_items is not None and self.max_items < 1:
+            raise ValueError(f"eval.max_items must be >= 1 or null, got {self.max_items}.")
+
+
+@dataclass
+class GPTExperiment:
+    """One GPT run. cond_drop_prob: share of training captions replaced by the empty caption (for CFG).
+    text_loss_weight: weight of text-token targets relative to image tokens (DALL-E style; 0 = image tokens only)."""
+
+    model: GPTArchitecture  # type: ignore[valid-type]
+    data: GPTDataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval: GPTEvalConfig = field(default_factory=GPTEvalConfig)
+    cond_drop_prob: float = 0.1
+    text_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}.")
+        if self.text_loss_weight < 0:
+            raise ValueError(f"text_loss_weight must be >= 0, got {self.text_loss_weight}.")
+
+
+class CaptionedCodes(torch.utils.data.Dataset):
+    """Code shards with their captions tokenized once up front (captions repeat: each distinct one is encoded once).
+
+    Item i: {"codes": int64 (h*w,) in [0, num_codes), "text_ids": int64 (text_len,)}. Codes are read from the
+    shards' numpy memmaps; `__getitems__` reads a whole batch with one fancy index per shard.
+    """
+
+    def __init__(self, paths: list[str] | tuple[str, ...], *, text_tokenizer: TextTokenizer, text_len: int,
+                 expect_tokenizer_hash: str | None = None) -> None:
+        if not paths:
+            raise ValueError("no code-shard directories given.")
+        shards = [CodeShardDataset(p, expect_tokenizer_hash=expect_tokenizer_hash) for p in paths]
+        first = shards[0].meta
+        for s in shards[1:]:
+            for key in ("grid", "num_codes", "tokenizer_hash"):
+                if getattr(s.meta, key) != getattr(first, key):
+                    raise LayoutMismatchError(f"code shards disagree on {key}: {shards[0].path} has {getattr(first, key)!r}, "
+                                              f"{s.path} has {getattr(s.meta, key)!r}; train on shards of one VQ tokenizer.")
+        self.paths = [str(s.path) for s in shards]
+        self.meta = first
+        self.codes = [s.codes for s in shards]  # (N_k, h*w) int16/int32 memmaps
+        for path, codes in zip(self.paths, self.codes):
+            _check_code_range(codes, num_codes=first.num_codes, path=path)
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+        captions = [c for s in shards for c in s.captions]
+        distinct: dict[str, int] = {}
+        self.caption_index = np.fromiter((distinct.setdefault(c, len(distinct)) for c in captions), dtype=np.int64,
+                                         count=len(captions))
+        table, lengths = text_tokenizer.encode_ids(list(distinct), text_len=text_len)
+        warn_truncated(lengths, text_len=text_len, what="distinct training caption")
+        self.text_table = table  # (num_distinct, text_len) int64
+        self.num_distinct = len(distinct)
+        self.num_empty = int(sum(n == 0 for n in lengths))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _codes(self, index: np.ndarray) -> np.ndarray:
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        out = np.empty((len(index), self.codes[0].shape[1]), dtype=np.int64)
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self.codes[k][index[sel] - self.starts[k]]
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        index = np.asarray(indices, dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} items: {indices}")
+        return {"codes": torch.from_numpy(self._codes(index)),
+                "text_ids": self.text_table[torch.from_numpy(self.caption_index[index])]}
+
+    def seen_text_ids(self) -> list[int]:
+        """Sorted distinct text ids that occur in the (truncated) training captions."""
+        return sorted(set(torch.unique(self.text_table).tolist()))
+
+
+def _check_code_range(codes: np.ndarray, *, num_codes: int, path: str, chunk: int = 1 << 16) -> None:
+    """One pass over a shard's memmap: every code must lie in [0, num_codes) (a bad id would crash mid-run)."""
+    for start in range(0, len(codes), chunk):
+        block = np.asarray(codes[start:start + chunk])
+        if block.size and (block.min() < 0 or block.max() >= num_codes):
+            raise LayoutMismatchError(f"code shard {path} has codes in [{block.min()}, {block.max()}] (rows {start}..), "
+                                      f"outside [0, {num_codes}) of its meta.json: the shard is damaged; rewrite it.")
+
+
+def collate_batch(batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """DataLoader collate for CaptionedCodes: its `__getitems__` already returns the stacked batch."""
+    if isinstance(batch, dict):
+        return batch
+    return {k: torch.stack([item[k] for item in batch]) for k in batch[0]}
+
+
+def id_ranges(ids: list[int]) -> list[list[int]]:
+    """Sorted ints as inclusive [first, last] runs: compact in JSON whether few or almost all ids occur."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return runs
+
+
+@dataclass
+class SequenceLoss:
+    """Weighted next-token loss of a batch and its parts (image-token loss and accuracy, text-token loss)."""
+
+    loss: Tensor          # sum(w * ce) / sum(w): what is trained
+    image_loss: Tensor    # mean cross-entropy (nats) over image targets
+    image_acc: Tensor     # argmax accuracy over image targets
+    text_loss: Tensor     # mean cross-entropy over non-PAD text targets (0 when there are none)
+
+
+def sequence_loss(model: nn.Module, text_ids: Tensor, codes: Tensor, *, layout: SequenceLayout,
+                  text_loss_weight: float = 0.0) -> SequenceLoss:
+    """Cross-entropy of the GPT on [text | BOI | codes]: image targets weigh 1, text targets `text_loss_weight`,
+    PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64."""
+    seq = layout.build(text_ids, codes, check=False)  # (B, seq_len); ids are checked once, at load time
+    inputs, targets = layout.split(seq)
+    logits = model(inputs).float()  # (B, T, V)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, T)
+    weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)
+    first = layout.prefix_len - 1  # the first input position whose target is an image token
+    image_ce = ce[:, first:]
+    with torch.no_grad():
+        acc = (logits[:, first:].argmax(-1) == targets[:, first:]).float().mean()
+        text_mask = targets[:, :first] != layout.pad_id
+        text_loss = (ce[:, :first] * text_mask).sum() / text_mask.sum().clamp(min=1)
+    return SequenceLoss(loss=(ce * weights).sum() / weights.sum(), image_loss=image_ce.mean(), image_acc=acc,
+                        text_loss=text_loss)
+
+
+class GPTTask:
+    """Module {"gpt"}, optimizer "gpt". Batches are {"codes", "text_ids"} from CaptionedCodes."""
+
+    def __init__(self, experiment: GPTExperiment, *, layout: SequenceLayout, text_tokenizer: TextTokenizer,
+                 trained_with: dict[str, Any], val_dataset: CaptionedCodes | None = None,
+                 vq_dir: str | None = None) -> None:
+        self.experiment = experiment
+        self.layout = layout
+        self.text_tokenizer = text_tokenizer
+        self.trained_with = trained_with
+        self.val_dataset = val_dataset
+        self.vq_dir = vq_dir
+        self.gpt = GPT(gpt_config_for(experiment.model, layout))
+        layout.check(self.gpt.config)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"gpt": self.gpt}
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        return [OptimizerSpec(name="gpt", modules=["gpt"], config=self.experiment.optimizer)]
+
+    def ema_modules(self) -> list[str]:
+        return ["gpt"]
+
+    def training_step(self, batch: dict[str, Tensor], *, modules: dict[str, nn.Module], step: int) -> StepOutput:
+        text_ids, codes = batch["text_ids"], batch["codes"]
+        p = self.experiment.cond_drop_prob
+        logs: dict[str, Any] = {}
+        if p > 0:
+            # CFG: the empty caption (all PAD) stands for "no condition". Drawn from the global CPU RNG, which the
+            # loop checkpoints, so a resumed run drops the same captions.
+            drop = (torch.rand(text_ids.shape[0]) < p).to(text_ids.device)
+            text_ids = torch.where(drop[:, None], torch.full_like(text_ids, self.layout.pad_id), text_ids)
+            logs["cond_dropped"] = drop.float().mean()
+        out = sequence_loss(modules["gpt"], text_ids, codes, layout=self.layout,
+                            text_loss_weight=self.experiment.text_loss_weight)
+        logs.update(image_loss=out.image_loss.detach(), image_acc=out.image_acc)
+        if self.experiment.text_loss_weight > 0:
+            logs["text_loss"] = out.text_loss
+        return StepOutput(losses={"gpt": out.loss}, logs=logs)
+
+    def evaluate(self, *, modules: dict[str, nn.Module], accelerator: Any, step: int) -> dict[str, float]:
+        if self.val_dataset is None:
+            return {}
+        ev = self.experiment.eval
+        n = len(self.val_dataset) if ev.max_items is None else min(ev.max_items, len(self.val_dataset))
+        device = accelerator.device
+        mine = list(range(accelerator.process_index, n, accelerator.num_processes))  # every item once, over processes
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # cond loss, cond correct, uncond loss, tokens, items
+        gpt = modules["gpt"]
+        for start in range(0, len(mine), ev.batch_size):
+            batch = self.val_dataset.__getitems__(mine[start:start + ev.batch_size])
+            text_ids, codes = batch["text_ids"].to(device), batch["codes"].to(device)
+            tokens = codes.numel()
+            with accelerator.autocast():
+                cond = sequence_loss(gpt, text_ids, codes, layout=self.layout)
+                sums[0] += cond.image_loss.double() * tokens
+                sums[1] += cond.image_acc.double() * tokens
+                if ev.uncond:
+                    empty = torch.full_like(text_ids, self.layout.pad_id)
+                    sums[2] += sequence_loss(gpt, empty, codes, layout=self.layout).image_loss.double() * tokens
+            sums[3] += tokens
+            sums[4] += len(codes)
+        sums = accelerator.reduce(sums, reduction="sum")
+        tokens = float(sums[3].clamp(min=1))
+        metrics = {"val/loss": float(sums[0]) / tokens, "val/acc": float(sums[1]) / tokens, "val/num_items": float(sums[4])}
+        if ev.uncond:
+            metrics["val/loss_uncond"] = float(sums[2]) / tokens
+        return metrics
+
+    def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
+        from argen.pipeline import build_pipeline
+
+        out_dir = Path(out_dir)
+        modules["gpt"].save_pretrained(out_dir / GPT_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
+        tok_file = self.text_tokenizer.save(out_dir)
+        if self.vq_dir is not None:  # final/ becomes a complete pipeline directory
+            build_pipeline(out_dir, vq_dir=self.vq_dir, tokenizer=tok_file, gpt_dir=out_dir / GPT_DIR, overwrite=True)
+
+
+def load_gpt_data(experiment: GPTExperiment) -> tuple[TextTokenizer, CaptionedCodes, CaptionedCodes | None, str | None]:
+    """The text tokenizer, train and val code sets of an experiment, with the VQ hash checked when a VQ is named."""
+    data = experiment.data
+    text = TextTokenizer.load(data.text_tokenizer, pad_token=data.pad_token)
+    vq_hash = pretrained_hash(data.vq_tokenizer) if data.vq_tokenizer is not None else None
+    train_set = CaptionedCodes(data.train, text_tokenizer=text, text_len=data.text_len, expect_tokenizer_hash=vq_hash)
+    val_set = None
+    if data.val:
+        val_set = CaptionedCodes(data.val, text_tokenizer=text, text_len=data.text_len,
+                                 expect_tokenizer_hash=train_set.meta.tokenizer_hash)
+    return text, train_set, val_set, vq_hash
+
+
+def train_gpt(experiment: GPTExperiment, *, resume: bool = False) -> TrainResult:
+    """Train the experiment's GPT on its code shards through the shared loop.
+
+    Writes `out_dir/final/gpt` (the GPT; its config.json records the text tokenizer's sha256, the VQ tokenizer's
+    hash and the text ids seen in training), `out_dir/final/tokenizer.json`, and, when `data.vq_tokenizer` is set,
+    makes `out_dir/final` a pipeline directory. Metrics land in `out_dir/metrics.json`.
+    """
+    text, train_set, val_set, _ = load_gpt_data(experiment)
+    meta = train_set.meta
+    layout = SequenceLayout.from_parts(text, text_len=experiment.data.text_len, num_codes=meta.num_codes,
+                                       image_grid=meta.grid)
+    trained_with = {
+        "text_tokenizer_sha256": text.sha256, "pad_token": text.pad_token, "vq_hash": meta.tokenizer_hash,
+        "text_len": experiment.data.text_len, "code_shards": train_set.paths, "num_train_items": len(train_set),
+        "text_ids_seen": id_ranges(train_set.seen_text_ids()),
+    }
+    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
+    task = GPTTask(experiment, layout=layout, text_tokenizer=text, trained_with=trained_with, val_dataset=val_set,
+                   vq_dir=experiment.data.vq_tokenizer)
+    print(f"GPT: {task.gpt.num_params() / 1e6:.2f}M parameters; layout {json.dumps(layout.summary())}; "
+          f"{len(train_set)} training items ({train_set.num_distinct} distinct captions), "
+          f"{len(val_set) if val_set is not None else 0} val items")
+    result = train(task, train_set, experiment.train, resume=resume, task_config=to_dict(experiment),
+                   collate_fn=collate_batch)
+    report = {"step": result.step, "eval": result.eval, "logs": result.logs, "gpt": str(result.artifacts_dir / GPT_DIR),
+              "pipeline": str(result.artifacts_dir) if experiment.data.vq_tokenizer is not None else None,
+              "num_params": task.gpt.num_params(), "layout": layout.summary()}
+    atomic_write_bytes(Path(experiment.train.out_dir) / "metrics.json", json.dumps(report, indent=2).encode())
+    return result

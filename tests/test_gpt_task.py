@@ -1,0 +1,175 @@
+"""GPT task: config without derived sizes, captions tokenized once, caption dropout, loss goes down, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from argen.data.codes import CodeShardMeta, CodeShardWriter
+from argen.layout import SequenceLayout
+from argen.tasks.gpt import (
+    CaptionedCodes,
+    GPTExperiment,
+    GPTTask,
+    id_ranges,
+    sequence_loss,
+    train_gpt,
+)
+from argen.text import TextTokenizer, dataset_captions, train_text_tokenizer
+from tokenizers_img.config import ConfigError, load_config
+from tokenizers_img.serialization import pretrained_hash
+from tokenizers_img.vq_model import VQConfig, VQModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/gpt/gpt_tiny.yaml"
+CAPTIONS = ("a red circle", "a blue square", "two green triangles", "a small yellow circle in the top left")
+
+
+def tiny_vq(path: Path, *, seed: int = 0) -> Path:
+    """A random (untrained) 16 px VQ with a 4x4 grid of 32 codes, saved to `path`."""
+    torch.manual_seed(seed)
+    cfg = VQConfig(resolution=16, base_channels=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, norm_groups=4,
+                   codebook_size=32, codebook_dim=4)
+    VQModel(cfg).save_pretrained(path)
+    return path
+
+
+def write_shard(path: Path, *, codes: np.ndarray, captions: list[str], vq_hash: str, split: str) -> Path:
+    meta = CodeShardMeta(num_items=len(codes), done=0, grid=(4, 4), num_codes=32, tokenizer_hash=vq_hash,
+                         dataset="test", split=split, resolution=16)
+    CodeShardWriter(path, meta, resume=False).append(codes, captions, [f"k{i}" for i in range(len(codes))])
+    return path
+
+
+def make_parts(root: Path) -> SimpleNamespace:
+    """VQ dir, text tokenizer file and train/val code shards: 4 distinct (caption, codes) pairs, repeated."""
+    vq_dir = tiny_vq(root / "vq")
+    vq_hash = pretrained_hash(vq_dir)
+    text = train_text_tokenizer(dataset_captions("shapes", limit=500), vocab_size=512)
+    text_file = text.save(root / "text")
+    distinct = np.random.default_rng(0).integers(0, 32, size=(4, 16))
+    rows = np.tile(np.arange(4), 8)  # 32 training rows
+    train = write_shard(root / "codes/train", codes=distinct[rows], captions=[CAPTIONS[i] for i in rows],
+                        vq_hash=vq_hash, split="train")
+    val = write_shard(root / "codes/val", codes=distinct[rows[:8]], captions=[CAPTIONS[i] for i in rows[:8]],
+                      vq_hash=vq_hash, split="val")
+    return SimpleNamespace(root=root, vq_dir=vq_dir, vq_hash=vq_hash, text_file=text_file, train=train, val=val,
+                           distinct=distinct)
+
+
+def experiment_for(parts: SimpleNamespace, out: Path, *extra: str) -> GPTExperiment:
+    return load_config(TINY, GPTExperiment, [
+        f"data.train=[{parts.train}]", f"data.val=[{parts.val}]", f"data.text_tokenizer={parts.text_file}",
+        f"data.vq_tokenizer={parts.vq_dir}", f"train.out_dir={out}", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> SimpleNamespace:
+    return make_parts(tmp_path_factory.mktemp("gpt_parts"))
+
+
+def test_config_has_no_derived_sizes_and_checks_the_architecture(parts, tmp_path):
+    exp = experiment_for(parts, tmp_path)
+    assert exp.cond_drop_prob == 0.1 and exp.text_loss_weight == 0.0 and exp.data.text_len == 8
+    with pytest.raises(ConfigError, match="unknown config key 'model.vocab_size'"):
+        experiment_for(parts, tmp_path, "model.vocab_size=100")
+    with pytest.raises(ConfigError, match="n_embd=32 must be divisible by n_head=3"):
+        experiment_for(parts, tmp_path, "model.n_head=3")
+    with pytest.raises(ConfigError, match=r"cond_drop_prob must be in \[0, 1\], got 1.5"):
+        experiment_for(parts, tmp_path, "cond_drop_prob=1.5")
+
+
+def test_captions_are_tokenized_once_and_batches_come_from_the_memmap(parts):
+    text = TextTokenizer.load(parts.text_file)
+    data = CaptionedCodes([str(parts.train), str(parts.val)], text_tokenizer=text, text_len=8)
+    assert len(data) == 40 and data.num_distinct == 4 and data.text_table.shape == (4, 8)
+    batch = data.__getitems__([0, 5, 35, 39])
+    assert batch["codes"].dtype == torch.long and batch["codes"].shape == (4, 16)
+    assert batch["codes"][1].tolist() == parts.distinct[1].tolist()  # row 5 is pair 5 % 4 = 1
+    assert batch["codes"][2].tolist() == parts.distinct[3].tolist()  # val row 3
+    assert torch.equal(batch["text_ids"][1], text.encode(CAPTIONS[1], text_len=8)[0])
+    assert torch.equal(data[5]["codes"], batch["codes"][1])
+    with pytest.warns(UserWarning, match="1 of 4 distinct training caption") as rec:
+        CaptionedCodes([str(parts.train)], text_tokenizer=text, text_len=4)
+    assert len(rec) == 1
+
+
+def test_shards_from_another_vq_are_refused(parts, tmp_path):
+    other = tiny_vq(tmp_path / "other_vq", seed=1)
+    exp = experiment_for(parts, tmp_path / "run", f"data.vq_tokenizer={other}")
+    with pytest.raises(ValueError, match=f"made by tokenizer {parts.vq_hash[:12]}.*uses tokenizer {pretrained_hash(other)[:12]}"):
+        train_gpt(exp)
+
+
+def test_caption_dropout_and_text_weight(parts, tmp_path):
+    text = TextTokenizer.load(parts.text_file)
+    data = CaptionedCodes([str(parts.train)], text_tokenizer=text, text_len=8)
+    layout = SequenceLayout.from_parts(text, text_len=8, num_codes=32, image_grid=(4, 4))
+    batch = data.__getitems__(list(range(8)))
+    torch.manual_seed(0)
+    task = GPTTask(experiment_for(parts, tmp_path, "cond_drop_prob=1.0"), layout=layout, text_tokenizer=text, trained_with={})
+    gpt = task.gpt
+    out = task.training_step(batch, modules={"gpt": gpt}, step=0)
+    empty = torch.full_like(batch["text_ids"], text.pad_id)
+    assert float(out.logs["cond_dropped"]) == 1.0
+    assert torch.allclose(out.losses["gpt"], sequence_loss(gpt, empty, batch["codes"], layout=layout).loss)
+    plain = sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout)
+    assert torch.allclose(plain.loss, plain.image_loss)  # text_loss_weight 0: image tokens only
+    weighted = sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout, text_loss_weight=0.5)
+    assert not torch.allclose(weighted.loss, plain.loss) and float(weighted.text_loss) > 0
+
+
+def _losses(run: Path) -> list[float]:
+    with open(run / "logs" / "metrics.csv") as fh:
+        return [float(r["loss/gpt"]) for r in csv.DictReader(fh)]
+
+
+def test_training_lowers_the_loss_and_writes_a_pipeline(parts, tmp_path):
+    from argen.pipeline import Pipeline
+
+    exp = experiment_for(parts, tmp_path / "run", "train.max_steps=80", "train.save_every=0", "cond_drop_prob=0.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train_gpt(exp)
+    losses = _losses(tmp_path / "run")
+    assert losses[0] > 3.0 and losses[-1] < 0.5 * losses[0], losses  # 4 code grids memorised: ln(32) = 3.47 -> ~0
+    ev = result.eval
+    assert ev["val/num_items"] == 8 and ev["val/loss"] < ev["val/loss_uncond"]  # the caption tells which grid
+    pipe = Pipeline.load(result.artifacts_dir)
+    assert pipe.manifest["parts"]["vq"]["hash"] == parts.vq_hash
+    assert pipe.unseen_words("A red circle") == [] and pipe.unseen_words("a purple circle") == ["purple"]
+
+
+def test_resume_gives_identical_weights(parts, tmp_path, monkeypatch):
+    args = ("train.max_steps=8", "train.save_every=4", "cond_drop_prob=0.5", "train.eval_every=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = train_gpt(experiment_for(parts, tmp_path / "a", *args))
+
+        original = GPTTask.training_step
+
+        def crash_at_6(self, batch, *, modules, step):
+            if step == 6:
+                raise KeyboardInterrupt
+            return original(self, batch, modules=modules, step=step)
+
+        monkeypatch.setattr(GPTTask, "training_step", crash_at_6)
+        with pytest.raises(KeyboardInterrupt):
+            train_gpt(experiment_for(parts, tmp_path / "b", *args))
+        monkeypatch.setattr(GPTTask, "training_step", original)
+        resumed = train_gpt(experiment_for(parts, tmp_path / "b", *args), resume=True)
+    a = load_file(straight.artifacts_dir / "gpt" / "model.safetensors")
+    b = load_file(resumed.artifacts_dir / "gpt" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_id_ranges():
+    assert id_ranges([0, 1, 2, 5, 7, 8]) == [[0, 2], [5, 5], [7, 8]] and id_ranges([]) == []

@@ -1,0 +1,120 @@
+"""Pipeline directory: save/load round trip, seeded generation, swapped tokenizers refused naming both, `argen sample` end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_gpt_task import CAPTIONS, experiment_for, make_parts, tiny_vq
+
+from argen.cli import main
+from argen.pipeline import Pipeline, PipelineError, build_pipeline
+from argen.sample import SamplingConfig
+from argen.text import train_text_tokenizer
+from tokenizers_img.serialization import pretrained_hash
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny parts and a GPT trained on them through `argen train gpt`, whose final/ is a pipeline."""
+    root = tmp_path_factory.mktemp("pipeline")
+    parts = make_parts(root)
+    exp = experiment_for(parts, root / "run")
+    overrides = [f"data.train=[{parts.train}]", f"data.val=[{parts.val}]", f"data.text_tokenizer={parts.text_file}",
+                 f"data.vq_tokenizer={parts.vq_dir}", f"train.out_dir={root / 'run'}", "train.max_steps=150"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["train", "gpt", str(Path(__file__).resolve().parents[1] / "configs/gpt/gpt_tiny.yaml"), *overrides]) == 0
+    parts.final = Path(exp.train.out_dir) / "final"
+    return parts
+
+
+def test_round_trip_and_seeded_generation(trained, tmp_path):
+    out = build_pipeline(tmp_path / "pipe", vq_dir=trained.vq_dir, tokenizer=trained.text_file, gpt_dir=trained.final / "gpt")
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert manifest["parts"]["vq"]["hash"] == trained.vq_hash == manifest["gpt_trained_with"]["vq_hash"]
+    assert manifest["text_len"] == 8 and manifest["layout"]["vocab_size"] == manifest["layout"]["image_offset"] + 32
+    pipe = Pipeline.load(out)
+    same = Pipeline.load(trained.final)  # the training run's final/ is the same pipeline
+    for k, v in pipe.gpt.state_dict().items():
+        assert torch.equal(v, same.gpt.state_dict()[k])
+
+    sampling = SamplingConfig(cfg_scale=3.0, top_k=8)
+    a = pipe.generate([CAPTIONS[0], ""], n_per_prompt=3, sampling=sampling, seed=0)
+    assert a.images.shape == (6, 3, 16, 16) and a.images.min() >= -1 and a.images.max() <= 1
+    assert a.codes.shape == (6, 16) and 0 <= int(a.codes.min()) and int(a.codes.max()) < 32
+    assert a.prompts == [CAPTIONS[0]] * 3 + [""] * 3 and a.sample_index == [0, 1, 2] * 2
+    b = pipe.generate([CAPTIONS[0], ""], n_per_prompt=3, sampling=sampling, seed=0, batch_size=2)
+    assert torch.equal(a.codes, b.codes)  # same seed, any batching: same images
+    alone = pipe.generate("", n_per_prompt=3, sampling=sampling, seed=0)
+    assert torch.equal(alone.codes, a.codes[3:])  # a row depends on (prompt, seed, k) only
+    assert not torch.equal(pipe.generate(CAPTIONS[0], n_per_prompt=3, sampling=sampling, seed=1).codes, a.codes[:3])
+    # greedy decoding of the trained captions reproduces the memorised code grids
+    greedy = pipe.generate(list(CAPTIONS[:3]), sampling=SamplingConfig(temperature=0.0), seed=0)
+    assert (greedy.codes == torch.as_tensor(trained.distinct[:3])).float().mean() > 0.9
+
+
+def test_a_swapped_text_tokenizer_is_refused_naming_both(trained, tmp_path):
+    other = train_text_tokenizer([*CAPTIONS, "a white square"] * 3, vocab_size=300)
+    other_file = other.save(tmp_path / "other_text")
+    with pytest.raises(PipelineError) as err:
+        build_pipeline(tmp_path / "pipe", vq_dir=trained.vq_dir, tokenizer=other_file, gpt_dir=trained.final / "gpt")
+    msg = str(err.value)
+    assert str(trained.final / "gpt") in msg and str(other_file) in msg and other.sha256[:12] in msg
+    assert json.loads((trained.final / "gpt/config.json").read_text())["_trained_with"]["text_tokenizer_sha256"][:12] in msg
+
+    # a part replaced inside a built pipeline is caught by its hash
+    pipe = tmp_path / "copy"
+    shutil.copytree(trained.final, pipe)
+    shutil.copy(other_file, pipe / "tokenizer.json")
+    with pytest.raises(PipelineError, match=rf"text_tokenizer .*tokenizer.json' has hash {other.sha256[:12]}, but .* records"):
+        Pipeline.load(pipe)
+
+
+def test_a_swapped_vq_is_refused_naming_both(trained, tmp_path):
+    other = tiny_vq(tmp_path / "other_vq", seed=5)  # same config, other weights: only the hash tells them apart
+    with pytest.raises(PipelineError) as err:
+        build_pipeline(tmp_path / "pipe", vq_dir=other, tokenizer=trained.text_file, gpt_dir=trained.final / "gpt")
+    msg = str(err.value)
+    assert trained.vq_hash[:12] in msg and pretrained_hash(other)[:12] in msg and str(other) in msg
+    assert "code shards" in msg and str(trained.final / "gpt") in msg
+
+    # even with pipeline.json rewritten to match the swapped part, the GPT's own record refuses it
+    pipe = tmp_path / "copy"
+    shutil.copytree(trained.final, pipe)
+    shutil.rmtree(pipe / "vq")
+    shutil.copytree(other, pipe / "vq")
+    manifest = json.loads((pipe / "pipeline.json").read_text())
+    manifest["parts"]["vq"]["hash"] = pretrained_hash(other)
+    (pipe / "pipeline.json").write_text(json.dumps(manifest))
+    with pytest.raises(PipelineError, match=f"trained on codes of VQ tokenizer {trained.vq_hash[:12]}"):
+        Pipeline.load(pipe)
+    with pytest.raises(PipelineError, match="pipeline.json is missing"):
+        Pipeline.load(trained.vq_dir)
+
+
+def test_sample_cli_writes_grid_images_and_record(trained, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["sample", "--pipeline", str(trained.final), "a red circle", "", "a purple circle", "-n", "2",
+               "--cfg", "3", "--seed", "0", "--top-k", "8", "-o", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "unconditional" in printed and "'purple' never occurred in a training caption" in printed
+    grid = Image.open(out)
+    assert grid.size[0] >= 2 * 128
+    files = sorted((tmp_path / "grid_images").glob("*.png"))
+    assert [f.name for f in files] == [f"p{p:03d}_s{k:02d}.png" for p in range(3) for k in range(2)]
+    assert Image.open(files[0]).size == (16, 16)
+    record = json.loads((tmp_path / "grid.json").read_text())
+    assert record["prompts"] == ["a red circle", "", "a purple circle"] and record["seed"] == 0
+    assert record["sampling"]["cfg_scale"] == 3.0 and len(record["images"]) == 6
+    assert record["pipeline_parts"]["vq"] == trained.vq_hash
+    # the same command gives the same images
+    assert main(["sample", "--pipeline", str(trained.final), "a red circle", "-n", "2", "--cfg", "3", "--seed", "0",
+                 "--top-k", "8", "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again_images/p000_s01.png").read_bytes() == files[1].read_bytes()
