@@ -18,6 +18,7 @@ from argen.tasks.gpt import (
     CaptionedCodes,
     GPTExperiment,
     GPTTask,
+    gpt_config_for,
     id_ranges,
     sequence_loss,
     train_gpt,
@@ -173,3 +174,10 @@ def test_resume_gives_identical_weights(parts, tmp_path, monkeypatch):
 
 def test_id_ranges():
     assert id_ranges([0, 1, 2, 5, 7, 8]) == [[0, 2], [5, 5], [7, 8]] and id_ranges([]) == []
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny", "shapes_32", "gpu_100m", "gpu_300m"])
+def test_every_shipped_config_parses(name):
+    exp = load_config(ROOT / f"configs/gpt/{name}.yaml", GPTExperiment)
+    layout = SequenceLayout(text_vocab_size=8192, pad_id=0, text_len=exp.data.text_len, num_codes=1024, image_grid=(8, 8))
+    assert gpt_config_for(exp.model, layout).vocab_size == layout.vocab_size
