@@ -153,8 +153,9 @@ class Pipeline:
         """Load and check a pipeline directory.
 
         With `verify` (the default) every part's hash is recomputed and compared with pipeline.json (a swapped
-        part is refused, naming it), and the GPT's own training record must name these VQ and text tokenizers
-        (refused naming both sides otherwise). Its sizes are checked against the layout in any case.
+        part is refused, naming it). The GPT's own training record must name the VQ and text tokenizers (refused
+        naming both sides otherwise; without `verify` it is compared with the hashes pipeline.json records, which
+        skips reading the weights twice). The GPT's sizes are checked against the layout in any case.
         """
         path = Path(path)
         file = path / PIPELINE_FILE
@@ -172,18 +173,19 @@ class Pipeline:
             if not where.exists():
                 raise PipelineError(f"pipeline {str(path)!r} is missing its {what} at {str(where)!r}.")
         record = gpt_training_record(gpt_dir)
+        recorded = {name: parts[name].get("hash") or parts[name].get("sha256") for name in ("vq", "gpt", "text_tokenizer")}
+        actual = recorded
         if verify:
-            actual = {"vq": pretrained_hash(vq_dir), "gpt": pretrained_hash(gpt_dir),
-                      "text_tokenizer": tokenizer_file_hash(tok_file)}
+            actual = {"vq": pretrained_hash(vq_dir), "gpt": pretrained_hash(gpt_dir), "text_tokenizer": tokenizer_file_hash(tok_file)}
             for name, have in actual.items():
-                want = parts[name].get("hash") or parts[name].get("sha256")
-                if have != want:
+                if have != recorded[name]:
                     where = path / parts[name]["path"]
-                    raise PipelineError(f"{name} {str(where)!r} has hash {_short(have)}, but {file} records {_short(want)}: "
-                                        "the part was replaced after the pipeline was built. Restore it, or rebuild the "
-                                        "pipeline with build_pipeline (which checks that the parts belong together).")
-            check_pairing(gpt_dir=gpt_dir, record=record, vq_dir=vq_dir, vq_hash=actual["vq"], tokenizer=tok_file,
-                          tokenizer_sha256=actual["text_tokenizer"])
+                    raise PipelineError(f"{name} {str(where)!r} has hash {_short(have)}, but {file} records "
+                                        f"{_short(recorded[name])}: the part was replaced after the pipeline was built. "
+                                        "Restore it, or rebuild the pipeline with build_pipeline (which checks that the "
+                                        "parts belong together).")
+        check_pairing(gpt_dir=gpt_dir, record=record, vq_dir=vq_dir, vq_hash=actual["vq"], tokenizer=tok_file,
+                      tokenizer_sha256=actual["text_tokenizer"])
         text = TextTokenizer.load(tok_file, pad_token=parts["text_tokenizer"].get("pad_token"))
         vq = VQModel.from_pretrained(vq_dir, device=device)
         gpt = GPT.from_pretrained(gpt_dir, device=device)

@@ -92,8 +92,9 @@ def test_a_swapped_vq_is_refused_naming_both(trained, tmp_path):
     manifest = json.loads((pipe / "pipeline.json").read_text())
     manifest["parts"]["vq"]["hash"] = pretrained_hash(other)
     (pipe / "pipeline.json").write_text(json.dumps(manifest))
-    with pytest.raises(PipelineError, match=f"trained on codes of VQ tokenizer {trained.vq_hash[:12]}"):
-        Pipeline.load(pipe)
+    for verify in (True, False):  # without verify, pipeline.json's recorded hashes are compared with the GPT's record
+        with pytest.raises(PipelineError, match=f"trained on codes of VQ tokenizer {trained.vq_hash[:12]}"):
+            Pipeline.load(pipe, verify=verify)
     with pytest.raises(PipelineError, match="pipeline.json is missing"):
         Pipeline.load(trained.vq_dir)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -358,9 +359,11 @@ def train_gpt(experiment: GPTExperiment, *, resume: bool = False) -> TrainResult
     torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
     task = GPTTask(experiment, layout=layout, text_tokenizer=text, trained_with=trained_with, val_dataset=val_set,
                    vq_dir=experiment.data.vq_tokenizer)
-    print(f"GPT: {task.gpt.num_params() / 1e6:.2f}M parameters; layout {json.dumps(layout.summary())}; "
-          f"{len(train_set)} training items ({train_set.num_distinct} distinct captions), "
-          f"{len(val_set) if val_set is not None else 0} val items")
+    if int(os.environ.get("RANK", "0")) == 0:
+        empty = f", {train_set.num_empty} of them empty (unconditional)" if train_set.num_empty else ""
+        print(f"GPT: {task.gpt.num_params() / 1e6:.2f}M parameters; layout {json.dumps(layout.summary())}; "
+              f"{len(train_set)} training items ({train_set.num_distinct} distinct captions{empty}), "
+              f"{len(val_set) if val_set is not None else 0} val items")
     result = train(task, train_set, experiment.train, resume=resume, task_config=to_dict(experiment),
                    collate_fn=collate_batch)
     report = {"step": result.step, "eval": result.eval, "logs": result.logs, "gpt": str(result.artifacts_dir / GPT_DIR),
