@@ -230,6 +230,7 @@ class Pipeline:
             gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + step]]
             c = sample_image_tokens(self.gpt, prefix[start:start + step], image_offset=self.layout.image_offset,
                                     num_codes=self.layout.num_codes, uncond_prefix=uncond, config=sampling, generator=gens)
+            c = c.clone()  # the sampler returns inference-mode tensors; a clone is an ordinary one
             codes.append(c.cpu())
             images.append(self.vq.decode(c).clamp(-1, 1).float().cpu())
         return GenerationResult(images=torch.cat(images), codes=torch.cat(codes), prompts=rows, sample_index=ks,

@@ -48,6 +48,7 @@ def test_round_trip_and_seeded_generation(trained, tmp_path):
     a = pipe.generate([CAPTIONS[0], ""], n_per_prompt=3, sampling=sampling, seed=0)
     assert a.images.shape == (6, 3, 16, 16) and a.images.min() >= -1 and a.images.max() <= 1
     assert a.codes.shape == (6, 16) and 0 <= int(a.codes.min()) and int(a.codes.max()) < 32
+    assert not a.codes.is_inference() and pipe.vq.decode(a.codes).shape == (6, 3, 16, 16)  # usable outside no_grad
     assert a.prompts == [CAPTIONS[0]] * 3 + [""] * 3 and a.sample_index == [0, 1, 2] * 2
     b = pipe.generate([CAPTIONS[0], ""], n_per_prompt=3, sampling=sampling, seed=0, batch_size=2)
     assert torch.equal(a.codes, b.codes)  # same seed, any batching: same images
