@@ -152,6 +152,24 @@ def test_dead_code_restart_revives_codes():
     assert float(q.codebook.detach().abs().max()) < 10  # every dead code now sits on an encoder output
 
 
+def test_dead_code_restarts_land_where_the_codebook_fits_worst():
+    # 95% of the vectors sit on one point that a live code already fits exactly; 5% are spread far away.
+    # Uniform restarts would put ~95% of the revived codes on the dense point; D^2 draws put none there.
+    g = torch.Generator().manual_seed(0)
+    dense = torch.zeros(950, 4)
+    rare = 5 + torch.randn(50, 4, generator=g)
+    z = torch.cat([dense, rare]).t().reshape(1, 4, 1, -1)
+    q = _vq(dead_code_threshold=1)
+    with torch.no_grad():
+        q.codebook.zero_()  # every code on the dense point: one is used, the rest die after a step
+    q(z)
+    live = q.steps_since_used == 0
+    assert int(live.sum()) == 1
+    q(z, generator=torch.Generator().manual_seed(1))
+    revived = q.codebook.detach()[~live]
+    assert revived.norm(dim=-1).min() > 1.0  # every revived code is a far (rare) vector, none the dense point
+
+
 def test_dead_code_restart_is_deterministic_given_the_rng():
     def run(seed: int, *, use_generator: bool) -> torch.Tensor:
         q = _dead_codebook_quantizer(ema=True)
