@@ -98,7 +98,7 @@ def test_captions_are_tokenized_once_and_batches_come_from_the_memmap(parts):
     assert batch["codes"][2].tolist() == parts.distinct[3].tolist()  # val row 3
     assert torch.equal(batch["text_ids"][1], text.encode(CAPTIONS[1], text_len=8)[0])
     assert torch.equal(data[5]["codes"], batch["codes"][1])
-    with pytest.warns(UserWarning, match="1 of 4 distinct training caption") as rec:
+    with pytest.warns(UserWarning, match="1 of 4 distinct caption") as rec:
         CaptionedCodes([str(parts.train)], text_tokenizer=text, text_len=4)
     assert len(rec) == 1
 

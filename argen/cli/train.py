@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -56,6 +57,8 @@ def run_train_gpt(args: argparse.Namespace) -> int:
 
     experiment = load_config(args.config, GPTExperiment, args.overrides)
     result = train_gpt(experiment, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
+        return 0
     print(json.dumps(result.eval, indent=2))
     final = result.artifacts_dir
     if experiment.data.vq_tokenizer is not None:

@@ -160,7 +160,7 @@ class CaptionedCodes(torch.utils.data.Dataset):
         self.caption_index = np.fromiter((distinct.setdefault(c, len(distinct)) for c in captions), dtype=np.int64,
                                          count=len(captions))
         table, lengths = text_tokenizer.encode_ids(list(distinct), text_len=text_len)
-        warn_truncated(lengths, text_len=text_len, what="distinct training caption")
+        warn_truncated(lengths, text_len=text_len, what="distinct caption")
         self.text_table = table  # (num_distinct, text_len) int64
         self.num_distinct = len(distinct)
         self.num_empty = int(sum(n == 0 for n in lengths))
