@@ -4,104 +4,264 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from argen.data.codes import META_NAME, encode_to_shard, read_meta
 from argen.data.shapes import ShapesDataset
 from argen.data.skips import collate
+from argen.eval.generation import PROMPT_KINDS, judge_images, prompt_set, score
 from argen.eval.tokenizer import evaluate_tokenizer
+from argen.pipeline import PIPELINE_FILE, Pipeline
+from argen.sample import SamplingConfig
+from argen.tasks.gpt import GPTExperiment, train_gpt
 from argen.tasks.tokenizer import TOKENIZER_DIR, TokenizerExperiment, train_tokenizer
+from argen.text import TOKENIZER_FILE, TextTokenizer, dataset_captions, train_text_tokenizer
 from argen.viz import contact_sheet, save_png
 from tokenizers_img.config import load_config
 from tokenizers_img.metrics import psnr
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import atomic_write_bytes, pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 TOKENIZER_CONFIG = CONFIG_ROOT / "tokenizer" / "shapes_32.yaml"
+GPT_CONFIG = CONFIG_ROOT / "gpt" / "shapes_32.yaml"
+
+
+@dataclass
+class DemoSettings:
+    """What the demo trains and samples beyond the two YAML configs.
+
+    num_train_codes: training scenes encoded for the GPT (the shapes train split is a 1M-scene stream).
+    cfg_scales: the guidance sweep; the scale with the best mean whole-prompt accuracy on the sweep prompts
+        (single + relation, first seed) is used for the report, which shows the whole sweep.
+    samples_per_prompt: images per prompt in the final scoring, per kind.
+    """
+
+    num_train_codes: int = 50_000
+    text_vocab_size: int = 512
+    cfg_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
+    sweep_prompts: dict[str, int] = field(default_factory=lambda: {"single": 16, "relation": 64})
+    eval_prompts: dict[str, int] = field(default_factory=lambda: {"single": 16, "relation": 200, "heldout": 200})
+    samples_per_prompt: dict[str, int] = field(default_factory=lambda: {"single": 8, "relation": 2, "heldout": 2})
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
 
 
 def _stage(name: str) -> None:
     print(f"\n== {name} ==", flush=True)
 
 
-def run_demo(out: str | Path = "demo", *, overrides: tuple[str, ...] = ()) -> dict:
-    """Train the shapes tokenizer (or reuse it), score it on the whole val and held-out splits, write out/report.md.
+def _config_file(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `argen demo` from a source checkout (pip install -e .).")
+    return path
 
-    `overrides` are `key.path=value` settings for the tokenizer experiment (for example a shorter run).
+
+def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] = (), gpt_overrides: tuple[str, ...] = (),
+             settings: DemoSettings | None = None) -> dict:
+    """Train the shapes tokenizer, the BPE and the GPT (each reused when already finished), then sample a fixed
+    prompt set with a CFG sweep, score every image with the judge and write out/report.md (+ JSON and PNGs).
+
+    `tokenizer_overrides` / `gpt_overrides` are `key.path=value` settings for the two YAML experiments.
     """
     out = Path(out)
-    if not TOKENIZER_CONFIG.is_file():
-        raise FileNotFoundError(f"{TOKENIZER_CONFIG} not found: run `argen demo` from a source checkout (pip install -e .).")
-    experiment = load_config(TOKENIZER_CONFIG, TokenizerExperiment, [f"train.out_dir={out / 'tokenizer_run'}", *overrides])
+    settings = settings or DemoSettings()
     timings: dict[str, float] = {}
+    tok_exp = load_config(_config_file(TOKENIZER_CONFIG), TokenizerExperiment,
+                          [f"train.out_dir={out / 'tokenizer_run'}", *tokenizer_overrides])
 
-    _stage("1/3 train the image tokenizer")
-    tok_dir = Path(experiment.train.out_dir) / "final" / TOKENIZER_DIR
+    _stage("1/6 train the image tokenizer")
     start = time.perf_counter()
+    tok_dir = Path(tok_exp.train.out_dir) / "final" / TOKENIZER_DIR
     if (tok_dir / "model.safetensors").is_file():
-        print(f"reusing {tok_dir} (delete it to retrain)")
+        print(f"reusing {tok_dir} (delete {tok_exp.train.out_dir} to retrain)")
     else:
-        resume = (Path(experiment.train.out_dir) / "checkpoints" / "latest").is_file()
-        train_tokenizer(experiment, resume=resume)
-    timings["train tokenizer"] = time.perf_counter() - start
+        train_tokenizer(tok_exp, resume=(Path(tok_exp.train.out_dir) / "checkpoints" / "latest").is_file())
+    timings["1 train image tokenizer"] = time.perf_counter() - start
 
-    _stage("2/3 evaluate on the whole val and held-out splits")
+    _stage("2/6 score the tokenizer on the whole val and held-out splits")
     start = time.perf_counter()
-    model = VQModel.from_pretrained(tok_dir)
-    res = experiment.data.resolution
-    metrics = {
-        split: evaluate_tokenizer(model, ShapesDataset(split, resolution=res), batch_size=250, judge=True, progress=True).as_dict()
-        for split in ("val", "heldout")
+    vq = VQModel.from_pretrained(tok_dir)
+    res = tok_exp.data.resolution
+    tok_metrics = {split: evaluate_tokenizer(vq, ShapesDataset(split, resolution=res), batch_size=250, judge=True,
+                                             progress=True).as_dict() for split in ("val", "heldout")}
+    _reconstruction_sheet(vq, res, out / "reconstructions.png")
+    timings["2 score image tokenizer"] = time.perf_counter() - start
+
+    _stage("3/6 encode training scenes into code shards")
+    start = time.perf_counter()
+    codes_dir = out / "codes"
+    vq_hash = pretrained_hash(tok_dir)
+    for split, limit in (("train", settings.num_train_codes), ("val", None)):
+        shard = codes_dir / split
+        stale = (shard / META_NAME).is_file() and read_meta(shard).tokenizer_hash != vq_hash
+        encode_to_shard(vq, ShapesDataset(split, resolution=res), shard, dataset_spec="shapes", split=split,
+                        limit=limit, batch_size=500, resume=(shard / META_NAME).is_file() and not stale,
+                        overwrite=stale, tokenizer_hash=vq_hash)
+    timings["3 encode codes"] = time.perf_counter() - start
+
+    _stage("4/6 train the BPE text tokenizer on the training captions")
+    start = time.perf_counter()
+    text_dir = out / "text"
+    if (text_dir / TOKENIZER_FILE).is_file():
+        print(f"reusing {text_dir / TOKENIZER_FILE}")
+    else:
+        captions = dataset_captions(f"codes:{codes_dir / 'train'}")
+        train_text_tokenizer(captions, vocab_size=settings.text_vocab_size).save(text_dir)
+    print(f"text tokenizer: {TextTokenizer.load(text_dir).vocab_size} tokens")
+    timings["4 train text tokenizer"] = time.perf_counter() - start
+
+    _stage("5/6 train the GPT")
+    start = time.perf_counter()
+    gpt_exp = load_config(_config_file(GPT_CONFIG), GPTExperiment, [
+        f"data.train=[{codes_dir / 'train'}]", f"data.val=[{codes_dir / 'val'}]", f"data.text_tokenizer={text_dir}",
+        f"data.vq_tokenizer={tok_dir}", f"train.out_dir={out / 'gpt_run'}", *gpt_overrides])
+    pipeline_dir = Path(gpt_exp.train.out_dir) / "final"
+    if (pipeline_dir / PIPELINE_FILE).is_file():
+        print(f"reusing {pipeline_dir} (delete {gpt_exp.train.out_dir} to retrain)")
+    else:
+        train_gpt(gpt_exp, resume=(Path(gpt_exp.train.out_dir) / "checkpoints" / "latest").is_file())
+    gpt_metrics = json.loads((Path(gpt_exp.train.out_dir) / "metrics.json").read_text())
+    timings["5 train GPT"] = time.perf_counter() - start
+
+    _stage("6/6 sample, sweep the guidance scale and judge every image")
+    start = time.perf_counter()
+    pipe = Pipeline.load(pipeline_dir)
+    sweep, chosen = _cfg_sweep(pipe, settings)
+    print(f"CFG sweep (whole-prompt accuracy): {json.dumps(sweep)}; using scale {chosen}")
+    sampling = SamplingConfig(temperature=settings.temperature, top_k=settings.top_k, cfg_scale=chosen)
+    results, sheets = {}, {}
+    for kind in PROMPT_KINDS:
+        prompts = prompt_set(kind, max_prompts=settings.eval_prompts[kind])
+        # seed + 1: the reported images are not the ones the scale was chosen on
+        gen = pipe.generate(prompts, n_per_prompt=settings.samples_per_prompt[kind], sampling=sampling,
+                            seed=settings.seed + 1, batch_size=256)
+        judged = judge_images(gen.prompts, gen.images)
+        results[kind] = score(gen.prompts, judged).as_dict()
+        sheets[kind] = f"samples_{kind}.png"
+        show = range(min(32, len(gen.prompts)))
+        save_png(contact_sheet([gen.images[i] for i in show],
+                               [("OK " if judged[i].correct else "X ") + gen.prompts[i] for i in show], columns=8),
+                 out / sheets[kind])
+        print(f"{kind}: {results[kind]['accuracy']:.1%} of {results[kind]['num_images']} images correct")
+    timings["6 sample and judge"] = time.perf_counter() - start
+
+    summary = {
+        "tokenizer": {"dir": str(tok_dir), "config": str(TOKENIZER_CONFIG), "metrics": tok_metrics},
+        "gpt": {"pipeline": str(pipeline_dir), "config": str(GPT_CONFIG), "num_params": gpt_metrics.get("num_params"),
+                "steps": gpt_metrics.get("step"), "eval": gpt_metrics.get("eval")},
+        "cfg_sweep": sweep, "cfg_scale": chosen,
+        "sampling": {"temperature": settings.temperature, "top_k": settings.top_k, "seed": settings.seed + 1},
+        "generation": results, "sheets": sheets, "timings_s": timings, "total_s": sum(timings.values()),
     }
-    timings["evaluate"] = time.perf_counter() - start
-
-    _stage("3/3 reconstruction grid and report")
-    start = time.perf_counter()
-    val = ShapesDataset("val", resolution=res)
-    batch = collate([val[i] for i in range(16)])
-    with torch.no_grad():
-        recon = model.decode(model.encode(batch["image"])).clamp(-1, 1)
-    scores = psnr(batch["image"], recon)
-    images, captions = [], []
-    for i in range(16):
-        images += [batch["image"][i], recon[i]]
-        captions += [batch["caption"][i], f"reconstruction, {scores[i]:.1f} dB"]
-    save_png(contact_sheet(images, captions, columns=8), out / "reconstructions.png")
-    timings["report"] = time.perf_counter() - start
-
-    summary = {"tokenizer": str(tok_dir), "config": str(TOKENIZER_CONFIG), "metrics": metrics, "timings_s": timings}
     atomic_write_bytes(out / "report.json", json.dumps(summary, indent=2).encode())
     atomic_write_bytes(out / "report.md", _report_markdown(summary).encode())
-    print(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {out / 'reconstructions.png'}")
+    print(f"\nwrote {out / 'report.md'} and {out / 'report.json'}; total {summary['total_s'] / 60:.1f} min")
     return summary
 
 
+def _reconstruction_sheet(vq: VQModel, resolution: int, path: Path, n: int = 16) -> None:
+    val = ShapesDataset("val", resolution=resolution)
+    batch = collate([val[i] for i in range(n)])
+    with torch.inference_mode():
+        recon = vq.decode(vq.encode(batch["image"])).clamp(-1, 1)
+    scores = psnr(batch["image"], recon)
+    images, captions = [], []
+    for i in range(n):
+        images += [batch["image"][i], recon[i]]
+        captions += [batch["caption"][i], f"reconstruction, {scores[i]:.1f} dB"]
+    save_png(contact_sheet(images, captions, columns=8), path)
+
+
+def _cfg_sweep(pipe: Pipeline, settings: DemoSettings) -> tuple[dict[str, dict[str, float]], float]:
+    """Whole-prompt accuracy per scale and prompt kind on the sweep prompts; the best mean over kinds wins."""
+    sweep: dict[str, dict[str, float]] = {}
+    for scale in settings.cfg_scales:
+        sampling = SamplingConfig(temperature=settings.temperature, top_k=settings.top_k, cfg_scale=scale)
+        row = {}
+        for kind, n in settings.sweep_prompts.items():
+            gen = pipe.generate(prompt_set(kind, max_prompts=n), n_per_prompt=2, sampling=sampling,
+                                seed=settings.seed, batch_size=256)
+            row[kind] = score(gen.prompts, judge_images(gen.prompts, gen.images)).accuracy
+        sweep[str(scale)] = row
+    chosen = max(settings.cfg_scales, key=lambda s: sum(sweep[str(s)].values()) / len(sweep[str(s)]))
+    return sweep, chosen
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def _report_markdown(summary: dict) -> str:
-    rows = ["| split | images | PSNR (dB) | SSIM | codebook usage | perplexity | judge agreement | judge correct on reconstruction |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for split, m in summary["metrics"].items():
-        rows.append(f"| {split} | {m['num_images']} | {m['psnr']:.2f} | {m['ssim']:.4f} | "
-                    f"{m['codebook_usage']:.1%} ({m['used_codes']}/{m['num_codes']}) | {m['perplexity']:.1f} | "
-                    f"{m['judge_agreement']:.2%} | {m['judge_recon_correct']:.2%} |")
+    tok_rows = ["| split | images | PSNR (dB) | SSIM | codebook usage | perplexity | judge agreement |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+    for split, m in summary["tokenizer"]["metrics"].items():
+        tok_rows.append(f"| {split} | {m['num_images']} | {m['psnr']:.2f} | {m['ssim']:.4f} | "
+                        f"{m['codebook_usage']:.1%} ({m['used_codes']}/{m['num_codes']}) | {m['perplexity']:.1f} | "
+                        f"{m['judge_agreement']:.2%} |")
+    kinds = list(next(iter(summary["cfg_sweep"].values())))
+    sweep_rows = ["| CFG scale | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+    for scale, row in summary["cfg_sweep"].items():
+        mark = " (chosen)" if float(scale) == summary["cfg_scale"] else ""
+        sweep_rows.append(f"| {scale}{mark} | " + " | ".join(_pct(row[k]) for k in kinds) + " |")
+    attrs = ("count", "color", "shape", "size", "position", "relation")
+    gen_rows = ["| prompts | distinct prompts | images | whole prompt | " + " | ".join(attrs) + " |",
+                "| --- | --- | --- | --- |" + " --- |" * len(attrs)]
+    for kind, r in summary["generation"].items():
+        gen_rows.append(f"| {kind} | {r['num_prompts']} | {r['num_images']} | **{_pct(r['accuracy'])}** | "
+                        + " | ".join(_pct(r["attributes"][a]) for a in attrs) + " |")
+    failures = "\n".join(f"- {kind}: {f}" for kind, r in summary["generation"].items() for f in r["failures"][:3])
+    sheets = "\n\n".join(f"**{kind}** (first 32 images; OK / X is the judge's verdict)\n\n![{kind}]({name})"
+                         for kind, name in summary["sheets"].items())
     times = "\n".join(f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items())
+    gpt = summary["gpt"]
+    ev = gpt.get("eval") or {}
+    loss = f"val image-token loss {ev['val/loss']:.3f} nats (without caption {ev.get('val/loss_uncond', float('nan')):.3f})" \
+        if "val/loss" in ev else "no val loss recorded"
     return f"""# argen demo report
 
-Stage built so far: the image tokenizer (the GPT stage arrives with the text-to-image issue).
-Tokenizer: `{summary['tokenizer']}`, trained from `{summary['config']}`.
+Everything here was trained from scratch by `argen demo` on the built-in shapes world (32 px).
 
-## Tokenizer on the shapes world (whole splits)
+## 1. Image tokenizer (whole splits)
 
-{chr(10).join(rows)}
+Tokenizer `{summary['tokenizer']['dir']}` from `{summary['tokenizer']['config']}`.
+Judge agreement: the judge reads the reconstruction as the same scene as the original.
 
-Judge agreement: the judge parses the reconstruction into the same scene as the original.
+{chr(10).join(tok_rows)}
 
 ![originals beside reconstructions](reconstructions.png)
 
-## Timings
+## 2. Text-to-image GPT
+
+GPT with {gpt['num_params'] / 1e6:.2f}M parameters, {gpt['steps']} steps, {loss}. Pipeline: `{gpt['pipeline']}`.
+
+### Guidance sweep (whole-prompt accuracy, sweep seed {summary['sampling']['seed'] - 1}, 2 images per prompt)
+
+{chr(10).join(sweep_rows)}
+
+### Judge scores at CFG {summary['cfg_scale']} (seed {summary['sampling']['seed']}, temperature {summary['sampling']['temperature']}, top-k {summary['sampling']['top_k']})
+
+single: one object with colour, shape, size and position stated (val scenes, never trained on).
+relation: two objects and a spatial relation (val scenes). heldout: colour-shape pairs and coloured relations
+that never appear in training (any caption template). Attribute columns: share correct among images whose
+prompt states that attribute.
+
+{chr(10).join(gen_rows)}
+
+Some failures, as the judge states them:
+
+{failures or '- none'}
+
+{sheets}
+
+## Timings (this machine)
 
 | stage | seconds |
 | --- | --- |
 {times}
+| total | {summary['total_s']:.1f} |
 """

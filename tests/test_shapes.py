@@ -6,10 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from argen.data.shapes import (COLORS, HELDOUT_COLOR_SHAPE, HELDOUT_RELATIONS, POSITIONS, RESOLUTIONS, SHAPES,
-                               SIZES, CaptionSpec, ObjectSpec, Relation, Scene, ShapeObject, ShapesDataset,
-                               in_val_partition, parse_caption, relation_holds, render, scene_and_caption,
-                               scene_has_heldout, scene_key)
+from argen.data.shapes import (
+    COLORS,
+    HELDOUT_COLOR_SHAPE,
+    HELDOUT_RELATIONS,
+    POSITIONS,
+    RESOLUTIONS,
+    SHAPES,
+    SIZES,
+    CaptionSpec,
+    ObjectSpec,
+    Relation,
+    Scene,
+    ShapeObject,
+    ShapesDataset,
+    in_val_partition,
+    parse_caption,
+    relation_holds,
+    render,
+    scene_and_caption,
+    scene_has_heldout,
+    scene_key,
+)
 
 
 def test_render_shape_dtype_and_background():

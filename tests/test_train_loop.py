@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from train_toy_script import ToyData, ToyTask, toy_config
 
 import argen.train.checkpoint as ckpt_mod
 from argen.train.checkpoint import latest_checkpoint, load_checkpoint
 from argen.train.ema import EMA
 from argen.train.loop import NonFiniteLossError, ResumeMismatchError, lr_factor, train
-from train_toy_script import ToyData, ToyTask, toy_config
 
 SCRIPT = Path(__file__).with_name("train_toy_script.py")
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from torch.utils.data import IterableDataset
 from argen.viz import contact_sheet, save_png
 from tokenizers_img.serialization import atomic_write_bytes
 
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="inspect datasets and score generated images")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

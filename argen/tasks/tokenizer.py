@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from argen.data.registry import DatasetConfig

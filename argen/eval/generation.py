@@ -1,0 +1,78 @@
+"""Score generated shapes images with the judge: prompt sets by kind, per-attribute and whole-prompt accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from argen.data.shapes import CaptionSpec, parse_caption, scene_and_caption
+from argen.eval.judge import ATTRIBUTES, JudgeResult, judge
+
+PROMPT_KINDS = ("single", "relation", "heldout")
+
+
+def prompt_kind(spec: CaptionSpec) -> str | None:
+    """"single": one object with shape, colour, size and position all stated; "relation": two objects and a
+    relation; None for the other caption templates (lists, counts, partial descriptions)."""
+    if spec.relation is not None:
+        return "relation"
+    if len(spec.objects) == 1 and all(getattr(spec.objects[0], a) is not None
+                                      for a in ("shape", "color", "size", "position")):
+        return "single"
+    return None
+
+
+def prompt_set(kind: str, *, max_prompts: int, seed: int = 0) -> list[str]:
+    """Distinct captions of one kind, in split order: "single" and "relation" from the val split (scenes that
+    train never shows), "heldout" from the held-out split (colour-shape pairs and relations train never shows).
+    Returns at most `max_prompts`; the val split holds only 16 distinct single-object captions (seed 0)."""
+    if kind not in PROMPT_KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {PROMPT_KINDS}")
+    split, size = ("heldout", 1000) if kind == "heldout" else ("val", 2000)
+    out: dict[str, None] = {}
+    for i in range(size):
+        _, caption = scene_and_caption(i, split, seed=seed)
+        if kind == "heldout" or prompt_kind(parse_caption(caption)) == kind:
+            out.setdefault(caption)
+            if len(out) == max_prompts:
+                break
+    return list(out)
+
+
+@dataclass
+class PromptSetScore:
+    """Judge scores of the images generated for one prompt set.
+
+    accuracy: share of images whose whole prompt is correct. attributes[a]: share correct among the images
+    whose prompt states `a` (count: always); None when no prompt states it. failures: a few judge reasons."""
+
+    num_prompts: int
+    num_images: int
+    accuracy: float
+    attributes: dict[str, float | None]
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"num_prompts": self.num_prompts, "num_images": self.num_images, "accuracy": self.accuracy,
+                "attributes": self.attributes, "failures": self.failures}
+
+
+def judge_images(prompts: Sequence[str], images) -> list[JudgeResult]:
+    """Judge image i (a (3, H, W) tensor in [-1, 1], uint8 array or PIL image) against prompts[i]."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images: give one prompt per image.")
+    return [judge(p, im) for p, im in zip(prompts, images)]
+
+
+def score(prompts: Sequence[str], results: Sequence[JudgeResult], *, max_failures: int = 8) -> PromptSetScore:
+    """Aggregate judge results (one per image, prompts[i] its prompt) into a PromptSetScore."""
+    if not results:
+        raise ValueError("no judge results to score.")
+    attributes: dict[str, float | None] = {}
+    for a in ATTRIBUTES:
+        stated = [r.attributes[a] for r in results if r.attributes[a] is not None]
+        attributes[a] = sum(stated) / len(stated) if stated else None
+    failures = [f"'{p}': {r.reason}" for p, r in zip(prompts, results) if not r.correct][:max_failures]
+    return PromptSetScore(num_prompts=len(set(prompts)), num_images=len(results),
+                          accuracy=sum(r.correct for r in results) / len(results), attributes=attributes,
+                          failures=failures)

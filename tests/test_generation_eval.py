@@ -1,0 +1,50 @@
+"""Scoring generated images: prompt sets hold the right kinds, and scores are exact on known-correct/wrong images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from argen.cli import main
+from argen.data.shapes import HELDOUT_COLOR_SHAPE, parse_caption, render, scene_and_caption
+from argen.eval.generation import judge_images, prompt_kind, prompt_set, score
+from argen.eval.judge import corrupt_scene
+
+
+def test_prompt_sets_are_distinct_and_of_their_kind():
+    single = prompt_set("single", max_prompts=100)
+    assert len(single) == len(set(single)) == 16  # every distinct single-object val caption (seed 0)
+    assert all(prompt_kind(parse_caption(p)) == "single" for p in single)
+    relation = prompt_set("relation", max_prompts=50)
+    assert len(set(relation)) == 50 and all(parse_caption(p).relation is not None for p in relation)
+    heldout = prompt_set("heldout", max_prompts=50)
+    held_pairs = {f"{c} {s}" for c, s in HELDOUT_COLOR_SHAPE}
+    assert any(any(pair in p for pair in held_pairs) for p in heldout)
+    with pytest.raises(ValueError, match="kind='lists'"):
+        prompt_set("lists", max_prompts=3)
+
+
+def test_scores_count_correct_and_wrong_images_exactly():
+    generator = np.random.default_rng(0)
+    prompts, images, wrong_kinds = [], [], []
+    for i in range(40):
+        scene, caption = scene_and_caption(i, "val")
+        prompts.append(caption)
+        images.append(render(scene, 32))
+        wrong = corrupt_scene(scene, parse_caption(caption), kind="color", generator=generator)
+        if wrong is not None and len(wrong_kinds) < 10:
+            prompts.append(caption)
+            images.append(render(wrong, 32))
+            wrong_kinds.append(caption)
+    s = score(prompts, judge_images(prompts, images))
+    assert s.num_images == len(images)
+    assert s.accuracy == pytest.approx(40 / len(images))
+    assert s.attributes["color"] < 1.0 and s.attributes["count"] == 1.0
+    assert len(s.failures) == min(8, len(wrong_kinds))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        judge_images(prompts[:2], images[:3])
+
+
+def test_demo_overrides_must_name_their_experiment():
+    with pytest.raises(SystemExit, match="tokenizer.KEY=VALUE"):
+        main(["demo", "-o", "/nonexistent", "train.max_steps=3"])
