@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -130,9 +131,11 @@ class GenerationResult:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
-def row_seed(seed: int, k: int) -> int:
-    """Generator seed of the k-th sample of any prompt under `seed`."""
-    return int(np.random.SeedSequence([seed, k]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+def row_seed(seed: int, prompt: str, k: int) -> int:
+    """Generator seed of the k-th sample of `prompt` under `seed`. The prompt is part of it, so different prompts
+    never share their sampling noise (which would correlate their images and shrink an evaluation's sample)."""
+    digest = int.from_bytes(hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest(), "little")
+    return int(np.random.SeedSequence([seed, digest, k]).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
 class Pipeline:
@@ -206,7 +209,7 @@ class Pipeline:
                  seed: int = 0, batch_size: int | None = None) -> GenerationResult:
         """Sample `n_per_prompt` images for each prompt; rows are the prompts in order, each repeated n times.
 
-        The k-th sample of every prompt draws from its own generator seeded by `row_seed(seed, k)`, so a row's
+        The k-th sample of a prompt draws from its own generator seeded by `row_seed(seed, prompt, k)`, so a row's
         image depends only on (prompt, seed, k, sampling), never on the batch it ran in. The empty prompt "" is
         the unconditional model. `sampling` defaults to SamplingConfig() (plain sampling, no CFG). `batch_size` caps
         the rows per GPT batch (CFG doubles it internally).
@@ -220,7 +223,7 @@ class Pipeline:
         text_ids = self.text.encode(prompts, text_len=self.layout.text_len)  # (P, text_len); one warning if cut
         rows = [p for p in prompts for _ in range(n_per_prompt)]
         ks = [k for _ in prompts for k in range(n_per_prompt)]
-        seeds = [row_seed(seed, k) for k in ks]
+        seeds = [row_seed(seed, p, k) for p, k in zip(rows, ks)]
         device = self.device
         prefix = self.layout.prefix(text_ids.repeat_interleave(n_per_prompt, dim=0)).to(device)  # (N, prefix_len)
         uncond = self.layout.uncond_prefix(device=device) if sampling.uses_cfg else None
