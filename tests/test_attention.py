@@ -32,9 +32,12 @@ def qkv(n_head: int, n_kv_head: int, tq: int, tk: int, *, seed: int = 0, dtype=t
     return q, k, v
 
 
-def test_cpu_backends_are_sdpa_and_math():
+def test_cpu_backends_are_sdpa_and_math_and_auto_picks_per_query_length():
     assert set(BACKENDS) >= {"sdpa", "math"} and "auto" not in BACKENDS
-    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("auto", "cpu") == "sdpa" and resolve_backend("auto", "cpu", q_len=7) == "sdpa"
+    assert resolve_backend("auto", "cpu", q_len=1) == "math"  # one decode query: plain matmuls are faster on CPU
+    q, k, v = qkv(4, 2, 1, 9)
+    torch.testing.assert_close(attention(q, k, v, backend="auto"), attention(q, k, v, backend="sdpa"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

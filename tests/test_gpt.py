@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from argen.model import GPT, GPTConfig, KVCache, available_backends, flops_per_token
-from argen.model.gpt import apply_rope, rope_positions, rope_tables
+from argen.model.gpt import (
+    ONEDNN_MIN_MACS,
+    Linear,
+    PackedLinear,
+    apply_rope,
+    onednn_available,
+    pack_for_cpu,
+    rope_positions,
+    rope_tables,
+)
 from tokenizers_img.config import from_dict, to_dict
 
 
@@ -176,6 +185,43 @@ def test_flops_per_token_counts_every_matmul_weight():
     model = model_of(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert flops_per_token(cfg, 16) == 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * 16
+
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="oneDNN linears need an x86-64 PyTorch with mkldnn")
+
+
+@needs_onednn
+def test_onednn_linear_equals_f_linear_in_forward_and_backward():
+    torch.manual_seed(0)
+    layer = Linear(96, 1024)
+    assert layer.use_onednn
+    x = torch.randn(24, 3, 96).transpose(0, 1).requires_grad_()  # (3, 24, 96), non-contiguous
+    assert x.numel() * layer.out_features >= ONEDNN_MIN_MACS  # large enough to take the oneDNN path
+    ref_x = x.detach().clone().requires_grad_()
+    y, ref = layer(x), torch.nn.functional.linear(ref_x, layer.weight)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    (gx, gw), (rx, rw) = torch.autograd.grad(y, (x, layer.weight), grad), torch.autograd.grad(ref, (ref_x, layer.weight), grad)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast is honoured: F.linear in bf16
+        assert layer(x).dtype == torch.bfloat16
+
+
+@needs_onednn
+def test_pack_for_cpu_keeps_the_logits_and_leaves_the_original_alone(tmp_path):
+    cfg = tiny(tie_embeddings=True)
+    model, idx = model_of(cfg).train(), tokens(cfg)
+    packed = pack_for_cpu(model)
+    assert isinstance(packed.blocks[0].attn.qkv, PackedLinear) and not packed.training
+    assert type(model.blocks[0].attn.qkv) is Linear and model.training and model.lm_head.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(packed(idx), model.eval()(idx), rtol=1e-5, atol=1e-5)
+        cache_a, cache_b = KVCache.allocate(cfg, 2), KVCache.allocate(cfg, 2)
+        torch.testing.assert_close(packed(idx[:, :7], cache=cache_a), model(idx[:, :7], cache=cache_b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inference-only and cannot be saved"):
+        packed.save_pretrained(tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
 
 
 def test_forward_rejects_bad_positions_and_caches():

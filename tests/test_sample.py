@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from argen.model import GPT, GPTConfig
+from argen.model.gpt import onednn_available, pack_for_cpu
 from argen.sample import (
     SamplingConfig,
     TokenPicker,
@@ -156,6 +157,12 @@ def test_only_image_codes_are_sampled_even_when_text_tokens_dominate():
         model.lm_head.weight[:OFFSET] *= 50  # text/BOI logits now dwarf the image-code logits
     greedy = sample(model, prompts(2), SamplingConfig(temperature=0.0))
     assert greedy.max() < NUM_CODES and greedy.min() >= 0
+
+
+@pytest.mark.skipif(not onednn_available(), reason="oneDNN linears need an x86-64 PyTorch with mkldnn")
+def test_a_cpu_packed_model_samples_the_same_codes():
+    model, prefix, cfg = tiny_model(), prompts(3), SamplingConfig(temperature=1.0, top_k=8, cfg_scale=2.0)
+    assert torch.equal(sample(pack_for_cpu(model), prefix, cfg, gens([4, 5, 6])), sample(model, prefix, cfg, gens([4, 5, 6])))
 
 
 def test_sampling_restores_the_training_mode():

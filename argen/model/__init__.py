@@ -6,7 +6,7 @@ from argen.model.attention import (
     available_backends,
     resolve_backend,
 )
-from argen.model.gpt import GPT, GPTConfig, KVCache, flops_per_token
+from argen.model.gpt import GPT, GPTConfig, KVCache, flops_per_token, onednn_available, pack_for_cpu
 
 __all__ = [
     "GPT",
@@ -16,5 +16,7 @@ __all__ = [
     "attention",
     "available_backends",
     "flops_per_token",
+    "onednn_available",
+    "pack_for_cpu",
     "resolve_backend",
 ]
