@@ -145,7 +145,8 @@ def sample_image_tokens(
     token is one forward of T=1. use_cache=False recomputes the whole sequence every step (quadratic; for
     measuring the cache only). generator: one torch.Generator for the batch, or one per prompt so that a
     prompt's tokens are the same in any batch; None uses the global RNG. Runs under torch.inference_mode
-    with the model in eval mode (its train/eval mode is restored afterwards).
+    with the model in eval mode (its train/eval mode is restored afterwards). On an x86 CPU, pass
+    `argen.model.pack_for_cpu(model)` (made once) for 1.2-1.6x faster sampling.
     """
     cfg = model.config
     if prefix.ndim != 2 or prefix.shape[1] != cfg.prefix_len or prefix.dtype != torch.long:

@@ -163,8 +163,9 @@ class KVCache:
 def onednn_available() -> bool:
     """Whether CPU float32 linears can run on oneDNN: an x86-64 build of PyTorch with mkldnn and its linear ops.
 
-    On x86 oneDNN's JIT GEMMs ran 2-3x faster than PyTorch's default BLAS (MKL) for every GEMM shape of
-    this model on the AMD EPYC (Zen 5) we measure on (benchmarks/sampling.py); other CPUs keep F.linear.
+    On x86 oneDNN's JIT GEMMs ran 1.4-3x faster than PyTorch's default BLAS (MKL) for the GEMM shapes of this
+    model on the AMD EPYC (Zen 5) we measure on (benchmarks/sampling.py reports both peaks); other CPUs keep
+    F.linear.
     """
     return (
         platform.machine().lower() in ("x86_64", "amd64")
