@@ -103,7 +103,7 @@ def test_reconstruct_writes_a_grid(tiny_tokenizer, tmp_path, capsys):
     assert out.is_file() and "mean PSNR" in capsys.readouterr().out
 
 
-def test_tokenize_resumes_and_matches_direct_encoding(tiny_tokenizer, tmp_path):
+def test_tokenize_resumes_and_matches_direct_encoding(tiny_tokenizer, tmp_path, capsys):
     args = ["tokenize", "--tokenizer", str(tiny_tokenizer), "--split", "val", "--limit", "24", "--batch-size", "8"]
     assert main([*args, "-o", str(tmp_path / "whole")]) == 0
     # an interrupted run: the first 8 rows written, then resumed
@@ -124,5 +124,5 @@ def test_tokenize_resumes_and_matches_direct_encoding(tiny_tokenizer, tmp_path):
     direct = model.encode(torch.stack([ds[i]["image"] for i in range(24)])).flatten(1)
     assert torch.equal(direct, torch.stack([part[i]["codes"] for i in range(24)]))
     assert part.meta.tokenizer_hash == pretrained_hash(tiny_tokenizer)
-    with pytest.raises(FileExistsError, match="--resume"):
-        main([*args, "-o", str(tmp_path / "whole")])
+    assert main([*args, "-o", str(tmp_path / "whole")]) == 2  # refused: the shard exists, and nothing is touched
+    assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Each module defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`.
@@ -16,8 +17,16 @@ COMMAND_MODULES = (
 )
 
 
+# Errors at the boundary (a missing file, a config typo, a mismatched checkpoint) print one clear line, not a
+# traceback; ARGEN_TRACEBACK=1 shows the traceback too.
+BOUNDARY_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argen", description="Autoregressive token-based text-to-image generation.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch, before the command: `argen --threads 1 train ...` (default: "
+                             "torch's choice; on a CPU shared with other jobs, 1 is often several times faster)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -30,11 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BOUNDARY_ERRORS as err:
+        if os.environ.get("ARGEN_TRACEBACK") == "1":
+            raise
+        print(f"argen {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

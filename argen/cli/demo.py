@@ -11,7 +11,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the tokenizer, BPE and GPT on the built-in shapes world, sample, judge; "
                                     "writes demo/report.md")
     p.add_argument("-o", "--out", default="demo", help="output directory (finished stages in it are reused)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("overrides", nargs="*",
                    help="settings of the two experiments, prefixed by which: tokenizer.train.max_steps=1000 "
                         "gpt.train.max_steps=2000 (see configs/tokenizer/shapes_32.yaml and configs/gpt/shapes_32.yaml)")
@@ -22,12 +21,8 @@ def run(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if not o.startswith(PREFIXES) or "=" not in o]
     if bad:
         raise SystemExit(f"argen demo: overrides must look like tokenizer.KEY=VALUE or gpt.KEY=VALUE, got {bad}")
-    import torch
-
     from argen.demo import run_demo
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     split = {p: tuple(o[len(p):] for o in args.overrides if o.startswith(p)) for p in PREFIXES}
     run_demo(args.out, tokenizer_overrides=split["tokenizer."], gpt_overrides=split["gpt."])
     return 0

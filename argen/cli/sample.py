@@ -24,8 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="rows per GPT batch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's); 1 is much faster on a CPU busy with other jobs")
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the parts (faster start for big models)")
     p.add_argument("-o", "--out", default="samples.png", help="grid PNG; images go to OUT_images/, the record to OUT.json")
     p.set_defaults(func=run_sample)
@@ -54,8 +52,6 @@ def run_sample(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = Pipeline.load(args.pipeline, device=device, verify=not args.no_verify)
     for prompt in dict.fromkeys(prompts):

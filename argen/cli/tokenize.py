@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--dataset", default="shapes")
     r.add_argument("--split", default="val")
     r.add_argument("-n", type=int, default=16, help="number of images")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="which images: a seeded random draw over the split (and the shapes scene seed)")
     r.add_argument("--device", default="cuda" if _cuda() else "cpu")
     r.add_argument("-o", "--out", required=True, help="output PNG")
     r.set_defaults(func=run_reconstruct)
@@ -55,6 +55,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from argen.data.registry import build_dataset
@@ -66,7 +67,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     model = VQModel.from_pretrained(args.tokenizer, device=args.device)
     dataset = build_dataset(args.dataset, split=args.split, resolution=model.config.resolution, seed=args.seed)
     n = min(args.n, len(dataset))
-    batch = collate([dataset[i] for i in range(n)])
+    # a seeded draw over the whole split, not the first n files (in an image folder those are often one scene)
+    picks = sorted(np.random.default_rng(args.seed).choice(len(dataset), size=n, replace=False).tolist())
+    batch = collate([dataset[i] for i in picks])
     images = batch["image"].to(args.device)
     with torch.no_grad():
         recon = model.decode(model.encode(images)).clamp(-1, 1)
