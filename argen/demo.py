@@ -43,7 +43,7 @@ class DemoSettings:
     num_train_codes: int = 50_000
     text_vocab_size: int = 512
     cfg_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
-    top_ks: tuple[int | None, ...] = (None, 16, 4)
+    top_ks: tuple[int | None, ...] = (None, 4)
     sweep_prompts: dict[str, int] = field(default_factory=lambda: {"single": 16, "relation": 64})
     eval_prompts: dict[str, int] = field(default_factory=lambda: {"single": 16, "relation": 200, "heldout": 200})
     samples_per_prompt: dict[str, int] = field(default_factory=lambda: {"single": 8, "relation": 2, "heldout": 2})
