@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 
 from argen.data.shapes import RESOLUTIONS, parse_caption, render, scene_and_caption
 from argen.eval.judge import CORRUPTIONS, corrupt_scene, degrade, judge
+from tokenizers_img.serialization import atomic_write_bytes
 
 
 def measure(*, n: int, split: str, seed: int, resolutions: tuple[int, ...]) -> dict:
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "n": args.n, "split": args.split, "seed": args.seed, "results": rows}
     for name, text in (("judge.json", json.dumps(payload, indent=2)), ("judge.md", to_markdown(rows, command=command))):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, text.encode())
     print(to_markdown(rows, command=command))
     for row in rows.values():
         for line in row["failures"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -21,6 +20,7 @@ from torch import nn
 
 from tokenizers_img.metrics import CodebookUsage
 from tokenizers_img.quantizers import VectorQuantizer
+from tokenizers_img.serialization import atomic_write_bytes
 from tokenizers_img.vq_model import VQConfig
 
 _VQ_DEFAULTS = VQConfig()  # "recommended" for ours = the project's own VQConfig defaults
@@ -325,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     text = to_markdown(result, command=command, args=args)
     for name, body in (("quantizer.json", json.dumps(payload, indent=2)), ("quantizer.md", text)):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, body.encode())
     print(text)
     return 0
 

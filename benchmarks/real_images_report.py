@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
 import yaml
+
+from tokenizers_img.serialization import atomic_write_bytes
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
@@ -209,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": command, "train_command": args.train_command, **summary}
     text = to_markdown(summary, command=command, train_command=args.train_command)
     for name, body in (("summary.json", json.dumps(payload, indent=2)), ("summary.md", text)):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, body.encode())
     plot(summary, args.out / "usage_psnr.png")
     print(text)
     return 0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from argen.model import GPT, GPTConfig, flops_per_token
 from argen.model.gpt import onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, guided_logits, sample_image_tokens
+from tokenizers_img.serialization import atomic_write_bytes
 
 
 def build_pair(cfg: GPTConfig, *, seed: int):
@@ -282,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for name, text in (("sampling.json", json.dumps(payload, indent=2)), ("sampling.md", to_markdown(payload))):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, text.encode())
     print(to_markdown(payload))
     return 0
 

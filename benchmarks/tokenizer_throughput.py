@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -16,6 +15,7 @@ import torch
 
 from argen.tasks.tokenizer import TokenizerExperiment
 from tokenizers_img.config import load_config
+from tokenizers_img.serialization import atomic_write_bytes
 from tokenizers_img.vq_model import VQModel
 
 DEFAULT_CONFIGS = ("configs/tokenizer/shapes_32.yaml", "configs/tokenizer/real_64.yaml",
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "throughput_" + args.device.split(":")[0]
     text = to_markdown(result, command=command)
     for name, body in ((stem + ".json", json.dumps(payload, indent=2)), (stem + ".md", text)):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(body)
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, body.encode())
     print(text)
     return 0
 
