@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from tokenizers_img.quantizers import perplexity_from_counts
+
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB: (B, C, H, W) images in [-1, 1] -> (B,) float64.
@@ -153,8 +155,6 @@ class CodebookUsage:
 
         num_codes means uniform use; 1 means a single code (collapse).
         """
-        total = self.counts.sum()
-        if total == 0:
+        if self.counts.sum() == 0:
             return math.nan
-        p = self.counts[self.counts > 0].to(torch.float64) / total
-        return math.exp(-(p * p.log()).sum().item())
+        return perplexity_from_counts(self.counts.to(torch.float64)).item()
