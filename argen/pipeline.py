@@ -30,7 +30,7 @@ from tokenizers_img.vq_model import VQModel
 
 PIPELINE_FILE = "pipeline.json"
 VQ_DIR = "vq"
-GPT_DIR = "gpt"
+GPT_DIR = "gpt"  # the GPT's place in a pipeline directory and in a GPT run's final/ directory
 FORMAT = "argen-pipeline"
 FORMAT_VERSION = 1
 TRAINED_WITH_KEY = "_trained_with"  # the GPT's config.json records what it was trained with (see argen.tasks.gpt)
@@ -68,6 +68,11 @@ def check_pairing(*, gpt_dir: Path, record: dict[str, Any], vq_dir: Path, vq_has
         raise PipelineError(f"GPT {str(gpt_dir)!r} does not belong with these tokenizers: " + "; ".join(problems) +
                             ". Pair the GPT with the tokenizers it was trained with, or retrain it on codes and "
                             "captions made by these.")
+
+
+def part_hashes(manifest: dict[str, Any]) -> dict[str, str]:
+    """The hash pipeline.json records for each part, by part name ("vq", "gpt", "text_tokenizer")."""
+    return {name: part.get("hash") or part.get("sha256") for name, part in manifest["parts"].items()}
 
 
 def _layout(text: TextTokenizer, vq_config: Any, gpt_config: Any) -> SequenceLayout:
@@ -185,7 +190,7 @@ class Pipeline:
             if not where.exists():
                 raise PipelineError(f"pipeline {str(path)!r} is missing its {what} at {str(where)!r}.")
         record = gpt_training_record(gpt_dir)
-        recorded = {name: parts[name].get("hash") or parts[name].get("sha256") for name in ("vq", "gpt", "text_tokenizer")}
+        recorded = part_hashes(manifest)
         actual = recorded
         if verify:
             actual = {"vq": pretrained_hash(vq_dir), "gpt": pretrained_hash(gpt_dir), "text_tokenizer": tokenizer_file_hash(tok_file)}

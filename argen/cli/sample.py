@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from argen.pipeline import Pipeline
+    from argen.pipeline import Pipeline, part_hashes
     from argen.sample import SamplingConfig
     from argen.viz import contact_sheet, save_png
     from tokenizers_img.serialization import atomic_write_bytes
@@ -80,10 +81,9 @@ def run_sample(args: argparse.Namespace) -> int:
     captions = [p if p.strip() else "(unconditional)" for p in result.prompts]
     save_png(contact_sheet(list(result.images), captions, columns=args.num), out)
     record = {
-        "pipeline": str(Path(args.pipeline).resolve()), "pipeline_parts": _part_hashes(pipe.manifest),
+        "pipeline": str(Path(args.pipeline).resolve()), "pipeline_parts": part_hashes(pipe.manifest),
         "prompts": prompts, "n_per_prompt": args.num, "seed": args.seed,
-        "sampling": {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-                     "cfg_scale": sampling.cfg_scale, "cfg_schedule": sampling.cfg_schedule},
+        "sampling": dataclasses.asdict(sampling),
         "images": [{"file": f, "prompt": p, "sample": k, "row_seed": s}
                    for f, p, k, s in zip(files, result.prompts, result.sample_index, result.row_seeds)],
         "grid": str(out), "device": device, "seconds": round(seconds, 3),
@@ -95,6 +95,3 @@ def run_sample(args: argparse.Namespace) -> int:
           f"sampling took {seconds:.1f} s on {device}")
     return 0
 
-
-def _part_hashes(manifest: dict) -> dict[str, str]:
-    return {name: part.get("hash") or part.get("sha256") for name, part in manifest["parts"].items()}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from argen.data.codes import CodeShardDataset
 from argen.layout import LayoutMismatchError, SequenceLayout
 from argen.model.gpt import GPT, GPTConfig
+from argen.pipeline import GPT_DIR, TRAINED_WITH_KEY, build_pipeline
 from argen.text import TextTokenizer, warn_truncated
 from argen.train.loop import (
     OptimizerConfig,
@@ -29,8 +30,6 @@ from argen.train.loop import (
 from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import atomic_write_bytes, pretrained_hash
 
-GPT_DIR = "gpt"  # save_artifacts writes the GPT here, under the run's final/ directory
-TRAINED_WITH_KEY = "_trained_with"  # extra key of the GPT's config.json: what it was trained with
 DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid")  # set by the sequence layout, never typed in YAML
 
 
@@ -318,8 +317,6 @@ class GPTTask:
         return metrics
 
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
-        from argen.pipeline import build_pipeline
-
         out_dir = Path(out_dir)
         modules["gpt"].save_pretrained(out_dir / GPT_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
         tok_file = self.text_tokenizer.save(out_dir)
