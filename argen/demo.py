@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from argen.data.codes import META_NAME, encode_to_shard, read_meta
 from argen.data.shapes import ShapesDataset
 from argen.data.skips import collate
@@ -19,9 +17,8 @@ from argen.sample import SamplingConfig
 from argen.tasks.gpt import GPTExperiment, train_gpt
 from argen.tasks.tokenizer import TOKENIZER_DIR, TokenizerExperiment, train_tokenizer
 from argen.text import TOKENIZER_FILE, TextTokenizer, dataset_captions, train_text_tokenizer
-from argen.viz import contact_sheet, save_png
+from argen.viz import contact_sheet, reconstruction_sheet, save_png
 from tokenizers_img.config import load_config
-from tokenizers_img.metrics import psnr
 from tokenizers_img.serialization import atomic_write_bytes, pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
@@ -89,7 +86,9 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
     res = tok_exp.data.resolution
     tok_metrics = {split: evaluate_tokenizer(vq, ShapesDataset(split, resolution=res), batch_size=250, judge=True,
                                              progress=True).as_dict() for split in ("val", "heldout")}
-    _reconstruction_sheet(vq, res, out / "reconstructions.png")
+    val = ShapesDataset("val", resolution=res)
+    batch = collate([val[i] for i in range(16)])
+    save_png(reconstruction_sheet(vq, batch["image"], batch["caption"])[0], out / "reconstructions.png")
     timings["2 score image tokenizer"] = time.perf_counter() - start
 
     _stage("3/6 encode training scenes into code shards")
@@ -161,19 +160,6 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
     atomic_write_bytes(out / "report.md", _report_markdown(summary).encode())
     print(f"\nwrote {out / 'report.md'} and {out / 'report.json'}; total {summary['total_s'] / 60:.1f} min")
     return summary
-
-
-def _reconstruction_sheet(vq: VQModel, resolution: int, path: Path, n: int = 16) -> None:
-    val = ShapesDataset("val", resolution=resolution)
-    batch = collate([val[i] for i in range(n)])
-    with torch.inference_mode():
-        recon = vq.decode(vq.encode(batch["image"])).clamp(-1, 1)
-    scores = psnr(batch["image"], recon)
-    images, captions = [], []
-    for i in range(n):
-        images += [batch["image"][i], recon[i]]
-        captions += [batch["caption"][i], f"reconstruction, {scores[i]:.1f} dB"]
-    save_png(contact_sheet(images, captions, columns=8), path)
 
 
 def _setting_name(sampling: SamplingConfig) -> str:

@@ -85,6 +85,23 @@ def contact_sheet(images: Sequence[torch.Tensor | Image.Image], captions: Sequen
     return sheet
 
 
+def reconstruction_sheet(vq, images: torch.Tensor, captions: Sequence[str]) -> tuple[Image.Image, torch.Tensor]:
+    """Each original beside its VQ reconstruction with its PSNR, 4 pairs a row (fewer when there are fewer).
+
+    vq: a `tokenizers_img.VQModel`; images (B, 3, R, R) in [-1, 1] on its device. Returns the sheet and the
+    per-image PSNR (B,) in dB."""
+    from tokenizers_img.metrics import psnr
+
+    with torch.inference_mode():
+        recon = vq.decode(vq.encode(images)).clamp(-1, 1)
+    scores = psnr(images, recon)
+    tiles, labels = [], []
+    for i in range(len(images)):
+        tiles += [images[i], recon[i]]
+        labels += [captions[i], f"reconstruction, {scores[i]:.1f} dB"]
+    return contact_sheet(tiles, labels, columns=min(8, 2 * len(images))), scores
+
+
 def save_png(img: Image.Image, path: Path) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

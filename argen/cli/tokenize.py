@@ -56,12 +56,10 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
     from argen.data.registry import build_dataset
     from argen.data.skips import collate
-    from argen.viz import contact_sheet, save_png
-    from tokenizers_img.metrics import psnr
+    from argen.viz import reconstruction_sheet, save_png
     from tokenizers_img.vq_model import VQModel
 
     model = VQModel.from_pretrained(args.tokenizer, device=args.device)
@@ -70,14 +68,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     # a seeded draw over the whole split, not the first n files (in an image folder those are often one scene)
     picks = sorted(np.random.default_rng(args.seed).choice(len(dataset), size=n, replace=False).tolist())
     batch = collate([dataset[i] for i in picks])
-    images = batch["image"].to(args.device)
-    with torch.no_grad():
-        recon = model.decode(model.encode(images)).clamp(-1, 1)
-    scores = psnr(images, recon)
-    rows = []
-    for i in range(n):  # original, then its reconstruction, side by side
-        rows.append((images[i], batch["caption"][i]))
-        rows.append((recon[i], f"recon {scores[i]:.1f} dB"))
-    save_png(contact_sheet([im for im, _ in rows], [c for _, c in rows], columns=8 if n >= 4 else 2 * n), Path(args.out))
+    sheet, scores = reconstruction_sheet(model, batch["image"].to(args.device), batch["caption"])
+    save_png(sheet, Path(args.out))
     print(f"wrote {args.out}: {n} originals beside reconstructions, mean PSNR {scores.mean():.2f} dB")
     return 0
