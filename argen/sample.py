@@ -59,15 +59,16 @@ class SamplingConfig:
         return 1.0 + (self.cfg_scale - 1.0) * step / (num_steps - 1)
 
 
-def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """THE classifier-free guidance combination (Ho & Salimans 2022): uncond + scale * (cond - uncond).
+def classifier_free_guidance(outputs: torch.Tensor, scale: float) -> torch.Tensor:
+    """THE classifier-free guidance combination (Ho & Salimans 2022): uncond + scale * (cond - uncond), used by the
+    GPT sampler on logits and by the unCLIP diffusion samplers on model predictions.
 
-    logits: (2B, V) in the batch order [cond; uncond] (rows 0..B-1 conditional, B..2B-1 unconditional).
-    Returns (B, V). scale 1 gives the conditional logits, 0 the unconditional ones.
+    outputs: (2B, ...) in the batch order [cond; uncond] (rows 0..B-1 conditional, B..2B-1 unconditional).
+    Returns (B, ...). scale 1 gives the conditional outputs, 0 the unconditional ones.
     """
-    if logits.shape[0] % 2:
-        raise ValueError(f"guided_logits needs an even batch [cond; uncond], got {logits.shape[0]} rows.")
-    cond, uncond = logits.chunk(2, dim=0)
+    if outputs.shape[0] % 2:
+        raise ValueError(f"classifier_free_guidance needs an even batch [cond; uncond], got {outputs.shape[0]} rows.")
+    cond, uncond = outputs.chunk(2, dim=0)
     return torch.lerp(uncond, cond, scale)  # uncond + scale * (cond - uncond)
 
 
@@ -138,7 +139,7 @@ def sample_image_tokens(
 
     prefix: int64 (B, prefix_len), text ids then BOI. uncond_prefix: int64 (prefix_len,), the empty-caption
     prefix, required when config.cfg_scale != 1; the model then runs [cond; uncond] as one batch of 2B rows
-    and `guided_logits` combines them. Only the logits of the image codes, vocabulary ids
+    and `classifier_free_guidance` combines them. Only the logits of the image codes, vocabulary ids
     [image_offset, image_offset + num_codes), are sampled. Returns int64 (B, h*w) codes in [0, num_codes).
 
     With use_cache (the default) the prefix is prefilled into a KVCache allocated once, then each image
@@ -187,7 +188,7 @@ def sample_image_tokens(
                 logits = model(rows)[:, -1, codes_slice]
             for t in range(N):
                 if config.uses_cfg:
-                    logits = guided_logits(logits, scales[t])  # (B, K)
+                    logits = classifier_free_guidance(logits, scales[t])  # (B, K)
                 code = pick(logits)  # (B,)
                 codes[:, t] = code
                 if t == N - 1:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from argen.model import GPT, GPTConfig, flops_per_token
 from argen.model.gpt import onednn_available, pack_for_cpu
-from argen.sample import SamplingConfig, guided_logits, sample_image_tokens
+from argen.sample import SamplingConfig, classifier_free_guidance, sample_image_tokens
 from tokenizers_img.serialization import atomic_write_bytes
 
 
@@ -38,7 +38,7 @@ def build_pair(cfg: GPTConfig, *, seed: int):
 
 def hf_processor(*, image_offset: int, num_codes: int, cfg_scale: float | None):
     """A LogitsProcessor restricting HF `generate` to the image codes and, on a [cond; uncond] batch, applying
-    our `guided_logits` to both halves (HF samples each row on its own, so the uncond rows draw their own
+    our `classifier_free_guidance` to both halves (HF samples each row on its own, so the uncond rows draw their own
     tokens from the guided logits: the same work per step as ours, 2B rows, though not exact CFG)."""
     from transformers import LogitsProcessor
 
@@ -46,7 +46,7 @@ def hf_processor(*, image_offset: int, num_codes: int, cfg_scale: float | None):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             codes = scores[:, image_offset : image_offset + num_codes]  # (R, K)
             if cfg_scale is not None:
-                codes = guided_logits(codes, cfg_scale).repeat(2, 1)  # (2B, K)
+                codes = classifier_free_guidance(codes, cfg_scale).repeat(2, 1)  # (2B, K)
             out = torch.full_like(scores, float("-inf"))
             out[:, image_offset : image_offset + num_codes] = codes
             return out
@@ -206,7 +206,7 @@ def to_markdown(payload: dict) -> str:
         "GEMM throughput that HF shares, which caps the ratio at equal precision.",
         "",
         "HF runs `generate` on the doubled batch [cond; uncond] with a LogitsProcessor that restricts sampling to "
-        "the image codes and applies `argen.sample.guided_logits`, so both sides run 2B rows per step; HF samples "
+        "the image codes and applies `argen.sample.classifier_free_guidance`, so both sides run 2B rows per step; HF samples "
         "the uncond rows on their own, ours feeds them the cond rows' tokens (exact CFG). Timings on a shared "
         "machine are noisy: compare the ratios within one run.",
         "",

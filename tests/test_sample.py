@@ -10,8 +10,8 @@ from argen.model.gpt import onednn_available, pack_for_cpu
 from argen.sample import (
     SamplingConfig,
     TokenPicker,
+    classifier_free_guidance,
     filter_logits,
-    guided_logits,
     sample_image_tokens,
 )
 
@@ -108,14 +108,14 @@ def test_uncond_rows_do_not_change_a_token_guided_at_scale_1():
     assert not torch.equal(constant, sample(model, prefix, SamplingConfig(temperature=0.0)))
 
 
-def test_guided_logits_batch_order_and_endpoints():
+def test_classifier_free_guidance_batch_order_and_endpoints():
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
     both = torch.cat([cond, uncond])  # [cond; uncond]
-    torch.testing.assert_close(guided_logits(both, 3.0), uncond + 3.0 * (cond - uncond))
-    assert torch.equal(guided_logits(both, 1.0), cond) and torch.equal(guided_logits(both, 0.0), uncond)
+    torch.testing.assert_close(classifier_free_guidance(both, 3.0), uncond + 3.0 * (cond - uncond))
+    assert torch.equal(classifier_free_guidance(both, 1.0), cond) and torch.equal(classifier_free_guidance(both, 0.0), uncond)
     with pytest.raises(ValueError, match="even batch"):
-        guided_logits(both[:5], 2.0)
+        classifier_free_guidance(both[:5], 2.0)
 
 
 def test_linear_schedule_ramps_from_1_to_cfg_scale():

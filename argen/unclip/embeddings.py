@@ -1,0 +1,94 @@
+"""Embedding shards: a dataset's captions with their CLIP text and image embeddings, computed once and read by the priors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from argen.unclip.clip import ClipEncoder
+from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir
+
+META_FILE = "meta.json"
+FORMAT = "argen-embeddings"
+
+
+class EmbeddingShardError(ValueError):
+    """An embedding shard is incomplete, or was computed by another CLIP than the one in use."""
+
+
+def encode_embedding_shard(clip: ClipEncoder, dataset, out: str | Path, *, dataset_spec: str, split: str,
+                           limit: int | None = None, batch_size: int = 256, overwrite: bool = False) -> Path:
+    """Encode the first `limit` items of `dataset` (items {"image": (3, H, W) in [-1, 1], "caption": str}) with
+    `clip` and write, atomically, a directory:
+
+        captions.json      list of N captions
+        text_embeds.npy    (N, D) float32, CLIP text embeddings (projected, not normalised)
+        image_embeds.npy   (N, D) float32, CLIP image embeddings (projected, not normalised)
+        meta.json          {"format", "clip_sha256", "dataset", "split", "count", "dim"}
+    """
+    out = Path(out)
+    if (out / META_FILE).is_file() and not overwrite:
+        raise FileExistsError(f"{out} already holds an embedding shard; pass overwrite=True (--overwrite) to replace it.")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    captions: list[str] = []
+    text, image = [], []
+    for start in tqdm(range(0, n, batch_size), desc=f"CLIP-encoding {dataset_spec}/{split}", unit="batch"):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        caps = [item["caption"] for item in items]
+        captions += caps
+        text.append(clip.encode_text(caps).embeds.cpu())
+        image.append(clip.encode_images(torch.stack([item["image"] for item in items])).cpu())
+    text_embeds, image_embeds = torch.cat(text).numpy(), torch.cat(image).numpy()
+
+    def write(tmp: Path) -> None:
+        for name, array in (("text_embeds.npy", text_embeds), ("image_embeds.npy", image_embeds)):
+            np.save(tmp / name, array.astype(np.float32))
+        atomic_write_bytes(tmp / "captions.json", json.dumps(captions).encode())
+        meta = {"format": FORMAT, "clip_sha256": clip.sha256, "dataset": dataset_spec, "split": split, "count": n,
+                "dim": int(text_embeds.shape[1])}
+        atomic_write_bytes(tmp / META_FILE, json.dumps(meta, indent=2).encode())
+
+    return atomic_write_dir(out, write)
+
+
+class EmbeddingShard(torch.utils.data.Dataset):
+    """An embedding shard read back: item i is {"caption": str, "text_embed": (D,), "image_embed": (D,)} float32.
+
+    `clip_sha256`, when given, must equal the shard's: embeddings of one CLIP are meaningless to a model trained on
+    another's.
+    """
+
+    def __init__(self, path: str | Path, *, clip_sha256: str | None = None) -> None:
+        path = Path(path)
+        meta_file = path / META_FILE
+        if not meta_file.is_file():
+            raise EmbeddingShardError(f"{path} is not an embedding shard ({META_FILE} missing); write one with "
+                                      "argen.unclip.embeddings.encode_embedding_shard.")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise EmbeddingShardError(f"{meta_file} has format {self.meta.get('format')!r}, expected {FORMAT!r}.")
+        if clip_sha256 is not None and self.meta["clip_sha256"] != clip_sha256:
+            raise EmbeddingShardError(f"{path} was encoded by CLIP {self.meta['clip_sha256'][:12]}, but the CLIP in use is "
+                                      f"{clip_sha256[:12]}; re-encode the shard with this CLIP.")
+        self.path = path
+        self.captions: list[str] = json.loads((path / "captions.json").read_text())
+        self.text_embeds = torch.from_numpy(np.load(path / "text_embeds.npy"))
+        self.image_embeds = torch.from_numpy(np.load(path / "image_embeds.npy"))
+        if not len(self.captions) == len(self.text_embeds) == len(self.image_embeds) == self.meta["count"]:
+            raise EmbeddingShardError(f"{path}: captions ({len(self.captions)}), text embeddings ({len(self.text_embeds)}) "
+                                      f"and image embeddings ({len(self.image_embeds)}) disagree with count "
+                                      f"{self.meta['count']}; the shard is damaged, re-encode it.")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"caption": self.captions[i], "text_embed": self.text_embeds[i], "image_embed": self.image_embeds[i]}
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
