@@ -1,0 +1,290 @@
+"""Diffusion-prior training on CLIP embedding shards (captions re-encoded by the frozen CLIP for their token states,
+CFG text dropout, EMA) as a Task for the shared loop, with prior-metric evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from argen.eval.prior_metrics import PriorMetrics, mean_embedding_prior, nearest_caption_prior, prior_metrics
+from argen.pipeline import TRAINED_WITH_KEY
+from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
+from argen.unclip.clip import ClipEncoder, TextEncoding
+from argen.unclip.diffusion_prior import (
+    DiffusionPrior,
+    DiffusionPriorArchitecture,
+    DiffusionPriorConfig,
+    normalize,
+)
+from argen.unclip.embeddings import EmbeddingShard
+from argen.unclip.prior_sampling import sample_diffusion_prior
+from argen.unclip.schedulers import SAMPLERS, training_scheduler
+from tokenizers_img.config import to_dict
+from tokenizers_img.serialization import atomic_write_bytes, read_pretrained_config
+
+PRIOR_DIR = "prior"  # final/prior: the DiffusionPrior (save_pretrained), its config.json records the CLIP it needs
+
+
+class PriorClipMismatchError(ValueError):
+    """A prior is used with a CLIP other than the one it was trained with."""
+
+
+@dataclass
+class PriorDataConfig:
+    """clip: the frozen CLIP directory (its text tower gives the token states; its sha256 must match the shards').
+    train / val: embedding-shard directories (argen.unclip.embeddings); several are concatenated."""
+
+    clip: str
+    train: list[str]
+    val: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.val, str):
+            self.val = [self.val]
+        if not self.train:
+            raise ValueError("data.train must name at least one embedding-shard directory.")
+
+
+@dataclass
+class PriorEvalConfig:
+    """Validation: the denoising loss at fixed noise, and prior metrics of sampled embeddings against the true image
+    embeddings of the first `max_items` val items (retrieval among those same items). Sampling as in
+    `sample_diffusion_prior`; `seed` fixes the noise, so evaluations at different steps are comparable."""
+
+    max_items: int | None = 1000
+    batch_size: int = 500
+    sampler: str = "ddim"
+    steps: int = 25
+    cfg_scale: float = 1.0
+    best_of: int = 1
+    project_x0: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_items is not None and self.max_items < 1:
+            raise ValueError(f"eval.max_items must be >= 1 or null, got {self.max_items}.")
+        if self.batch_size < 1 or self.steps < 1 or self.best_of < 1:
+            raise ValueError(f"eval.batch_size, eval.steps and eval.best_of must be >= 1, got {self.batch_size}, "
+                             f"{self.steps}, {self.best_of}.")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"eval.sampler={self.sampler!r} is not one of {SAMPLERS}.")
+        if self.cfg_scale < 0:
+            raise ValueError(f"eval.cfg_scale must be >= 0, got {self.cfg_scale}.")
+
+
+@dataclass
+class DiffusionPriorExperiment:
+    """One diffusion-prior run. cond_drop_prob: share of training captions dropped (text states and embedding
+    replaced by the prior's learned null condition) for classifier-free guidance; DALL-E 2 used 10%."""
+
+    model: DiffusionPriorArchitecture
+    data: PriorDataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval: PriorEvalConfig = field(default_factory=PriorEvalConfig)
+    cond_drop_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}.")
+
+
+def prior_config_for(arch: DiffusionPriorArchitecture, clip: ClipEncoder) -> DiffusionPriorConfig:
+    """The full config: the architecture plus the sizes the CLIP fixes (embed_dim, text_width, text_len)."""
+    return DiffusionPriorConfig(embed_dim=clip.embed_dim, text_width=clip.text_width, text_len=clip.text_len,
+                                architecture=arch)
+
+
+def denoising_loss(prior: nn.Module, x0: Tensor, text: TextEncoding, *, scheduler, cond_drop_prob: float = 0.0,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Mean squared error of the prior's prediction at a uniformly drawn timestep (DALL-E 2 eq. for the prior:
+    || f(z_t, t, y) - target ||^2 with target x_0 for prediction_type "sample", else epsilon or v).
+
+    x0: (B, D) in the diffusion space (`normalize`). Noise, timesteps and dropped rows are drawn on the CPU from
+    `generator` (None: the global RNG, which the training loop checkpoints), so a resumed run draws the same ones.
+    """
+    B, device = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
+    drop = (torch.rand(B, generator=generator) < cond_drop_prob).to(device) if cond_drop_prob > 0 else None
+    x_t = scheduler.add_noise(x0, noise, t)
+    kind = scheduler.config.prediction_type
+    target = x0 if kind == "sample" else noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    return F.mse_loss(prior(x_t, t, text, drop_text=drop).float(), target.float())
+
+
+class EmbeddingSet(torch.utils.data.ConcatDataset):
+    """Embedding shards read back and concatenated, all checked against one CLIP's sha256; items as EmbeddingShard's."""
+
+    def __init__(self, paths: list[str], *, clip_sha256: str) -> None:
+        self.shards = [EmbeddingShard(p, clip_sha256=clip_sha256) for p in paths]
+        super().__init__(self.shards)
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for s in self.shards for c in s.captions]
+
+    @property
+    def text_embeds(self) -> Tensor:
+        return torch.cat([s.text_embeds for s in self.shards])
+
+    @property
+    def image_embeds(self) -> Tensor:
+        return torch.cat([s.image_embeds for s in self.shards])
+
+
+@torch.no_grad()
+def sample_for_captions(prior: DiffusionPrior, clip: ClipEncoder, captions: list[str], *, batch_size: int = 500,
+                        seed: int = 0, **sampling: Any) -> Tensor:
+    """Unit-norm sampled image embeddings (N, D) for `captions`, in batches; `sampling` goes to
+    `sample_diffusion_prior`. One generator seeded `seed` runs through all batches, so the result is reproducible."""
+    device = next(prior.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for start in range(0, len(captions), batch_size):
+        text = clip.encode_text(captions[start:start + batch_size])
+        out.append(sample_diffusion_prior(prior, text, generator=generator, **sampling).cpu())
+    return torch.cat(out)
+
+
+def baseline_metrics(train_set: EmbeddingSet, val_set: EmbeddingSet, *, max_items: int | None) -> dict[str, PriorMetrics]:
+    """The two trivial priors on the val items an evaluation scores: the mean training image embedding, and the
+    image embedding of the nearest training caption."""
+    n = len(val_set) if max_items is None else min(max_items, len(val_set))
+    true = val_set.image_embeds[:n]
+    return {
+        "mean_embedding": prior_metrics(mean_embedding_prior(train_set.image_embeds, n), true),
+        "nearest_caption": prior_metrics(nearest_caption_prior(train_set.text_embeds, train_set.image_embeds,
+                                                               val_set.text_embeds[:n]), true),
+    }
+
+
+class DiffusionPriorTask:
+    """Module {"prior"}, optimizer "prior". Batches are {"caption": list[str], "text_embed", "image_embed"} from
+    EmbeddingSet; the token states come from the frozen CLIP per batch (they are not stored in the shards)."""
+
+    def __init__(self, experiment: DiffusionPriorExperiment, *, clip: ClipEncoder, trained_with: dict[str, Any],
+                 val_dataset: EmbeddingSet | None = None) -> None:
+        self.experiment = experiment
+        self.clip = clip
+        self.trained_with = trained_with
+        self.val_dataset = val_dataset
+        self.prior = DiffusionPrior(prior_config_for(experiment.model, clip))
+        self.noise = training_scheduler(experiment.model.schedule)
+        self.clip.model.requires_grad_(False)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"prior": self.prior}  # the CLIP stays outside: frozen, and not worth a copy in every checkpoint
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        return [OptimizerSpec(name="prior", modules=["prior"], config=self.experiment.optimizer)]
+
+    def ema_modules(self) -> list[str]:
+        return ["prior"]
+
+    def _encode(self, captions: list[str], device: torch.device) -> TextEncoding:
+        if self.clip.device != device:
+            self.clip.model.to(device)
+        with torch.no_grad():
+            return self.clip.text_forward(*self.clip.tokenize(captions))
+
+    def training_step(self, batch: dict[str, Any], *, modules: dict[str, nn.Module], step: int) -> StepOutput:
+        image_embeds = batch["image_embed"]
+        text = self._encode(batch["caption"], image_embeds.device)
+        x0 = normalize(image_embeds, self.prior.embed_scale)
+        loss = denoising_loss(modules["prior"], x0, text, scheduler=self.noise,
+                              cond_drop_prob=self.experiment.cond_drop_prob)
+        return StepOutput(losses={"prior": loss})
+
+    def evaluate(self, *, modules: dict[str, nn.Module], accelerator: Any, step: int) -> dict[str, float]:
+        """Every process computes the same numbers (the val set is small); the main one's are logged."""
+        if self.val_dataset is None:
+            return {}
+        ev = self.experiment.eval
+        prior = modules["prior"]
+        n = len(self.val_dataset) if ev.max_items is None else min(ev.max_items, len(self.val_dataset))
+        captions, true = self.val_dataset.captions[:n], self.val_dataset.image_embeds[:n]
+        device = accelerator.device
+        loss_gen = torch.Generator().manual_seed(ev.seed)
+        losses = []
+        for start in range(0, n, ev.batch_size):
+            text = self._encode(captions[start:start + ev.batch_size], device)
+            x0 = normalize(true[start:start + ev.batch_size].to(device), prior.embed_scale)
+            with accelerator.autocast():
+                losses.append(denoising_loss(prior, x0, text, scheduler=self.noise, generator=loss_gen) * len(x0))
+        predicted = sample_for_captions(prior, self.clip, captions, batch_size=ev.batch_size, seed=ev.seed,
+                                        sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
+                                        best_of=ev.best_of, project_x0=ev.project_x0)
+        metrics = prior_metrics(predicted, true).summary("val/")
+        metrics["val/loss"] = float(torch.stack(losses).sum()) / n
+        return metrics
+
+    def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
+        modules["prior"].save_pretrained(Path(out_dir) / PRIOR_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
+
+
+def prior_training_record(prior_dir: str | Path) -> dict[str, Any]:
+    """What a saved prior was trained with: {"clip_sha256", "clip_path", "train_shards", ...}."""
+    record = read_pretrained_config(prior_dir).get(TRAINED_WITH_KEY)
+    if not record:
+        raise PriorClipMismatchError(f"{prior_dir} records no training CLIP ('{TRAINED_WITH_KEY}' in its config.json); "
+                                     "it was not written by train_diffusion_prior.")
+    return record
+
+
+def load_diffusion_prior(prior_dir: str | Path, *, clip: ClipEncoder,
+                         device: str | torch.device = "cpu") -> DiffusionPrior:
+    """Load a trained prior for use with `clip`, which must be the CLIP it was trained with (same sha256)."""
+    record = prior_training_record(prior_dir)
+    if record["clip_sha256"] != clip.sha256:
+        raise PriorClipMismatchError(f"the prior in {prior_dir} was trained with CLIP {record['clip_sha256'][:12]} "
+                                     f"({record['clip_path']}), but the CLIP given is {clip.sha256[:12]} ({clip.source}); "
+                                     "use the prior's CLIP or retrain the prior.")
+    return DiffusionPrior.from_pretrained(prior_dir, device=device)
+
+
+def train_diffusion_prior(experiment: DiffusionPriorExperiment, *, resume: bool = False) -> TrainResult:
+    """Train the experiment's diffusion prior on its embedding shards through the shared loop.
+
+    Writes `out_dir/final/prior` (the prior; its config.json records the CLIP's sha256 and path) and
+    `out_dir/metrics.json` (final eval, the two trivial priors on the same val items, parameter count, time).
+    """
+    data = experiment.data
+    clip = ClipEncoder.load(data.clip)
+    clip_sha = clip.sha256
+    train_set = EmbeddingSet(data.train, clip_sha256=clip_sha)
+    val_set = EmbeddingSet(data.val, clip_sha256=clip_sha) if data.val else None
+    if train_set.shards[0].dim != clip.embed_dim:
+        raise ValueError(f"{data.train[0]} holds {train_set.shards[0].dim}-dim embeddings but the CLIP's embed_dim is "
+                         f"{clip.embed_dim}.")
+    trained_with = {"clip_sha256": clip_sha, "clip_path": str(data.clip), "train_shards": list(data.train),
+                    "num_train_items": len(train_set)}
+    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
+    task = DiffusionPriorTask(experiment, clip=clip, trained_with=trained_with, val_dataset=val_set)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        print(f"diffusion prior: {task.prior.num_params() / 1e6:.2f}M parameters, sequence {task.prior.config.seq_len}, "
+              f"embed_dim {clip.embed_dim}; {len(train_set)} training items, {len(val_set) if val_set else 0} val items")
+    start = time.perf_counter()
+    result = train(task, train_set, experiment.train, resume=resume, task_config=to_dict(experiment))
+    seconds = time.perf_counter() - start
+    if is_main:
+        baselines = {}
+        if val_set is not None:
+            baselines = {name: m.summary() for name, m in
+                         baseline_metrics(train_set, val_set, max_items=experiment.eval.max_items).items()}
+        report = {"step": result.step, "eval": result.eval, "baselines": baselines, "logs": result.logs,
+                  "prior": str(result.artifacts_dir / PRIOR_DIR), "num_params": task.prior.num_params(),
+                  "train_seconds": seconds}
+        atomic_write_bytes(Path(experiment.train.out_dir) / "metrics.json", json.dumps(report, indent=2).encode())
+    return result
