@@ -1,0 +1,213 @@
+"""AR prior training: fit the embedding quantizer, write its tokens as code shards, train the GPT on them with the GPT task."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import PartialState
+
+from argen.data.codes import CodeShardMeta, CodeShardWriter
+from argen.pipeline import GPT_DIR
+from argen.tasks.gpt import GPTArchitecture, GPTDataConfig, GPTEvalConfig, GPTExperiment, train_gpt
+from argen.text import TOKENIZER_FILE, TextTokenizer, resolve_tokenizer_file
+from argen.train.checkpoint import latest_checkpoint
+from argen.train.loop import OptimizerConfig, ResumeMismatchError, TrainConfig, TrainResult
+from argen.unclip.ar_prior import DEQUANTIZE, EmbeddingQuantizer
+from argen.unclip.ar_prior_sampling import AR_PRIOR_FILE, FORMAT, QUANTIZER_DIR
+from argen.unclip.clip import ClipEncoder
+from argen.unclip.embeddings import EmbeddingShard
+from tokenizers_img.config import to_dict
+from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir, pretrained_hash
+
+CODES_DIR = "codes"  # out_dir/codes/{train,val}: the quantizer's tokens as code shards for the GPT task
+
+
+@dataclass
+class ARPriorDataConfig:
+    """clip: the CLIP directory the embedding shards were computed with (its tokenizer.json is the caption BPE).
+    train / val: embedding-shard directories (argen.unclip.embeddings); several are concatenated.
+    text_len: caption tokens in the GPT prefix (None: the CLIP's own text_len - 1, every token our CLIP reads)."""
+
+    clip: str
+    train: list[str]
+    val: list[str] = field(default_factory=list)
+    text_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.val, str):
+            self.val = [self.val]
+        if not self.train:
+            raise ValueError("data.train must name at least one embedding-shard directory.")
+        if self.text_len is not None and self.text_len < 1:
+            raise ValueError(f"data.text_len must be >= 1 or null, got {self.text_len}.")
+
+
+@dataclass
+class QuantizerSettings:
+    """How the training image embeddings become tokens: PCA keeping `variance` of the variance (or exactly
+    `n_components`), `num_buckets` quantile buckets per coordinate, DALL-E 2's dot-product token, and the value a
+    bucket decodes to."""
+
+    num_buckets: int = 64
+    variance: float = 0.99
+    n_components: int | None = None
+    dot_token: bool = True
+    dequantize: Literal["mean", "midpoint"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.num_buckets < 2:
+            raise ValueError(f"quantizer.num_buckets must be >= 2, got {self.num_buckets}.")
+        if not 0.0 < self.variance <= 1.0:
+            raise ValueError(f"quantizer.variance must be in (0, 1], got {self.variance}.")
+        if self.n_components is not None and self.n_components < 1:
+            raise ValueError(f"quantizer.n_components must be >= 1 or null, got {self.n_components}.")
+        if self.dequantize not in DEQUANTIZE:
+            raise ValueError(f"quantizer.dequantize must be one of {DEQUANTIZE}, got {self.dequantize!r}.")
+
+
+@dataclass
+class ARPriorExperiment:
+    """One AR prior run: the quantizer, then a GPT (the GPT task's model/train/optimizer/eval sections) over
+    [caption | BOI | dot token, PCA tokens]. cond_drop_prob: share of captions dropped for CFG."""
+
+    model: GPTArchitecture  # type: ignore[valid-type]
+    data: ARPriorDataConfig
+    quantizer: QuantizerSettings = field(default_factory=QuantizerSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval: GPTEvalConfig = field(default_factory=GPTEvalConfig)
+    cond_drop_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}.")
+
+
+@dataclass
+class EmbeddingSet:
+    """Embedding shards concatenated: captions and (N, D) float32 raw CLIP text and image embeddings."""
+
+    paths: list[str]
+    captions: list[str]
+    text_embeds: torch.Tensor
+    image_embeds: torch.Tensor
+
+
+def load_embeddings(paths: list[str], *, clip_sha256: str) -> EmbeddingSet:
+    """Read and concatenate embedding shards, each checked to come from the CLIP `clip_sha256`."""
+    shards = [EmbeddingShard(p, clip_sha256=clip_sha256) for p in paths]
+    return EmbeddingSet(paths=[str(s.path) for s in shards], captions=[c for s in shards for c in s.captions],
+                        text_embeds=torch.cat([s.text_embeds for s in shards]),
+                        image_embeds=torch.cat([s.image_embeds for s in shards]))
+
+
+def write_token_shard(quantizer: EmbeddingQuantizer, embeddings: EmbeddingSet, out: Path, *, quantizer_hash: str,
+                      split: str) -> Path:
+    """The quantizer's tokens (N, num_tokens) of an embedding set, with its captions, as a code shard of grid
+    (1, num_tokens) and K codes; `tokenizer_hash` is the quantizer's, so the GPT records which quantizer it read."""
+    tokens = quantizer.encode(embeddings.image_embeds, embeddings.text_embeds if quantizer.config.dot_token else None)
+    if out.exists():
+        shutil.rmtree(out)  # written from scratch each run: deterministic, and seconds to make
+    meta = CodeShardMeta(num_items=len(tokens), done=0, grid=(1, quantizer.num_tokens), num_codes=quantizer.num_buckets,
+                         tokenizer_hash=quantizer_hash, dataset="embeddings:" + ",".join(embeddings.paths), split=split,
+                         resolution=0)  # 0: the rows are embedding tokens, not codes of images of some resolution
+    CodeShardWriter(out, meta, resume=False).append(tokens.numpy(), embeddings.captions,
+                                                    [f"{split}/{i}" for i in range(len(tokens))])
+    return out
+
+
+def _same_quantizer(a: EmbeddingQuantizer, b: EmbeddingQuantizer) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return to_dict(a.config) == to_dict(b.config) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> TrainResult:
+    """Fit the quantizer on the training image embeddings, write train/val tokens as code shards under
+    out_dir/codes, train the GPT on them with `train_gpt`, and make out_dir/final an AR prior directory:
+
+        final/gpt/             the GPT (its config.json records the quantizer hash and the caption BPE's sha256)
+        final/tokenizer.json   the CLIP's caption BPE
+        final/quantizer/       the EmbeddingQuantizer (config.json + model.safetensors)
+        final/ar_prior.json    written last: format, CLIP sha256 and path, part hashes, quantizer summary
+
+    out_dir/metrics.json gains the quantizer summary, its val round-trip cosine and the wall time.
+    """
+    start = time.perf_counter()
+    data, settings = experiment.data, experiment.quantizer
+    out_dir = Path(experiment.train.out_dir)
+    if not resume and latest_checkpoint(out_dir) is not None:
+        raise FileExistsError(f"{out_dir} already holds checkpoint {latest_checkpoint(out_dir).name}; pass resume=True "
+                              "to continue it, or choose another out_dir.")
+    clip = ClipEncoder.load(data.clip)
+    clip_sha256 = clip.sha256
+    tok_file = resolve_tokenizer_file(data.clip)
+    text = TextTokenizer.load(tok_file)
+    text_len = data.text_len if data.text_len is not None else clip.text_len - 1
+    train_set = load_embeddings(data.train, clip_sha256=clip_sha256)
+    val_set = load_embeddings(data.val, clip_sha256=clip_sha256) if data.val else None
+
+    quantizer = EmbeddingQuantizer.fit(train_set.image_embeds, text_embeds=train_set.text_embeds,
+                                       num_buckets=settings.num_buckets, variance=settings.variance,
+                                       n_components=settings.n_components, dot_token=settings.dot_token,
+                                       dequantize=settings.dequantize)
+    quantizer_dir, codes_dir = out_dir / QUANTIZER_DIR, out_dir / CODES_DIR
+    state = PartialState()  # the same process group the training loop's Accelerator joins
+    if state.is_main_process:  # the fit is deterministic: every process holds the same quantizer, one writes it
+        if resume and (quantizer_dir / "config.json").is_file() and \
+                not _same_quantizer(quantizer, EmbeddingQuantizer.from_pretrained(quantizer_dir)):
+            raise ResumeMismatchError(f"cannot resume {out_dir}: its {QUANTIZER_DIR}/ differs from the quantizer these "
+                                      "embeddings and quantizer settings fit now. Resume with the original data and "
+                                      "settings, or start a new out_dir.")
+        quantizer.save_pretrained(quantizer_dir, extra={"_summary": quantizer.summary()})
+        quantizer_hash = pretrained_hash(quantizer_dir)
+        write_token_shard(quantizer, train_set, codes_dir / "train", quantizer_hash=quantizer_hash, split="train")
+        if val_set is not None:
+            write_token_shard(quantizer, val_set, codes_dir / "val", quantizer_hash=quantizer_hash, split="val")
+    state.wait_for_everyone()
+    quantizer_hash = pretrained_hash(quantizer_dir)
+    round_trip = quantizer.round_trip(val_set.image_embeds if val_set is not None else train_set.image_embeds)
+    fitted = {**quantizer.summary(), "variance_threshold": settings.variance,
+              "round_trip_split": "val" if val_set is not None else "train",
+              "round_trip_pca_cosine": round(round_trip.pca_cosine, 6), "round_trip_cosine": round(round_trip.cosine, 6),
+              "round_trip_pca_relative_mse": round(round_trip.pca_relative_mse, 6),
+              "round_trip_relative_mse": round(round_trip.relative_mse, 6)}
+    state.print(f"AR prior quantizer: D={fitted['dim']}, {fitted['n_components']} PCA components hold "
+                f"{fitted['explained_variance']:.4f} of the variance (threshold {settings.variance}), "
+                f"{fitted['num_buckets']} buckets, dot token {'on' if settings.dot_token else 'off'}; round-trip "
+                f"cosine on {fitted['round_trip_split']}: {round_trip.cosine:.4f} (PCA alone {round_trip.pca_cosine:.4f}), "
+                f"error/variance {round_trip.relative_mse:.4f} (PCA alone {round_trip.pca_relative_mse:.4f})")
+
+    gpt_experiment = GPTExperiment(
+        model=experiment.model,
+        data=GPTDataConfig(train=[str(codes_dir / "train")], val=[str(codes_dir / "val")] if val_set is not None else [],
+                           text_tokenizer=str(tok_file), text_len=text_len, pad_token=text.pad_token),
+        train=experiment.train, optimizer=experiment.optimizer, eval=experiment.eval,
+        cond_drop_prob=experiment.cond_drop_prob,
+    )
+    result = train_gpt(gpt_experiment, resume=resume)
+
+    if not state.is_main_process:
+        return result
+    final = result.artifacts_dir
+    atomic_write_dir(final / QUANTIZER_DIR, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in quantizer_dir.iterdir()])
+    manifest = {
+        "format": FORMAT, "clip_sha256": clip_sha256, "clip_path": str(Path(data.clip).resolve()),
+        "text_len": text_len, "train_shards": train_set.paths, "num_train_items": len(train_set.captions),
+        "parts": {"gpt": {"path": GPT_DIR, "hash": pretrained_hash(final / GPT_DIR)},
+                  "quantizer": {"path": QUANTIZER_DIR, "hash": quantizer_hash, **quantizer.summary()},
+                  "text_tokenizer": {"path": TOKENIZER_FILE, "sha256": text.sha256}},
+    }
+    atomic_write_bytes(final / AR_PRIOR_FILE, json.dumps(manifest, indent=2).encode())
+    metrics_file = out_dir / "metrics.json"
+    report = json.loads(metrics_file.read_text())
+    report.update(ar_prior=str(final), quantizer=fitted, wall_seconds=round(time.perf_counter() - start, 1))
+    atomic_write_bytes(metrics_file, json.dumps(report, indent=2).encode())
+    return result

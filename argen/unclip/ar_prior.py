@@ -1,0 +1,288 @@
+"""The AR prior's tokenizer: unit CLIP image embeddings -> PCA coordinates in order of variance -> quantile buckets
+(plus DALL-E 2's quantised text-image dot-product token), and back."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenizers_img.serialization import PretrainedMixin
+
+DEQUANTIZE = ("mean", "midpoint")
+
+
+class QuantizerError(ValueError):
+    """Embeddings or codes do not fit the quantizer (wrong width, codes out of range, a missing text embedding)."""
+
+
+@dataclass
+class PCAFit:
+    """A principal component analysis of (N, D) data, float64.
+
+    mean: (D,). components: (C, D) orthonormal rows, by decreasing eigenvalue (sign fixed so each row's largest-magnitude
+    entry is positive). eigenvalues: (D,) all eigenvalues of the covariance, descending (the kept ones first).
+    """
+
+    mean: Tensor
+    components: Tensor
+    eigenvalues: Tensor
+
+    @property
+    def n_components(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def explained_variance(self) -> float:
+        """Share of the total variance the kept components hold."""
+        return float(self.eigenvalues[: self.n_components].sum() / self.eigenvalues.sum())
+
+
+def components_for_variance(eigenvalues: Tensor, variance: float) -> int:
+    """The smallest n whose n largest eigenvalues hold at least `variance` of their sum. eigenvalues: (D,) descending."""
+    if not 0.0 < variance <= 1.0:
+        raise ValueError(f"variance must be in (0, 1], got {variance}.")
+    ratio = eigenvalues.double().cumsum(0) / eigenvalues.double().sum()  # (D,)
+    return min(int((ratio < variance - 1e-9).sum()) + 1, len(eigenvalues))  # a share equal to `variance` up to rounding counts
+
+
+def fit_pca(x: Tensor, *, variance: float = 0.99, n_components: int | None = None) -> PCAFit:
+    """PCA of x (N, D) by an eigendecomposition of its covariance in float64. Keeps `n_components` components if given,
+    else the fewest that preserve `variance` of the total variance."""
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"PCA needs (N, D) data with N >= 2, got shape {tuple(x.shape)}.")
+    x = x.double()
+    mean = x.mean(0)
+    centred = x - mean
+    eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred / (len(x) - 1))  # ascending; vectors in columns
+    eigenvalues, vectors = eigenvalues.flip(0).clamp(min=0), vectors.flip(1).T  # (D,), (D, D) rows, descending
+    n = components_for_variance(eigenvalues, variance) if n_components is None else n_components
+    if not 1 <= n <= x.shape[1]:
+        raise ValueError(f"n_components must be in [1, D={x.shape[1]}], got {n}.")
+    components = vectors[:n]
+    sign = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True)))  # (n, 1)
+    return PCAFit(mean=mean, components=components * sign, eigenvalues=eigenvalues)
+
+
+def _quantile_bounds(values: Tensor, num_buckets: int) -> Tensor:
+    """values (N, C) -> bounds (C, K + 1): the training minimum, the K - 1 inner edges at quantiles k/K, the maximum.
+    Bucket k holds [bounds[k], bounds[k + 1]), so each holds about N/K training values."""
+    q = torch.linspace(0, 1, num_buckets + 1, dtype=values.dtype)
+    return torch.quantile(values, q, dim=0).T.contiguous()
+
+
+def _bucketize(values: Tensor, bounds: Tensor) -> Tensor:
+    """values (N, C), bounds (C, K + 1) -> bucket ids (N, C) int64 in [0, K); values outside the training range fall
+    into the outer buckets."""
+    inner = bounds[:, 1:-1].contiguous()  # (C, K - 1)
+    return torch.searchsorted(inner, values.T.contiguous(), right=True).T  # (N, C)
+
+
+def _bucket_means(values: Tensor, codes: Tensor, bounds: Tensor) -> Tensor:
+    """The mean training value of each bucket (C, K); an empty bucket (tied quantile edges) takes its midpoint."""
+    C, K = bounds.shape[0], bounds.shape[1] - 1
+    sums = torch.zeros(C, K, dtype=values.dtype).scatter_add_(1, codes.T, values.T)
+    counts = torch.zeros(C, K, dtype=values.dtype).scatter_add_(1, codes.T, torch.ones_like(values.T))
+    midpoints = (bounds[:, :-1] + bounds[:, 1:]) / 2
+    return torch.where(counts > 0, sums / counts.clamp(min=1), midpoints)
+
+
+@dataclass
+class QuantizerConfig:
+    """Shape of a fitted EmbeddingQuantizer.
+
+    dim: D, the CLIP embedding width. n_components: C, the PCA coordinates kept (one token each, largest variance
+    first). num_buckets: K, buckets per coordinate (and for the dot-product token). dot_token: prepend the quantised
+    dot product of the unit text and image embeddings (DALL-E 2), so a row has C + 1 tokens. dequantize: a bucket
+    decodes to the mean of its training values ("mean") or the middle of its edges ("midpoint").
+    """
+
+    dim: int
+    n_components: int
+    num_buckets: int
+    dot_token: bool = False
+    dequantize: Literal["mean", "midpoint"] = "mean"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_components <= self.dim:
+            raise ValueError(f"n_components must be in [1, dim={self.dim}], got {self.n_components}.")
+        if self.num_buckets < 2:
+            raise ValueError(f"num_buckets must be >= 2, got {self.num_buckets}.")
+        if self.dequantize not in DEQUANTIZE:
+            raise ValueError(f"dequantize must be one of {DEQUANTIZE}, got {self.dequantize!r}.")
+
+
+@dataclass
+class RoundTrip:
+    """Unit embeddings against their reconstructions after the PCA truncation alone (pca_*) and after PCA +
+    quantisation + dequantisation (what the prior can at best return): mean cosine, and the mean squared error
+    relative to the embeddings' variance (mean squared distance to their mean; DALL-E 2's "< 1% MSE" measure).
+    Embeddings packed tightly around their mean have cosines near 1 whatever happens; the relative error tells."""
+
+    pca_cosine: float
+    cosine: float
+    pca_relative_mse: float
+    relative_mse: float
+
+
+class EmbeddingQuantizer(nn.Module, PretrainedMixin):
+    """Unit CLIP image embeddings (N, D) <-> token rows (N, C [+1]) int64 in [0, K).
+
+    Token order: [dot-product bucket (if dot_token)] then PCA coordinate 0, 1, ..., C - 1 by decreasing variance.
+    Inputs are L2-normalised first; `decode` returns unit embeddings. Build with `fit`; save/load with
+    `save_pretrained` / `from_pretrained` (config.json + model.safetensors).
+    """
+
+    config_class = QuantizerConfig
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, C, K = config.dim, config.n_components, config.num_buckets
+        n_dot = K if config.dot_token else 0
+        self.register_buffer("mean", torch.zeros(D))                       # (D,)
+        self.register_buffer("components", torch.zeros(C, D))              # (C, D)
+        self.register_buffer("eigenvalues", torch.zeros(D))                # (D,) all, descending
+        self.register_buffer("bounds", torch.zeros(C, K + 1))              # (C, K + 1) min, quantile edges, max
+        self.register_buffer("bucket_means", torch.zeros(C, K))            # (C, K)
+        self.register_buffer("dot_bounds", torch.zeros(n_dot + (1 if n_dot else 0)))  # (K + 1,) or (0,)
+        self.register_buffer("dot_means", torch.zeros(n_dot))              # (K,) or (0,)
+
+    # ------------------------------------------------------------------------------------------------ fitting
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, image_embeds: Tensor, *, text_embeds: Tensor | None = None, num_buckets: int = 256,
+            variance: float = 0.99, n_components: int | None = None, dot_token: bool = False,
+            dequantize: Literal["mean", "midpoint"] = "mean") -> EmbeddingQuantizer:
+        """Fit the PCA (on the unit image embeddings (N, D)) and the per-coordinate quantile buckets; with `dot_token`
+        also the buckets of the dot products with the unit text embeddings (N, D), which are then required."""
+        if dot_token and text_embeds is None:
+            raise QuantizerError("dot_token=True needs text_embeds: the dot-product buckets are fitted on z_i . z_t.")
+        x = F.normalize(image_embeds.double(), dim=-1)
+        pca = fit_pca(x, variance=variance, n_components=n_components)
+        quantizer = cls(QuantizerConfig(dim=x.shape[1], n_components=pca.n_components, num_buckets=num_buckets,
+                                        dot_token=dot_token, dequantize=dequantize))
+        coords = (x - pca.mean) @ pca.components.T  # (N, C) float64
+        bounds = _quantile_bounds(coords, num_buckets)
+        quantizer.mean.copy_(pca.mean)
+        quantizer.components.copy_(pca.components)
+        quantizer.eigenvalues.copy_(pca.eigenvalues)
+        quantizer.bounds.copy_(bounds)
+        quantizer.bucket_means.copy_(_bucket_means(coords, _bucketize(coords, bounds), bounds))
+        if dot_token:
+            quantizer._check_pair(image_embeds, text_embeds)
+            dots = (x * F.normalize(text_embeds.double(), dim=-1)).sum(-1, keepdim=True)  # (N, 1)
+            dot_bounds = _quantile_bounds(dots, num_buckets)  # (1, K + 1)
+            quantizer.dot_bounds.copy_(dot_bounds[0])
+            quantizer.dot_means.copy_(_bucket_means(dots, _bucketize(dots, dot_bounds), dot_bounds)[0])
+        return quantizer
+
+    # ------------------------------------------------------------------------------------------------ sizes
+    @property
+    def n_components(self) -> int:
+        return self.config.n_components
+
+    @property
+    def num_buckets(self) -> int:
+        return self.config.num_buckets
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per embedding: C, plus 1 with the dot-product token."""
+        return self.config.n_components + int(self.config.dot_token)
+
+    @property
+    def explained_variance(self) -> float:
+        """Share of the training image embeddings' variance the kept components hold."""
+        return float(self.eigenvalues[: self.n_components].sum() / self.eigenvalues.sum())
+
+    def summary(self) -> dict:
+        """The fitted sizes, for logs and reports."""
+        return {"dim": self.config.dim, "n_components": self.n_components,
+                "explained_variance": round(self.explained_variance, 6), "num_buckets": self.num_buckets,
+                "dot_token": self.config.dot_token, "dequantize": self.config.dequantize, "num_tokens": self.num_tokens}
+
+    def upper_dot_buckets(self, quantile: float = 0.5) -> int:
+        """The first dot-product bucket lying wholly at or above `quantile` of the training dot products: bucket k
+        covers the training quantiles [k/K, (k+1)/K), so 0.5 gives K/2 for even K, the top half."""
+        if not 0.0 <= quantile < 1.0:
+            raise ValueError(f"the dot-product quantile must be in [0, 1), got {quantile}.")
+        return min(math.ceil(quantile * self.num_buckets - 1e-9), self.num_buckets - 1)
+
+    # ------------------------------------------------------------------------------------------------ encode / decode
+    def _check_embeddings(self, name: str, x: Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.config.dim:
+            raise QuantizerError(f"{name} must be (N, {self.config.dim}) CLIP embeddings, got shape {tuple(x.shape)}: "
+                                 "use embeddings of the CLIP this quantizer was fitted on.")
+
+    def _check_pair(self, image_embeds: Tensor, text_embeds: Tensor) -> None:
+        self._check_embeddings("image_embeds", image_embeds)
+        self._check_embeddings("text_embeds", text_embeds)
+        if len(image_embeds) != len(text_embeds):
+            raise QuantizerError(f"image_embeds has {len(image_embeds)} rows but text_embeds has {len(text_embeds)}; "
+                                 "they pair row by row.")
+
+    def coordinates(self, image_embeds: Tensor) -> Tensor:
+        """(N, D) -> PCA coordinates (N, C) float32 of the unit embeddings, largest variance first."""
+        self._check_embeddings("image_embeds", image_embeds)
+        x = F.normalize(image_embeds.float(), dim=-1)
+        return (x - self.mean) @ self.components.T
+
+    def dot_codes(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """The dot-product token (N,) int64 in [0, K): the bucket of unit(z_i) . unit(z_t)."""
+        if not self.config.dot_token:
+            raise QuantizerError("this quantizer was fitted without the dot-product token (dot_token=False).")
+        self._check_pair(image_embeds, text_embeds)
+        dots = (F.normalize(image_embeds.float(), dim=-1) * F.normalize(text_embeds.float(), dim=-1)).sum(-1)
+        return _bucketize(dots[:, None], self.dot_bounds[None])[:, 0]
+
+    @torch.no_grad()
+    def encode(self, image_embeds: Tensor, text_embeds: Tensor | None = None) -> Tensor:
+        """Image embeddings (N, D) (and, with the dot token, the paired text embeddings (N, D)) -> tokens
+        (N, num_tokens) int64 in [0, K): [dot bucket,] then the bucket of each PCA coordinate."""
+        codes = _bucketize(self.coordinates(image_embeds), self.bounds)  # (N, C)
+        if not self.config.dot_token:
+            return codes
+        if text_embeds is None:
+            raise QuantizerError("this quantizer prepends the dot-product token: encode(image_embeds, text_embeds) "
+                                 "needs the text embeddings of the captions.")
+        return torch.cat([self.dot_codes(image_embeds, text_embeds)[:, None], codes], dim=1)
+
+    def bucket_values(self, dequantize: str | None = None) -> Tensor:
+        """(C, K) the coordinate value each bucket decodes to: training means or edge midpoints."""
+        how = self.config.dequantize if dequantize is None else dequantize
+        if how not in DEQUANTIZE:
+            raise ValueError(f"dequantize must be one of {DEQUANTIZE}, got {how!r}.")
+        return self.bucket_means if how == "mean" else (self.bounds[:, :-1] + self.bounds[:, 1:]) / 2
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, *, dequantize: str | None = None) -> Tensor:
+        """Tokens (N, num_tokens) int64 in [0, K) -> unit image embeddings (N, D) float32: dequantise each coordinate,
+        invert the PCA, L2-normalise. The dot-product token, if present, is dropped."""
+        if codes.ndim != 2 or codes.shape[1] != self.num_tokens:
+            raise QuantizerError(f"codes must be (N, {self.num_tokens}) (= {self.n_components} PCA tokens"
+                                 f"{' + the dot token' if self.config.dot_token else ''}), got {tuple(codes.shape)}.")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_buckets):
+            raise QuantizerError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {self.num_buckets}).")
+        codes = codes[:, int(self.config.dot_token):].long()  # (N, C)
+        values = self.bucket_values(dequantize)
+        coords = values[torch.arange(self.n_components, device=codes.device), codes]  # (N, C)
+        return F.normalize(self.mean + coords @ self.components, dim=-1)
+
+    @torch.no_grad()
+    def round_trip(self, image_embeds: Tensor, *, dequantize: str | None = None) -> RoundTrip:
+        """Unit embeddings (N, D) against their PCA-only and their quantised reconstructions (see RoundTrip)."""
+        x = F.normalize(image_embeds.float(), dim=-1)
+        pca_only = F.normalize(self.mean + self.coordinates(x) @ self.components, dim=-1)
+        codes = _bucketize(self.coordinates(x), self.bounds)
+        if self.config.dot_token:  # the dot token does not take part in decoding
+            codes = F.pad(codes, (1, 0))
+        decoded = self.decode(codes, dequantize=dequantize)
+        variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
+        return RoundTrip(pca_cosine=float((x * pca_only).sum(-1).mean()), cosine=float((x * decoded).sum(-1).mean()),
+                         pca_relative_mse=float((x - pca_only).pow(2).sum(-1).mean()) / variance,
+                         relative_mse=float((x - decoded).pow(2).sum(-1).mean()) / variance)
