@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "argen.cli.tokenize",
     "argen.cli.demo",
     "argen.cli.sample",
+    "argen.cli.embed",
 )
 
 

@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     g.set_defaults(func=run_train_gpt)
 
+    c = models.add_parser("clip", help="train a small CLIP (contrastive) on a captioned dataset, with val retrieval")
+    c.add_argument("config", help="YAML experiment, e.g. configs/unclip/shapes_clip.yaml")
+    c.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=600 model.vision.layers=4")
+    c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    c.set_defaults(func=run_train_clip)
+
     b = models.add_parser("text-tokenizer", help="train a byte-level BPE caption tokenizer; writes DIR/tokenizer.json")
     b.add_argument("--dataset", default="shapes",
                    help="shapes | imagefolder:PATH | webdataset:PATTERN | codes:DIR (a code shard's captions)")
@@ -66,6 +72,20 @@ def run_train_gpt(args: argparse.Namespace) -> int:
     else:
         print(f"GPT saved to {final / GPT_DIR} with {final / 'tokenizer.json'}; set data.vq_tokenizer (or use "
               "argen.pipeline.build_pipeline) to make a pipeline for `argen sample`")
+    return 0
+
+
+def run_train_clip(args: argparse.Namespace) -> int:
+    from argen.tasks.clip import CLIP_DIR, CLIPExperiment, train_clip
+    from tokenizers_img.config import load_config
+
+    experiment = load_config(args.config, CLIPExperiment, args.overrides)
+    result = train_clip(experiment, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(json.dumps(result.eval, indent=2))
+    print(f"CLIP saved to {result.artifacts_dir / CLIP_DIR}; embed a dataset with "
+          f"`argen embed --clip {result.artifacts_dir / CLIP_DIR} --dataset {experiment.data.spec} --split train -o OUT`")
     return 0
 
 

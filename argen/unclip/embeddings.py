@@ -21,25 +21,33 @@ class EmbeddingShardError(ValueError):
 
 
 def encode_embedding_shard(clip: ClipEncoder, dataset, out: str | Path, *, dataset_spec: str, split: str,
-                           limit: int | None = None, batch_size: int = 256, overwrite: bool = False) -> Path:
-    """Encode the first `limit` items of `dataset` (items {"image": (3, H, W) in [-1, 1], "caption": str}) with
-    `clip` and write, atomically, a directory:
+                           limit: int | None = None, batch_size: int = 256, overwrite: bool = False,
+                           seed: int | None = None, resolution: int | None = None) -> Path:
+    """Encode the first `limit` items of `dataset` (items {"image": (3, H, W) in [-1, 1], "caption": str, and
+    optionally "key": str}) with `clip` and write, atomically, a directory:
 
         captions.json      list of N captions
+        keys.json          list of N item keys (e.g. "shapes/train/s0/0000042"; row i is dataset item i)
         text_embeds.npy    (N, D) float32, CLIP text embeddings (projected, not normalised)
         image_embeds.npy   (N, D) float32, CLIP image embeddings (projected, not normalised)
-        meta.json          {"format", "clip_sha256", "dataset", "split", "count", "dim"}
+        meta.json          {"format", "clip_sha256", "dataset", "split", "seed", "resolution", "count", "dim"}
+
+    `seed` and `resolution` are recorded as given (how to rebuild the dataset: the shapes scene seed, the image side).
     """
     out = Path(out)
     if (out / META_FILE).is_file() and not overwrite:
         raise FileExistsError(f"{out} already holds an embedding shard; pass overwrite=True (--overwrite) to replace it.")
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n < 1:
+        raise ValueError(f"nothing to encode: the {dataset_spec}/{split} dataset has {len(dataset)} items and limit={limit}.")
     captions: list[str] = []
+    keys: list[str] = []
     text, image = [], []
     for start in tqdm(range(0, n, batch_size), desc=f"CLIP-encoding {dataset_spec}/{split}", unit="batch"):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         caps = [item["caption"] for item in items]
         captions += caps
+        keys += [str(item.get("key", start + k)) for k, item in enumerate(items)]
         text.append(clip.encode_text(caps).embeds.cpu())
         image.append(clip.encode_images(torch.stack([item["image"] for item in items])).cpu())
     text_embeds, image_embeds = torch.cat(text).numpy(), torch.cat(image).numpy()
@@ -48,8 +56,9 @@ def encode_embedding_shard(clip: ClipEncoder, dataset, out: str | Path, *, datas
         for name, array in (("text_embeds.npy", text_embeds), ("image_embeds.npy", image_embeds)):
             np.save(tmp / name, array.astype(np.float32))
         atomic_write_bytes(tmp / "captions.json", json.dumps(captions).encode())
-        meta = {"format": FORMAT, "clip_sha256": clip.sha256, "dataset": dataset_spec, "split": split, "count": n,
-                "dim": int(text_embeds.shape[1])}
+        atomic_write_bytes(tmp / "keys.json", json.dumps(keys).encode())
+        meta = {"format": FORMAT, "clip_sha256": clip.sha256, "dataset": dataset_spec, "split": split, "seed": seed,
+                "resolution": resolution, "count": n, "dim": int(text_embeds.shape[1])}
         atomic_write_bytes(tmp / META_FILE, json.dumps(meta, indent=2).encode())
 
     return atomic_write_dir(out, write)
@@ -76,12 +85,17 @@ class EmbeddingShard(torch.utils.data.Dataset):
                                       f"{clip_sha256[:12]}; re-encode the shard with this CLIP.")
         self.path = path
         self.captions: list[str] = json.loads((path / "captions.json").read_text())
+        keys_file = path / "keys.json"  # absent in shards written before keys were recorded
+        self.keys: list[str] | None = json.loads(keys_file.read_text()) if keys_file.is_file() else None
         self.text_embeds = torch.from_numpy(np.load(path / "text_embeds.npy"))
         self.image_embeds = torch.from_numpy(np.load(path / "image_embeds.npy"))
         if not len(self.captions) == len(self.text_embeds) == len(self.image_embeds) == self.meta["count"]:
             raise EmbeddingShardError(f"{path}: captions ({len(self.captions)}), text embeddings ({len(self.text_embeds)}) "
                                       f"and image embeddings ({len(self.image_embeds)}) disagree with count "
                                       f"{self.meta['count']}; the shard is damaged, re-encode it.")
+        if self.keys is not None and len(self.keys) != len(self.captions):
+            raise EmbeddingShardError(f"{path}: {len(self.keys)} keys for {len(self.captions)} captions; the shard is "
+                                      "damaged, re-encode it.")
 
     def __len__(self) -> int:
         return len(self.captions)
