@@ -1,0 +1,334 @@
+"""unCLIP decoder training (images encoded by a frozen CLIP on the fly, CFG dropout of the image embedding and the
+caption, EMA) as a Task for the shared loop, with evaluation of images decoded from their own CLIP embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from argen.data.registry import DatasetConfig
+from argen.data.skips import SkipReport, collate
+from argen.pipeline import TRAINED_WITH_KEY
+from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
+from argen.unclip.clip import ClipEncoder, TextEncoding
+from argen.unclip.decoder import DecoderArchitecture, DecoderConfig, UnCLIPDecoder
+from argen.unclip.decoder_sampling import sample_decoder
+from argen.unclip.schedulers import SAMPLERS, training_scheduler
+from tokenizers_img.config import to_dict
+from tokenizers_img.metrics import psnr
+from tokenizers_img.serialization import atomic_write_bytes, read_pretrained_config
+
+DECODER_DIR = "decoder"  # final/decoder: the UnCLIPDecoder (save_pretrained); its config.json records its CLIP
+
+
+class DecoderClipMismatchError(ValueError):
+    """A decoder is used with a CLIP other than the one it was trained with."""
+
+
+@dataclass
+class DecoderEvalConfig:
+    """Validation: decode the first `max_images` images of `split` from their own CLIP image embeddings (and
+    captions, when the decoder reads them) with the given sampler, and score them against the originals.
+    `seed` fixes each image's noise, so evaluations at different steps are comparable."""
+
+    split: str = "val"
+    max_images: int = 256
+    batch_size: int = 64
+    sampler: str = "dpm++"
+    steps: int = 20
+    cfg_scale: float = 3.0
+    thresholding: bool = True
+    seed: int = 0
+    judge: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_images < 1 or self.batch_size < 1 or self.steps < 1:
+            raise ValueError(f"eval.max_images, eval.batch_size and eval.steps must be >= 1, got {self.max_images}, "
+                             f"{self.batch_size}, {self.steps}.")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"eval.sampler={self.sampler!r} is not one of {SAMPLERS}.")
+        if self.cfg_scale < 0:
+            raise ValueError(f"eval.cfg_scale must be >= 0, got {self.cfg_scale}.")
+
+
+@dataclass
+class DecoderExperiment:
+    """One decoder run. The image resolution is typed once, in `data.resolution`; the embedding and text sizes come
+    from the CLIP.
+
+    clip: the frozen CLIP directory that encodes every training image (and caption).
+    text_conditioning: also condition on the caption's CLIP token states (DALL-E 2's decoder reads the caption).
+    image_drop_prob / text_drop_prob: CFG dropout, drawn independently per row (DALL-E 2: 10% and 50%).
+    min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023, eq. 8 with gamma = 5); null: plain MSE.
+    """
+
+    clip: str
+    model: DecoderArchitecture = field(default_factory=DecoderArchitecture)
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval: DecoderEvalConfig = field(default_factory=DecoderEvalConfig)
+    text_conditioning: bool = True
+    image_drop_prob: float = 0.1
+    text_drop_prob: float = 0.5
+    min_snr_gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("image_drop_prob", "text_drop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or null (plain MSE), got {self.min_snr_gamma}.")
+
+
+def decoder_config_for(experiment: DecoderExperiment, clip: ClipEncoder) -> DecoderConfig:
+    """The full config: the architecture plus the sizes the CLIP (embed_dim, text_width) and the data fix."""
+    return DecoderConfig(embed_dim=clip.embed_dim, resolution=experiment.data.resolution,
+                         text_width=clip.text_width if experiment.text_conditioning else None,
+                         architecture=experiment.model)
+
+
+def loss_weights(scheduler, t: Tensor, *, min_snr_gamma: float | None) -> Tensor | None:
+    """Min-SNR-gamma weights (B,) for timesteps t (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x_0; SNR(t) = alpha_bar / (1 - alpha_bar). None: all 1."""
+    if min_snr_gamma is None:
+        return None
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=min_snr_gamma)
+    kind = scheduler.config.prediction_type
+    weights = clipped / snr if kind == "epsilon" else clipped / (snr + 1) if kind == "v_prediction" else clipped
+    return weights.float()
+
+
+@dataclass
+class DenoisingLoss:
+    """The trained loss (weighted when Min-SNR is on) and the plain MSE of the same predictions."""
+
+    loss: Tensor
+    mse: Tensor
+
+
+def denoising_loss(decoder: nn.Module, images: Tensor, image_embeds: Tensor, *, text: TextEncoding | None,
+                   scheduler, image_drop_prob: float = 0.0, text_drop_prob: float = 0.0,
+                   min_snr_gamma: float | None = None, generator: torch.Generator | None = None) -> DenoisingLoss:
+    """Squared error of the decoder's prediction at a uniformly drawn timestep (DDPM's L_simple; the target is
+    epsilon, x_0 or v per the schedule's prediction_type).
+
+    images: (B, 3, R, R) in [-1, 1]; image_embeds (B, D). Noise, timesteps and CFG drops are drawn on the CPU from
+    `generator` (None: the global RNG, which the training loop checkpoints), so a resumed run draws the same ones.
+    """
+    B, device = images.shape[0], images.device
+    noise = torch.randn(images.shape, generator=generator).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
+    drop_image = (torch.rand(B, generator=generator) < image_drop_prob).to(device)
+    drop_text = (torch.rand(B, generator=generator) < text_drop_prob).to(device) if text is not None else None
+    x_t = scheduler.add_noise(images, noise, t)
+    kind = scheduler.config.prediction_type
+    target = images if kind == "sample" else noise if kind == "epsilon" else scheduler.get_velocity(images, noise, t)
+    out = decoder(x_t, t, image_embeds, text=text, drop_image=drop_image, drop_text=drop_text)
+    per_image = (out.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
+    weights = loss_weights(scheduler, t, min_snr_gamma=min_snr_gamma)
+    loss = per_image.mean() if weights is None else (weights * per_image).mean()
+    return DenoisingLoss(loss=loss, mse=per_image.mean().detach())
+
+
+@dataclass(frozen=True)
+class DecoderMetrics:
+    """Images decoded from the true CLIP image embeddings of val images, scored against those images.
+
+    psnr: dB, decoded vs original, mean over images. clip_cosine: cosine between CLIP's embedding of the decoded
+    image and the embedding it was decoded from. judge_agreement: share of images whose judge reading (parse)
+    equals the original's. judge_correct: share whose caption the judge accepts whole; attributes[a]: share
+    correct among the images whose caption states `a` (None when none does). seconds_per_image: sampling time.
+    """
+
+    num_images: int
+    psnr: float
+    clip_cosine: float
+    judge_agreement: float | None
+    judge_correct: float | None
+    attributes: dict[str, float | None]
+    seconds_per_image: float
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat numbers (attributes as `attr/<name>`), without the Nones."""
+        flat = {k: v for k, v in asdict(self).items() if k != "attributes"}
+        flat.update({f"attr/{k}": v for k, v in self.attributes.items()})
+        return {f"{prefix}{k}": float(v) for k, v in flat.items() if v is not None}
+
+
+def _row_generators(indices: Sequence[int], *, seed: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per item, seeded by (seed, item index): an item's noise does not depend on batching."""
+    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
+@torch.no_grad()
+def evaluate_decoder(decoder: UnCLIPDecoder, clip: ClipEncoder, dataset, *, max_images: int = 256,
+                     batch_size: int = 64, sampler: str = "dpm++", steps: int = 20, cfg_scale: float = 3.0,
+                     thresholding: bool = True, seed: int = 0, judge: bool = True, rank: int = 0,
+                     world_size: int = 1, reduce=None) -> DecoderMetrics:
+    """Decode the first `max_images` items of `dataset` (items {"image", "caption"}) from CLIP's embeddings of
+    their own images (and captions, for a text-conditioned decoder) and score the results (see DecoderMetrics).
+
+    With several processes each takes every `world_size`-th item from `rank`; `reduce(tensor)` must sum over
+    processes. `judge` needs shapes captions (argen.eval.judge).
+    """
+    from argen.eval.judge import ATTRIBUTES, parse
+    from argen.eval.judge import judge as judge_fn
+
+    device = next(decoder.parameters()).device
+    n = min(max_images, len(dataset))
+    mine = list(range(rank, n, world_size))
+    # sums: psnr, cosine, agreement, correct, seconds, images, then (correct, stated) per attribute
+    sums = torch.zeros(6 + 2 * len(ATTRIBUTES), dtype=torch.float64)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        items = [dataset[i] for i in idx]
+        images = torch.stack([item["image"] for item in items]).to(device)  # (b, 3, R, R)
+        captions = [item["caption"] for item in items]
+        embeds = clip.encode_images(images)  # (b, D)
+        text = clip.encode_text(captions) if decoder.config.text_width is not None else None
+        clock = time.perf_counter()
+        decoded = sample_decoder(decoder, embeds, text=text, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                 thresholding=thresholding, generator=_row_generators(idx, seed=seed, device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sums[4] += time.perf_counter() - clock
+        sums[0] += psnr(images, decoded).sum().cpu()
+        sums[1] += F.cosine_similarity(clip.encode_images(decoded), embeds, dim=-1).double().sum().cpu()
+        sums[5] += len(idx)
+        if judge:
+            for original, image, caption in zip(images.cpu(), decoded.cpu(), captions):
+                sums[2] += float(parse(image) == parse(original))
+                result = judge_fn(caption, image)
+                sums[3] += float(result.correct)
+                for k, a in enumerate(ATTRIBUTES):
+                    if result.attributes[a] is not None:
+                        sums[6 + 2 * k] += float(result.attributes[a])
+                        sums[7 + 2 * k] += 1.0
+    if world_size > 1:
+        sums = reduce(sums.to(device)).cpu()
+    count = max(float(sums[5]), 1.0)
+    attributes = {a: (float(sums[6 + 2 * k]) / float(sums[7 + 2 * k]) if judge and sums[7 + 2 * k] > 0 else None)
+                  for k, a in enumerate(ATTRIBUTES)}
+    return DecoderMetrics(num_images=int(sums[5]), psnr=float(sums[0]) / count, clip_cosine=float(sums[1]) / count,
+                          judge_agreement=float(sums[2]) / count if judge else None,
+                          judge_correct=float(sums[3]) / count if judge else None, attributes=attributes,
+                          seconds_per_image=float(sums[4]) / count)
+
+
+class DecoderTask:
+    """Module {"decoder"}, optimizer "decoder". Batches are {"image", "caption"} from the image dataset; the frozen
+    CLIP turns each batch's images (and captions) into the conditions on the fly."""
+
+    def __init__(self, experiment: DecoderExperiment, *, clip: ClipEncoder, trained_with: dict[str, Any]) -> None:
+        self.experiment = experiment
+        self.clip = clip
+        self.trained_with = trained_with
+        self.decoder = UnCLIPDecoder(decoder_config_for(experiment, clip))
+        self.noise = training_scheduler(experiment.model.schedule)
+        self.clip.model.requires_grad_(False)
+        self.val_dataset = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"decoder": self.decoder}  # the CLIP stays outside: frozen, and not worth a copy in every checkpoint
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        return [OptimizerSpec(name="decoder", modules=["decoder"], config=self.experiment.optimizer)]
+
+    def ema_modules(self) -> list[str]:
+        return ["decoder"]
+
+    def _conditions(self, images: Tensor, captions: list[str]) -> tuple[Tensor, TextEncoding | None]:
+        """CLIP image embeddings (B, D) and, for a text-conditioned decoder, the captions' encoding; no grad."""
+        if self.clip.device != images.device:
+            self.clip.model.to(images.device)
+        with torch.no_grad():
+            embeds = self.clip.image_forward(images)
+            text = self.clip.text_forward(*self.clip.tokenize(captions)) if self.experiment.text_conditioning else None
+        return embeds, text
+
+    def training_step(self, batch: dict[str, Any], *, modules: dict[str, nn.Module], step: int) -> StepOutput:
+        images = batch["image"]
+        embeds, text = self._conditions(images, batch["caption"])
+        exp = self.experiment
+        out = denoising_loss(modules["decoder"], images, embeds, text=text, scheduler=self.noise,
+                             image_drop_prob=exp.image_drop_prob, text_drop_prob=exp.text_drop_prob,
+                             min_snr_gamma=exp.min_snr_gamma)
+        return StepOutput(losses={"decoder": out.loss}, logs={"mse": out.mse})
+
+    def evaluate(self, *, modules: dict[str, nn.Module], accelerator: Any, step: int) -> dict[str, float]:
+        ev = self.experiment.eval
+        if self.val_dataset is None:
+            self.val_dataset = self.experiment.data.build(ev.split)
+        if self.clip.device != accelerator.device:
+            self.clip.model.to(accelerator.device)
+        metrics = evaluate_decoder(
+            modules["decoder"], self.clip, self.val_dataset, max_images=ev.max_images, batch_size=ev.batch_size,
+            sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale, thresholding=ev.thresholding, seed=ev.seed,
+            judge=ev.judge and self.experiment.data.spec == "shapes", rank=accelerator.process_index,
+            world_size=accelerator.num_processes, reduce=lambda t: accelerator.reduce(t, reduction="sum"))
+        return metrics.as_dict("val/")
+
+    def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
+        modules["decoder"].save_pretrained(Path(out_dir) / DECODER_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
+
+
+def decoder_training_record(decoder_dir: str | Path) -> dict[str, Any]:
+    """What a saved decoder was trained with: {"clip_sha256", "clip_path", "dataset", ...}."""
+    record = read_pretrained_config(decoder_dir).get(TRAINED_WITH_KEY)
+    if not record:
+        raise DecoderClipMismatchError(f"{decoder_dir} records no training CLIP ('{TRAINED_WITH_KEY}' in its "
+                                       "config.json); it was not written by train_decoder.")
+    return record
+
+
+def load_decoder(decoder_dir: str | Path, *, clip: ClipEncoder, device: str | torch.device = "cpu") -> UnCLIPDecoder:
+    """Load a trained decoder for use with `clip`, which must be the CLIP it was trained with (same sha256)."""
+    record = decoder_training_record(decoder_dir)
+    if record["clip_sha256"] != clip.sha256:
+        raise DecoderClipMismatchError(
+            f"the decoder in {decoder_dir} was trained with CLIP {record['clip_sha256'][:12]} ({record['clip_path']}), "
+            f"but the CLIP given is {clip.sha256[:12]} ({clip.source}); use the decoder's CLIP or retrain the decoder.")
+    return UnCLIPDecoder.from_pretrained(decoder_dir, device=device)
+
+
+def train_decoder(experiment: DecoderExperiment, *, resume: bool = False) -> TrainResult:
+    """Train the experiment's decoder through the shared loop on its image dataset, CLIP-encoded per batch.
+
+    Writes `out_dir/final/decoder` (the decoder; its config.json records the CLIP's sha256 and path) and
+    `out_dir/metrics.json` (final eval, parameter count, training seconds, skipped files).
+    """
+    clip = ClipEncoder.load(experiment.clip)
+    dataset = experiment.data.build("train")
+    skips = SkipReport.for_dataset(dataset)
+    trained_with = {"clip_sha256": clip.sha256, "clip_path": str(experiment.clip), "dataset": experiment.data.spec,
+                    "resolution": experiment.data.resolution, "text_conditioning": experiment.text_conditioning}
+    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
+    task = DecoderTask(experiment, clip=clip, trained_with=trained_with)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        text = f", caption tokens {clip.text_len} x {clip.text_width}" if experiment.text_conditioning else ""
+        print(f"decoder: {task.decoder.num_params() / 1e6:.2f}M parameters; {experiment.data.resolution} px; "
+              f"image embedding {clip.embed_dim}{text}; CLIP {clip.sha256[:12]} ({experiment.clip})")
+    start = time.perf_counter()
+    result = train(task, dataset, experiment.train, resume=resume, task_config=to_dict(experiment),
+                   collate_fn=collate, on_batch_meta=skips.update)
+    seconds = time.perf_counter() - start
+    if is_main:
+        report = {"step": result.step, "eval": result.eval, "logs": result.logs,
+                  "decoder": str(result.artifacts_dir / DECODER_DIR), "num_params": task.decoder.num_params(),
+                  "train_seconds": seconds, "skipped": [{"key": s.key, "reason": s.reason} for s in skips.skips]}
+        atomic_write_bytes(Path(experiment.train.out_dir) / "metrics.json", json.dumps(report, indent=2).encode())
+        print(skips.summary())
+    return result
