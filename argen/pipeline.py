@@ -147,18 +147,19 @@ class Pipeline:
     """A loaded pipeline directory: text tokenizer -> GPT -> VQ decoder. Use `Pipeline.load(dir)`."""
 
     def __init__(self, *, vq: VQModel, text: TextTokenizer, gpt: GPT, layout: SequenceLayout, manifest: dict[str, Any],
-                 path: Path | None = None, text_ids_seen: set[int] | None = None) -> None:
+                 path: Path | None = None, text_ids_seen: set[int] | None = None, pack: bool = True) -> None:
         self.vq, self.text, self.gpt, self.layout = vq, text, gpt, layout
         self.manifest, self.path = manifest, path
         self.text_ids_seen = text_ids_seen
+        self.pack = pack
         self._sampler_gpt: GPT | None = None
 
     def sampler_gpt(self) -> GPT:
-        """The GPT that sampling runs: on a CPU with oneDNN a prepacked inference copy (1.3-1.8x faster decode
-        in benchmarks/sampling.py), made once; otherwise the GPT itself."""
+        """The GPT that sampling runs: with `pack` on a CPU with oneDNN a prepacked inference copy (1.3-1.8x faster
+        decode in benchmarks/sampling.py), made once; otherwise the GPT itself (FLOP counters see only plain ops)."""
         if self._sampler_gpt is None:
             cpu = self.device.type == "cpu" and next(self.gpt.parameters()).dtype == torch.float32
-            self._sampler_gpt = pack_for_cpu(self.gpt) if cpu and onednn_available() else self.gpt
+            self._sampler_gpt = pack_for_cpu(self.gpt) if self.pack and cpu and onednn_available() else self.gpt
         return self._sampler_gpt
 
     @property
@@ -166,7 +167,7 @@ class Pipeline:
         return next(self.gpt.parameters()).device
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> Pipeline:
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True, pack: bool = True) -> Pipeline:
         """Load and check a pipeline directory.
 
         With `verify` (the default) every part's hash is recomputed and compared with pipeline.json (a swapped
@@ -210,7 +211,8 @@ class Pipeline:
         layout.check(gpt.config, names=(f"GPT {str(gpt_dir)!r}", f"text tokenizer {str(tok_file)!r} + VQ tokenizer {str(vq_dir)!r}"))
         seen = record.get("text_ids_seen")
         seen_ids = {i for a, b in seen for i in range(a, b + 1)} if seen is not None else None
-        return cls(vq=vq, text=text, gpt=gpt, layout=layout, manifest=manifest, path=path, text_ids_seen=seen_ids)
+        return cls(vq=vq, text=text, gpt=gpt, layout=layout, manifest=manifest, path=path, text_ids_seen=seen_ids,
+                   pack=pack)
 
     def unseen_words(self, prompt: str) -> list[str]:
         """Words of `prompt` with a token that never occurred in a training caption (the GPT cannot know them)."""

@@ -1,4 +1,5 @@
-"""`argen train MODEL ...`: tokenizer and GPT experiments from YAML through the shared loop, and the BPE text tokenizer."""
+"""`argen train MODEL ...`: tokenizer, GPT, CLIP, prior and decoder experiments from YAML through the shared loop, and the
+BPE text tokenizer."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=600 model.vision.layers=4")
     c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     c.set_defaults(func=run_train_clip)
+
+    pr = models.add_parser("prior", help="train a unCLIP prior (text -> CLIP image embedding): diffusion or AR")
+    pr.add_argument("config", help="YAML experiment whose `kind` is diffusion or ar, e.g. configs/unclip/shapes_prior_diffusion.yaml")
+    pr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000")
+    pr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    pr.set_defaults(func=run_train_prior)
+
+    d = models.add_parser("decoder", help="train the unCLIP diffusion decoder (CLIP image embedding -> image)")
+    d.add_argument("config", help="YAML experiment, e.g. configs/unclip/shapes_decoder.yaml")
+    d.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000")
+    d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    d.set_defaults(func=run_train_decoder)
 
     b = models.add_parser("text-tokenizer", help="train a byte-level BPE caption tokenizer; writes DIR/tokenizer.json")
     b.add_argument("--dataset", default="shapes",
@@ -86,6 +99,46 @@ def run_train_clip(args: argparse.Namespace) -> int:
     print(json.dumps(result.eval, indent=2))
     print(f"CLIP saved to {result.artifacts_dir / CLIP_DIR}; embed a dataset with "
           f"`argen embed --clip {result.artifacts_dir / CLIP_DIR} --dataset {experiment.data.spec} --split train -o OUT`")
+    return 0
+
+
+PRIOR_KINDS = ("diffusion", "ar")
+
+
+def run_train_prior(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tokenizers_img.config import load_config
+
+    data = yaml.safe_load(Path(args.config).read_text()) or {}
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in PRIOR_KINDS:
+        raise ValueError(f"{args.config}: a prior config needs a top-level `kind: diffusion` or `kind: ar`, got {kind!r}.")
+    if kind == "diffusion":
+        from argen.tasks.diffusion_prior import DiffusionPriorExperiment as experiment_class
+        from argen.tasks.diffusion_prior import train_diffusion_prior as train_fn
+    else:
+        from argen.tasks.ar_prior import ARPriorExperiment as experiment_class
+        from argen.tasks.ar_prior import train_ar_prior as train_fn
+    experiment = load_config(data, experiment_class, args.overrides)
+    result = train_fn(experiment, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(json.dumps(result.eval, indent=2))
+    print(f"{kind} prior saved under {result.artifacts_dir}")
+    return 0
+
+
+def run_train_decoder(args: argparse.Namespace) -> int:
+    from argen.tasks.decoder import DecoderExperiment, train_decoder
+    from tokenizers_img.config import load_config
+
+    experiment = load_config(args.config, DecoderExperiment, args.overrides)
+    result = train_decoder(experiment, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(json.dumps(result.eval, indent=2))
+    print(f"decoder saved under {result.artifacts_dir}")
     return 0
 
 

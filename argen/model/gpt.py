@@ -137,6 +137,9 @@ class KVCache:
 
     k, v: (n_layer, B, n_kv_head, block_size, head_dim). `forward(idx, cache=c, start=s)` writes positions
     [s, s + T) and attends to [0, s + T), so positions [0, s) must have been written by earlier calls.
+    A cache in a narrower dtype than the model (bfloat16 under float32 weights) stores keys and values rounded
+    to it and runs the attention products in it (softmax still in float32): it halves the cache's memory traffic,
+    which at batch 16 is as large as the weights' (benchmarks/sampling.py).
     """
 
     k: torch.Tensor
@@ -294,12 +297,13 @@ class SelfAttention(nn.Module):
         k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
-            cache_k, cache_v = cache  # (B, Hkv, block_size, D)
+            cache_k, cache_v = cache  # (B, Hkv, block_size, D), possibly in a narrower dtype than x (see KVCache)
             cache_k[:, :, start : start + T] = k
             cache_v[:, :, start : start + T] = v
             k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, Hkv, start + T, D)
+            q = q.to(k.dtype)
         y = attention(q, k, v, backend=self.backend, causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))  # (B, T, C)
 
 
 class SwiGLU(nn.Module):

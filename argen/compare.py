@@ -1,0 +1,351 @@
+"""`argen compare`: the AR token GPT and unCLIP (AR prior, diffusion prior, no prior) on one prompt set with the same
+seeds, judge and judge CLIP. Reports judge accuracy, judge-CLIP score, Fréchet distance, prior-only metrics, diversity
+and cost, each quality figure with a 95% prompt-bootstrap interval, plus grids, plots and JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from argen.data.shapes import parse_caption, scene_and_caption
+from argen.eval.clip_metrics import clip_scores, feature_statistics, frechet_distance, pairwise_diversity
+from argen.eval.generation import judge_images, prompt_kind
+from argen.eval.judge import ATTRIBUTES
+from argen.eval.stats import Interval, PromptBootstrap
+from argen.unclip.clip import ClipEncoder
+from tokenizers_img.serialization import atomic_write_bytes
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class PromptSet:
+    """Distinct prompts with their kind ("single", "relation", "other" from val; "heldout") and the dataset image each
+    caption was written for (its "true image", (3, H, W) in [-1, 1]), used by the prior-only metrics."""
+
+    prompts: list[str]
+    kinds: list[str]
+    true_images: Tensor  # (P, 3, H, W)
+
+
+def compare_prompts(*, num_val: int, num_heldout: int, resolution: int = 32, seed: int = 0) -> PromptSet:
+    """The first `num_val` distinct val captions (every template, so the set is the val distribution) and the first
+    `num_heldout` distinct held-out captions, each with the image it describes."""
+    from argen.data.shapes import render
+
+    prompts, kinds, images = [], [], []
+    for split, want, size in (("val", num_val, 2000), ("heldout", num_heldout, 1000)):
+        seen: set[str] = set()
+        for i in range(size):
+            if len(seen) == want:
+                break
+            scene, caption = scene_and_caption(i, split, seed=seed)
+            if caption in seen:
+                continue
+            seen.add(caption)
+            prompts.append(caption)
+            kinds.append("heldout" if split == "heldout" else prompt_kind(parse_caption(caption)) or "other")
+            images.append(torch.from_numpy(render(scene, resolution)).permute(2, 0, 1).float() / 127.5 - 1)
+        if len(seen) < want:
+            raise ValueError(f"the {split} split has only {len(seen)} distinct captions, fewer than the {want} asked for.")
+    return PromptSet(prompts=prompts, kinds=kinds, true_images=torch.stack(images))
+
+
+# ----------------------------------------------------------------------------------------------- systems
+@dataclass
+class Generation:
+    """Images of one system for prompts repeated n_per_prompt times (row r: sample sample_index[r] of prompts[r]).
+    image_embeds: (N, D) unit-norm image embeddings the system's prior produced (unCLIP with a prior), else None."""
+
+    images: Tensor  # (N, 3, H, W) float32 in [-1, 1]
+    prompts: list[str]
+    sample_index: list[int]
+    image_embeds: Tensor | None = None
+
+
+class System(Protocol):
+    """One generator under comparison. `settings` is shown in the report; `calls_per_image` counts the sequential
+    network evaluations one image needs (a CFG pair run as one batch counts once; FLOPs count it twice)."""
+
+    name: str
+    family: str  # "gpt" or "unclip"
+    settings: dict[str, Any]
+
+    def generate(self, prompts: Sequence[str], *, n_per_prompt: int, seed: int) -> Generation: ...
+
+    def calls_per_image(self) -> int: ...
+
+    def flops_per_image(self, prompt: str, *, seed: int) -> float: ...
+
+
+def _mkldnn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * out_shape[-1]
+
+
+def count_flops(fn) -> float:
+    """FLOPs of the matmuls, convolutions and attention that `fn()` runs (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise.default: _mkldnn_linear_flops}) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+class GPTSystem:
+    """The AR token road: a GPT pipeline directory (argen.pipeline) with a SamplingConfig."""
+
+    family = "gpt"
+
+    def __init__(self, pipeline_dir: str | Path, sampling, *, name: str = "AR token GPT") -> None:
+        from argen.pipeline import Pipeline
+
+        self.pipeline = Pipeline.load(pipeline_dir)
+        self.pipeline_dir = Path(pipeline_dir)
+        self.sampling = sampling
+        self.name = name
+        self.settings = {"cfg_scale": sampling.cfg_scale, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                         "temperature": sampling.temperature}
+
+    def generate(self, prompts: Sequence[str], *, n_per_prompt: int, seed: int) -> Generation:
+        out = self.pipeline.generate(list(prompts), n_per_prompt=n_per_prompt, sampling=self.sampling, seed=seed,
+                                     batch_size=128)
+        return Generation(images=out.images, prompts=out.prompts, sample_index=out.sample_index)
+
+    def calls_per_image(self) -> int:
+        return self.pipeline.layout.num_image_tokens + 1  # prefill + one decode step per further token, + VQ decode
+
+    def flops_per_image(self, prompt: str, *, seed: int) -> float:
+        from argen.pipeline import Pipeline
+
+        plain = Pipeline(vq=self.pipeline.vq, text=self.pipeline.text, gpt=self.pipeline.gpt, layout=self.pipeline.layout,
+                         manifest=self.pipeline.manifest, pack=False)  # FlopCounterMode cannot see prepacked weights
+        return count_flops(lambda: plain.generate([prompt], sampling=self.sampling, seed=seed))
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+@dataclass
+class SystemResult:
+    """Everything measured for one system (intervals are 95% prompt-bootstrap intervals)."""
+
+    name: str
+    family: str
+    settings: dict[str, Any]
+    accuracy: Interval
+    accuracy_by_kind: dict[str, Interval]
+    attributes: dict[str, Interval]
+    clip_score: Interval
+    frechet: Interval
+    diversity: Interval | None
+    prior: dict[str, Interval] | None
+    seconds_per_image: float
+    calls_per_image: int
+    flops_per_image: float
+    per_image_correct: list[bool] = field(repr=False, default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        def iv(x):
+            return None if x is None else x.as_dict()
+
+        return {
+            "name": self.name, "family": self.family, "settings": self.settings,
+            "accuracy": iv(self.accuracy), "accuracy_by_kind": {k: iv(v) for k, v in self.accuracy_by_kind.items()},
+            "attributes": {k: iv(v) for k, v in self.attributes.items()}, "clip_score": iv(self.clip_score),
+            "frechet_distance": iv(self.frechet), "diversity": iv(self.diversity),
+            "prior": None if self.prior is None else {k: iv(v) for k, v in self.prior.items()},
+            "seconds_per_image": self.seconds_per_image, "calls_per_image": self.calls_per_image,
+            "flops_per_image": self.flops_per_image,
+        }
+
+
+class Scorer:
+    """Scores Generations against one PromptSet with the judge, the judge CLIP and (for priors) the generator CLIP.
+
+    The reference set for the Fréchet distance is the judge-CLIP features of `reference_images` (real val images).
+    Prior-only metrics compare each predicted image embedding with the generator CLIP's embedding of its prompt's true
+    image; ranks are among the true images of all prompts in the set.
+    """
+
+    def __init__(self, prompt_set: PromptSet, *, judge_clip: ClipEncoder, reference_images: Tensor,
+                 generator_clip: ClipEncoder | None = None, n_boot: int = 1000, seed: int = 0) -> None:
+        self.prompt_set = prompt_set
+        self.judge_clip = judge_clip
+        self.kind_of = dict(zip(prompt_set.prompts, prompt_set.kinds))
+        self.reference = judge_clip.encode_images(reference_images).double().numpy()
+        self.reference_stats = feature_statistics(self.reference)
+        self.text_embeds = dict(zip(prompt_set.prompts, judge_clip.encode_text(prompt_set.prompts).embeds))
+        self.n_boot, self.seed = n_boot, seed
+        self.true_embeds: dict[str, Tensor] | None = None
+        self.candidates: Tensor | None = None
+        if generator_clip is not None:
+            true = torch.nn.functional.normalize(generator_clip.encode_images(prompt_set.true_images), dim=-1)
+            self.true_embeds = dict(zip(prompt_set.prompts, true))
+            self.candidates = true
+
+    def real_floor(self, images: Tensor) -> float:
+        """Fréchet distance of real images (not the reference set) at a generated set's size: the noise floor."""
+        feats = self.judge_clip.encode_images(images).double().numpy()
+        return frechet_distance(*feature_statistics(feats), *self.reference_stats)
+
+    def score(self, system: System, generation: Generation, *, seconds: float, flops_per_image: float) -> SystemResult:
+        from argen.eval.prior_metrics import prior_metrics
+
+        prompts = generation.prompts
+        boot = PromptBootstrap(prompts, n_boot=self.n_boot, seed=self.seed)
+        results = judge_images(prompts, generation.images)
+        correct = np.array([r.correct for r in results], dtype=np.float64)
+        by_kind = {}
+        for kind in dict.fromkeys(self.kind_of[p] for p in prompts):
+            idx = [i for i, p in enumerate(prompts) if self.kind_of[p] == kind]
+            kind_boot = PromptBootstrap([prompts[i] for i in idx], n_boot=self.n_boot, seed=self.seed)
+            by_kind[kind] = kind_boot.mean(correct[idx])
+        attributes = {}
+        for a in ATTRIBUTES:
+            idx = [i for i, r in enumerate(results) if r.attributes[a] is not None]
+            if idx:
+                sub = PromptBootstrap([prompts[i] for i in idx], n_boot=self.n_boot, seed=self.seed)
+                attributes[a] = sub.mean([float(results[i].attributes[a]) for i in idx])
+        feats = self.judge_clip.encode_images(generation.images)  # (N, D)
+        text = torch.stack([self.text_embeds[p] for p in prompts])
+        clip = boot.mean(clip_scores(feats, text))
+        feats_np = feats.double().numpy()
+        frechet = boot.interval(lambda idx: frechet_distance(*feature_statistics(feats_np[idx]), *self.reference_stats))
+        per_prompt = pairwise_diversity(feats, prompts)
+        diversity = None
+        if per_prompt:
+            keys = list(per_prompt)
+            diversity = PromptBootstrap(keys, n_boot=self.n_boot, seed=self.seed).mean([per_prompt[k] for k in keys])
+        prior = None
+        if generation.image_embeds is not None and self.true_embeds is not None:
+            true = torch.stack([self.true_embeds[p] for p in prompts])
+            m = prior_metrics(generation.image_embeds, true, candidates=self.candidates)
+            prior = {"cosine": boot.mean(m.cosine.double().numpy()),
+                     "top1": boot.mean((m.rank == 1).double().numpy()),
+                     "top5": boot.mean((m.rank <= 5).double().numpy())}
+        return SystemResult(
+            name=system.name, family=system.family, settings=dict(system.settings), accuracy=boot.mean(correct),
+            accuracy_by_kind=by_kind, attributes=attributes, clip_score=clip, frechet=frechet, diversity=diversity,
+            prior=prior, seconds_per_image=seconds / len(prompts), calls_per_image=system.calls_per_image(),
+            flops_per_image=flops_per_image, per_image_correct=[bool(c) for c in correct],
+        )
+
+
+def run_system(system: System, scorer: Scorer, *, n_per_prompt: int, seed: int, prompts: Sequence[str] | None = None,
+               samples_dir: Path | None = None) -> tuple[SystemResult, Generation]:
+    """Generate (timed), count one image's FLOPs, score; optionally save the images with a metadata.jsonl that
+    `argen data judge` reads."""
+    prompts = list(scorer.prompt_set.prompts if prompts is None else prompts)
+    start = time.perf_counter()
+    generation = system.generate(prompts, n_per_prompt=n_per_prompt, seed=seed)
+    seconds = time.perf_counter() - start
+    flops = system.flops_per_image(prompts[0], seed=seed)
+    result = scorer.score(system, generation, seconds=seconds, flops_per_image=flops)
+    if samples_dir is not None:
+        save_samples(generation, samples_dir)
+    return result, generation
+
+
+def save_samples(generation: Generation, out: Path) -> None:
+    """PNG per image plus metadata.jsonl ({"file_name", "text"}), the image-folder format `argen data judge` scores."""
+    from argen.data.transforms import tensor_to_pil
+    from argen.viz import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for r, (image, prompt, k) in enumerate(zip(generation.images, generation.prompts, generation.sample_index)):
+        name = f"{r:05d}_s{k}.png"
+        save_png(tensor_to_pil(image), out / name)
+        lines.append(json.dumps({"file_name": name, "text": prompt}))
+    atomic_write_bytes(out / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _fmt(iv: Interval | None, *, percent: bool = False, digits: int = 1) -> str:
+    if iv is None:
+        return "n/a"
+    return iv.format(scale=100, digits=digits, unit="%") if percent else iv.format(digits=digits)
+
+
+def _flops(x: float) -> str:
+    return f"{x / 1e9:.2f} GFLOP" if x < 1e12 else f"{x / 1e12:.2f} TFLOP"
+
+
+def results_table(results: Sequence[SystemResult], *, kinds: Sequence[str]) -> list[str]:
+    """The main markdown table: one row per system, every quality figure with its 95% interval."""
+    head = (["system", "settings", "whole prompt"] + [f"{k}" for k in kinds]
+            + ["judge-CLIP score", "Fréchet distance", "diversity", "s / image", "calls / image", "FLOPs / image"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        settings = ", ".join(f"{k} {v}" for k, v in r.settings.items() if v is not None)
+        cells = [r.name, settings, _fmt(r.accuracy, percent=True)]
+        cells += [_fmt(r.accuracy_by_kind.get(k), percent=True) for k in kinds]
+        cells += [_fmt(r.clip_score), _fmt(r.frechet, digits=3), _fmt(r.diversity, digits=3),
+                  f"{r.seconds_per_image:.3f}", str(r.calls_per_image), _flops(r.flops_per_image)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def attribute_table(results: Sequence[SystemResult]) -> list[str]:
+    attrs = [a for a in ATTRIBUTES if any(a in r.attributes for r in results)]
+    lines = ["| system | " + " | ".join(attrs) + " |", "|" + " --- |" * (len(attrs) + 1)]
+    for r in results:
+        lines.append(f"| {r.name} | " + " | ".join(_fmt(r.attributes.get(a), percent=True) for a in attrs) + " |")
+    return lines
+
+
+def plot_quality_vs_cost(results: Sequence[SystemResult], path: Path) -> None:
+    """Whole-prompt accuracy (with its interval) against FLOPs per image, log x; one point per system/setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        y, lo, hi = r.accuracy.estimate * 100, r.accuracy.low * 100, r.accuracy.high * 100
+        ax.errorbar([r.flops_per_image], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=r.name)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs per image (measured, torch.utils.flop_counter)")
+    ax.set_ylabel("whole-prompt judge accuracy (%)")
+    ax.set_title("Quality against cost (95% prompt-bootstrap intervals)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweeps(sweeps: dict[str, list[tuple[float, SystemResult]]], path: Path) -> None:
+    """One column per swept knob: accuracy (top) and diversity (bottom) against the knob's value, with intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(sweeps)
+    fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 6), squeeze=False)
+    for col, knob in enumerate(names):
+        points = sorted(sweeps[knob], key=lambda p: p[0])
+        xs = [x for x, _ in points]
+        for row, (metric, scale, label) in enumerate((("accuracy", 100, "whole-prompt accuracy (%)"),
+                                                      ("diversity", 1, "diversity (1 - cos)"))):
+            ax = axes[row][col]
+            ivs = [getattr(r, metric) for _, r in points]
+            if all(iv is not None for iv in ivs):
+                ys = [iv.estimate * scale for iv in ivs]
+                err = [[(iv.estimate - iv.low) * scale for iv in ivs], [(iv.high - iv.estimate) * scale for iv in ivs]]
+                ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3)
+            ax.set_xlabel(knob)
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+    fig.suptitle("Sampler sweeps (one knob at a time, others at their defaults)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
