@@ -150,9 +150,10 @@ def sample_image_tokens(
     with the model in eval mode (its train/eval mode is restored afterwards). On an x86 CPU, pass
     `argen.model.pack_for_cpu(model)` (made once) for 1.2-1.6x faster sampling.
 
-    allowed_codes: optional bool (h*w, num_codes): image position t draws only among the codes allowed in row t
-    (after CFG, before temperature/top-k/top-p); each row must allow at least one code. The AR prior uses it to
-    draw its dot-product token from the top half of the buckets.
+    allowed_codes: optional bool (h*w, num_codes), or (B, h*w, num_codes) per prompt: image position t draws only
+    among the codes allowed at t (after CFG, before temperature/top-k/top-p); each position must allow at least
+    one code, and one allowed code forces it. The AR prior uses it to give its text-embedding tokens and to draw
+    its dot-product token from the top half of the buckets.
     """
     cfg = model.config
     if prefix.ndim != 2 or prefix.shape[1] != cfg.prefix_len or prefix.dtype != torch.long:
@@ -166,13 +167,14 @@ def sample_image_tokens(
         )
     B, P, N = prefix.shape[0], cfg.prefix_len, cfg.num_image_tokens
     if allowed_codes is not None:
-        if allowed_codes.shape != (N, num_codes) or allowed_codes.dtype != torch.bool:
-            raise ValueError(f"allowed_codes must be bool (h*w, num_codes) = ({N}, {num_codes}), got "
-                             f"{allowed_codes.dtype} {tuple(allowed_codes.shape)}.")
-        if not allowed_codes.any(dim=1).all():
-            empty = (~allowed_codes.any(dim=1)).nonzero().flatten().tolist()
-            raise ValueError(f"allowed_codes allows no code at image positions {empty}; allow at least one per position.")
-        banned = ~allowed_codes.to(prefix.device)  # (N, K)
+        if allowed_codes.shape not in ((N, num_codes), (B, N, num_codes)) or allowed_codes.dtype != torch.bool:
+            raise ValueError(f"allowed_codes must be bool (h*w, num_codes) = ({N}, {num_codes}) or (B, h*w, num_codes) "
+                             f"= ({B}, {N}, {num_codes}), got {allowed_codes.dtype} {tuple(allowed_codes.shape)}.")
+        if not allowed_codes.any(dim=-1).all():
+            empty = (~allowed_codes.any(dim=-1)).nonzero().tolist()
+            raise ValueError(f"allowed_codes allows no code at {'(prompt, position)' if allowed_codes.ndim == 3 else 'positions'} "
+                             f"{empty[:8]}; allow at least one per position.")
+        banned = ~allowed_codes.to(prefix.device)  # (N, K) or (B, N, K)
     rows = prefix
     if config.uses_cfg:
         if uncond_prefix is None:
@@ -203,7 +205,7 @@ def sample_image_tokens(
                 if config.uses_cfg:
                     logits = classifier_free_guidance(logits, scales[t])  # (B, K)
                 if allowed_codes is not None:
-                    logits = logits.masked_fill(banned[t], float("-inf"))
+                    logits = logits.masked_fill(banned[..., t, :], float("-inf"))
                 code = pick(logits)  # (B,)
                 codes[:, t] = code
                 if t == N - 1:

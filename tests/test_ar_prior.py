@@ -156,14 +156,42 @@ def test_dot_token_is_first_and_top_half_sampling_only_draws_upper_buckets():
     assert allowed_tokens(quantizer, ARPriorSamplingConfig(dot_quantile=None)) is None
     none_at_0 = allowed.clone()
     none_at_0[0] = False
-    with pytest.raises(ValueError, match=r"allows no code at image positions \[0\]"):
+    with pytest.raises(ValueError, match=r"allows no code at positions \[\[0\]\]"):
         sample_image_tokens(gpt, prefix[:1], image_offset=20, num_codes=8, allowed_codes=none_at_0)
+
+
+def test_text_embedding_tokens_are_given_first_and_forced_when_sampling():
+    gen = torch.Generator().manual_seed(6)
+    images = sphere_data(600, seed=7)
+    texts = F.normalize(images + 0.5 * torch.randn(images.shape, generator=gen), dim=-1)
+    plain = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True)
+    quantizer = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True, text_tokens=True)
+    C = quantizer.n_components
+    assert quantizer.image_start == C + 1 and quantizer.dot_index == C and quantizer.num_tokens == 2 * C + 1
+    codes = quantizer.encode(images, texts)
+    assert torch.equal(codes[:, :C], quantizer.text_codes(texts))
+    assert torch.equal(codes[:, C:], plain.encode(images, texts))  # the dot and image tokens are unchanged
+    assert torch.equal(quantizer.decode(codes), plain.decode(codes[:, C:]))  # only the image tokens decode
+    counts = torch.bincount(codes[:, 0], minlength=8)
+    assert counts.min() >= 74 and counts.max() <= 76  # text buckets are quantiles of the training text embeddings
+
+    allowed = allowed_tokens(quantizer, ARPriorSamplingConfig(), text_embeds=texts[:5])
+    assert allowed.shape == (5, 2 * C + 1, 8) and bool((allowed[:, :C].sum(-1) == 1).all())
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=20 + 8, prefix_len=3, image_grid=(1, quantizer.num_tokens), n_layer=1, n_head=2, n_embd=16))
+    sampled = sample_image_tokens(gpt, torch.tensor([[1, 2, 19]] * 5), image_offset=20, num_codes=8,
+                                  allowed_codes=allowed, config=SamplingConfig(cfg_scale=2.0),
+                                  uncond_prefix=torch.tensor([0, 0, 19]), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled[:, :C], codes[:5, :C]) and sampled[:, C].min() >= 4
+    with pytest.raises(ARPriorError, match="pass text_embeds"):
+        allowed_tokens(quantizer, ARPriorSamplingConfig())
 
 
 def test_quantizer_save_load_is_identical(tmp_path):
     images = sphere_data(500, seed=4)
     texts = sphere_data(500, seed=5)
-    quantizer = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True, dequantize="midpoint")
+    quantizer = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True, text_tokens=True,
+                                       dequantize="midpoint")
     quantizer.save_pretrained(tmp_path / "q")
     loaded = EmbeddingQuantizer.from_pretrained(tmp_path / "q")
     assert loaded.config == quantizer.config
@@ -209,9 +237,13 @@ def test_training_lowers_the_loss_and_writes_an_ar_prior(trained):
     assert fitted["dim"] == 16 and fitted["explained_variance"] >= 0.99 and fitted["num_buckets"] == 16
     assert 0.9 < fitted["round_trip_cosine"] <= fitted["round_trip_pca_cosine"] + 1e-4
     assert metrics["eval"]["val/loss"] < metrics["eval"]["val/loss_uncond"] + 0.5
+    scores = metrics["prior_eval"]
+    assert scores["ar_prior/num_candidates"] == 64 and -1 <= scores["ar_prior/cosine"] <= 1
+    assert 1 <= scores["ar_prior/median_rank"] <= 64 and 0 <= scores["nearest_caption/top1"] <= 1
+    assert scores["mean_embedding/cosine"] > 0.5  # an untrained CLIP's embeddings all point one way
     prior = ARPrior.load(trained.result.artifacts_dir)
     assert prior.clip_sha256 == trained.clip.sha256
-    assert prior.layout.text_len == 31 and prior.layout.num_image_tokens == fitted["n_components"] + 1
+    assert prior.layout.text_len == 31 and prior.layout.num_image_tokens == 2 * fitted["n_components"] + 1
     with pytest.raises(FileExistsError, match="already holds checkpoint"):
         train_ar_prior(trained.exp)
 
@@ -219,22 +251,26 @@ def test_training_lowers_the_loss_and_writes_an_ar_prior(trained):
 def test_sampling_is_seeded_and_returns_unit_embeddings(trained):
     prior = ARPrior.load(trained.result.artifacts_dir)
     captions = ["a red circle", "two blue squares in the top left", ""]
+    text = trained.clip.encode_text(captions).embeds
     config = ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=2.0))
-    first = sample_ar_prior(prior, captions, config=config, generator=torch.Generator().manual_seed(0))
-    again = sample_ar_prior(prior, captions, config=config, generator=torch.Generator().manual_seed(0))
-    other = sample_ar_prior(prior, captions, config=config, generator=torch.Generator().manual_seed(1))
+    first = sample_ar_prior(prior, captions, text_embeds=text, config=config, generator=torch.Generator().manual_seed(0))
+    again = sample_ar_prior(prior, captions, text_embeds=text, config=config, generator=torch.Generator().manual_seed(0))
+    other = sample_ar_prior(prior, captions, text_embeds=text, config=config, generator=torch.Generator().manual_seed(1))
     assert first.shape == (3, 16) and torch.equal(first, again) and not torch.equal(first, other)
     assert torch.allclose(first.norm(dim=-1), torch.ones(3), atol=1e-5)
-    free = sample_ar_prior(prior, captions, config=ARPriorSamplingConfig(dot_quantile=None),
+    free = sample_ar_prior(prior, captions, text_embeds=text, config=ARPriorSamplingConfig(dot_quantile=None),
                            generator=torch.Generator().manual_seed(0))
     assert free.shape == (3, 16)
+    with pytest.raises(ARPriorError, match="pass text_embeds"):
+        sample_ar_prior(prior, captions)
 
 
 def test_a_prior_with_a_swapped_quantizer_is_refused(trained, tmp_path):
     copy = tmp_path / "prior"
     shutil.copytree(trained.result.artifacts_dir, copy)
     images = sphere_data(300, dim=16)
-    EmbeddingQuantizer.fit(images, text_embeds=images, num_buckets=16, dot_token=True).save_pretrained(copy / QUANTIZER_DIR)
+    other = EmbeddingQuantizer.fit(images, text_embeds=images, num_buckets=16, dot_token=True, text_tokens=True)
+    other.save_pretrained(copy / QUANTIZER_DIR)
     with pytest.raises(ARPriorError, match="trained on tokens of quantizer"):
         ARPrior.load(copy)
     with pytest.raises(ARPriorError, match="ar_prior.json missing"):

@@ -13,13 +13,22 @@ import torch
 from accelerate import PartialState
 
 from argen.data.codes import CodeShardMeta, CodeShardWriter
+from argen.eval.prior_metrics import PriorMetrics, mean_embedding_prior, nearest_caption_prior, prior_metrics
 from argen.pipeline import GPT_DIR
+from argen.sample import SamplingConfig
 from argen.tasks.gpt import GPTArchitecture, GPTDataConfig, GPTEvalConfig, GPTExperiment, train_gpt
 from argen.text import TOKENIZER_FILE, TextTokenizer, resolve_tokenizer_file
 from argen.train.checkpoint import latest_checkpoint
 from argen.train.loop import OptimizerConfig, ResumeMismatchError, TrainConfig, TrainResult
 from argen.unclip.ar_prior import DEQUANTIZE, EmbeddingQuantizer
-from argen.unclip.ar_prior_sampling import AR_PRIOR_FILE, FORMAT, QUANTIZER_DIR
+from argen.unclip.ar_prior_sampling import (
+    AR_PRIOR_FILE,
+    FORMAT,
+    QUANTIZER_DIR,
+    ARPrior,
+    ARPriorSamplingConfig,
+    sample_ar_prior,
+)
 from argen.unclip.clip import ClipEncoder
 from argen.unclip.embeddings import EmbeddingShard
 from tokenizers_img.config import to_dict
@@ -53,12 +62,13 @@ class ARPriorDataConfig:
 @dataclass
 class QuantizerSettings:
     """How the training image embeddings become tokens: PCA keeping `variance` of the variance (or exactly
-    `n_components`), `num_buckets` quantile buckets per coordinate, DALL-E 2's dot-product token, and the value a
-    bucket decodes to."""
+    `n_components`), `num_buckets` quantile buckets per coordinate, DALL-E 2's given tokens (the caption's text
+    embedding, the text-image dot product), and the value a bucket decodes to. See QuantizerConfig."""
 
     num_buckets: int = 64
     variance: float = 0.99
     n_components: int | None = None
+    text_tokens: bool = False
     dot_token: bool = True
     dequantize: Literal["mean", "midpoint"] = "mean"
 
@@ -74,6 +84,22 @@ class QuantizerSettings:
 
 
 @dataclass
+class PriorEvalConfig:
+    """After training, the prior's samples for the first `max_items` val captions (0: skip) are scored against their
+    true image embeddings (argen.eval.prior_metrics), beside the mean-embedding and nearest-caption priors."""
+
+    max_items: int = 1000
+    cfg_scale: float = 1.0
+    batch_size: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_items < 0 or self.batch_size < 1:
+            raise ValueError(f"prior_eval.max_items must be >= 0 and batch_size >= 1, got {self.max_items} and "
+                             f"{self.batch_size}.")
+
+
+@dataclass
 class ARPriorExperiment:
     """One AR prior run: the quantizer, then a GPT (the GPT task's model/train/optimizer/eval sections) over
     [caption | BOI | dot token, PCA tokens]. cond_drop_prob: share of captions dropped for CFG."""
@@ -84,6 +110,7 @@ class ARPriorExperiment:
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval: GPTEvalConfig = field(default_factory=GPTEvalConfig)
+    prior_eval: PriorEvalConfig = field(default_factory=PriorEvalConfig)
     cond_drop_prob: float = 0.1
 
     def __post_init__(self) -> None:
@@ -113,7 +140,7 @@ def write_token_shard(quantizer: EmbeddingQuantizer, embeddings: EmbeddingSet, o
                       split: str) -> Path:
     """The quantizer's tokens (N, num_tokens) of an embedding set, with its captions, as a code shard of grid
     (1, num_tokens) and K codes; `tokenizer_hash` is the quantizer's, so the GPT records which quantizer it read."""
-    tokens = quantizer.encode(embeddings.image_embeds, embeddings.text_embeds if quantizer.config.dot_token else None)
+    tokens = quantizer.encode(embeddings.image_embeds, embeddings.text_embeds)
     if out.exists():
         shutil.rmtree(out)  # written from scratch each run: deterministic, and seconds to make
     meta = CodeShardMeta(num_items=len(tokens), done=0, grid=(1, quantizer.num_tokens), num_codes=quantizer.num_buckets,
@@ -122,6 +149,29 @@ def write_token_shard(quantizer: EmbeddingQuantizer, embeddings: EmbeddingSet, o
     CodeShardWriter(out, meta, resume=False).append(tokens.numpy(), embeddings.captions,
                                                     [f"{split}/{i}" for i in range(len(tokens))])
     return out
+
+
+def score_ar_prior(prior: ARPrior, embeddings: EmbeddingSet, *, config: ARPriorSamplingConfig = ARPriorSamplingConfig(),
+                   seed: int = 0, batch_size: int = 250, max_items: int | None = None) -> PriorMetrics:
+    """Sample the prior for the first `max_items` captions of `embeddings` (batch k seeded with seed + k) and score
+    the samples against their true image embeddings, ranked among those same true images."""
+    n = len(embeddings.captions) if max_items is None else min(max_items, len(embeddings.captions))
+    predicted = torch.cat([
+        sample_ar_prior(prior, embeddings.captions[i:i + batch_size], text_embeds=embeddings.text_embeds[i:i + batch_size],
+                        config=config, generator=torch.Generator().manual_seed(seed + k))
+        for k, i in enumerate(range(0, n, batch_size))
+    ])
+    return prior_metrics(predicted, embeddings.image_embeds[:n])
+
+
+def trivial_prior_metrics(train: EmbeddingSet, val: EmbeddingSet, *, max_items: int | None = None) -> dict[str, float]:
+    """The two priors every real prior must beat, on the first `max_items` val items: the mean training image
+    embedding and the image of the nearest training caption."""
+    n = len(val.captions) if max_items is None else min(max_items, len(val.captions))
+    true = val.image_embeds[:n]
+    mean = prior_metrics(mean_embedding_prior(train.image_embeds, n), true)
+    nearest = prior_metrics(nearest_caption_prior(train.text_embeds, train.image_embeds, val.text_embeds[:n]), true)
+    return {**mean.summary("mean_embedding/"), **nearest.summary("nearest_caption/")}
 
 
 def _same_quantizer(a: EmbeddingQuantizer, b: EmbeddingQuantizer) -> bool:
@@ -138,7 +188,8 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
         final/quantizer/       the EmbeddingQuantizer (config.json + model.safetensors)
         final/ar_prior.json    written last: format, CLIP sha256 and path, part hashes, quantizer summary
 
-    out_dir/metrics.json gains the quantizer summary, its val round-trip cosine and the wall time.
+    out_dir/metrics.json gains the quantizer summary, its val round-trip error, the wall time (fit + tokens +
+    GPT training) and, with `prior_eval.max_items`, the sampled prior's val metrics beside the two trivial priors.
     """
     start = time.perf_counter()
     data, settings = experiment.data, experiment.quantizer
@@ -157,7 +208,7 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
     quantizer = EmbeddingQuantizer.fit(train_set.image_embeds, text_embeds=train_set.text_embeds,
                                        num_buckets=settings.num_buckets, variance=settings.variance,
                                        n_components=settings.n_components, dot_token=settings.dot_token,
-                                       dequantize=settings.dequantize)
+                                       text_tokens=settings.text_tokens, dequantize=settings.dequantize)
     quantizer_dir, codes_dir = out_dir / QUANTIZER_DIR, out_dir / CODES_DIR
     state = PartialState()  # the same process group the training loop's Accelerator joins
     if state.is_main_process:  # the fit is deterministic: every process holds the same quantizer, one writes it
@@ -181,7 +232,8 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
               "round_trip_relative_mse": round(round_trip.relative_mse, 6)}
     state.print(f"AR prior quantizer: D={fitted['dim']}, {fitted['n_components']} PCA components hold "
                 f"{fitted['explained_variance']:.4f} of the variance (threshold {settings.variance}), "
-                f"{fitted['num_buckets']} buckets, dot token {'on' if settings.dot_token else 'off'}; round-trip "
+                f"{fitted['num_buckets']} buckets, text tokens {'on' if settings.text_tokens else 'off'}, dot token "
+                f"{'on' if settings.dot_token else 'off'}; round-trip "
                 f"cosine on {fitted['round_trip_split']}: {round_trip.cosine:.4f} (PCA alone {round_trip.pca_cosine:.4f}), "
                 f"error/variance {round_trip.relative_mse:.4f} (PCA alone {round_trip.pca_relative_mse:.4f})")
 
@@ -206,8 +258,18 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
                   "text_tokenizer": {"path": TOKENIZER_FILE, "sha256": text.sha256}},
     }
     atomic_write_bytes(final / AR_PRIOR_FILE, json.dumps(manifest, indent=2).encode())
+    train_seconds = round(time.perf_counter() - start, 1)
     metrics_file = out_dir / "metrics.json"
     report = json.loads(metrics_file.read_text())
-    report.update(ar_prior=str(final), quantizer=fitted, wall_seconds=round(time.perf_counter() - start, 1))
+    report.update(ar_prior=str(final), quantizer=fitted, wall_seconds=train_seconds)
+    ev = experiment.prior_eval
+    if val_set is not None and ev.max_items > 0:
+        config = ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=ev.cfg_scale))
+        scores = score_ar_prior(ARPrior.load(final), val_set, config=config, seed=ev.seed, batch_size=ev.batch_size,
+                                max_items=ev.max_items)
+        report["prior_eval"] = {"sampling": to_dict(config), **scores.summary("ar_prior/"),
+                                **trivial_prior_metrics(train_set, val_set, max_items=ev.max_items)}
+        print("AR prior on val: " + ", ".join(f"{k} {v:.4g}" for k, v in report["prior_eval"].items()
+                                              if k.endswith(("cosine", "top1", "top5"))))
     atomic_write_bytes(metrics_file, json.dumps(report, indent=2).encode())
     return result

@@ -1,5 +1,5 @@
 """The AR prior's tokenizer: unit CLIP image embeddings -> PCA coordinates in order of variance -> quantile buckets
-(plus DALL-E 2's quantised text-image dot-product token), and back."""
+(after DALL-E 2's given tokens: the quantised text embedding and text-image dot product), and back."""
 
 from __future__ import annotations
 
@@ -96,8 +96,10 @@ class QuantizerConfig:
     """Shape of a fitted EmbeddingQuantizer.
 
     dim: D, the CLIP embedding width. n_components: C, the PCA coordinates kept (one token each, largest variance
-    first). num_buckets: K, buckets per coordinate (and for the dot-product token). dot_token: prepend the quantised
-    dot product of the unit text and image embeddings (DALL-E 2), so a row has C + 1 tokens. dequantize: a bucket
+    first). num_buckets: K, buckets per coordinate (and per given token). text_tokens: prepend the caption's CLIP
+    text embedding as C tokens (its coordinates in the image PCA basis, in buckets fitted on the training text
+    embeddings; DALL-E 2 puts z_t in the prior's prefix). dot_token: then the quantised dot product of the unit
+    text and image embeddings (DALL-E 2). A row is [text tokens] [dot token] image tokens. dequantize: a bucket
     decodes to the mean of its training values ("mean") or the middle of its edges ("midpoint").
     """
 
@@ -106,6 +108,7 @@ class QuantizerConfig:
     num_buckets: int
     dot_token: bool = False
     dequantize: Literal["mean", "midpoint"] = "mean"
+    text_tokens: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_components <= self.dim:
@@ -130,11 +133,13 @@ class RoundTrip:
 
 
 class EmbeddingQuantizer(nn.Module, PretrainedMixin):
-    """Unit CLIP image embeddings (N, D) <-> token rows (N, C [+1]) int64 in [0, K).
+    """Unit CLIP image embeddings (N, D) (with their captions' text embeddings) <-> token rows (N, num_tokens) int64
+    in [0, K).
 
-    Token order: [dot-product bucket (if dot_token)] then PCA coordinate 0, 1, ..., C - 1 by decreasing variance.
-    Inputs are L2-normalised first; `decode` returns unit embeddings. Build with `fit`; save/load with
-    `save_pretrained` / `from_pretrained` (config.json + model.safetensors).
+    Token order: [text embedding's C buckets (if text_tokens)] [dot-product bucket (if dot_token)] then the image
+    embedding's PCA coordinates 0, 1, ..., C - 1 by decreasing variance, from `image_start` on. The given tokens
+    (text, dot) are known or chosen at sampling time; only the image tokens decode. Inputs are L2-normalised first;
+    `decode` returns unit embeddings. Build with `fit`; save/load with `save_pretrained` / `from_pretrained`.
     """
 
     config_class = QuantizerConfig
@@ -151,21 +156,24 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         self.register_buffer("bucket_means", torch.zeros(C, K))            # (C, K)
         self.register_buffer("dot_bounds", torch.zeros(n_dot + (1 if n_dot else 0)))  # (K + 1,) or (0,)
         self.register_buffer("dot_means", torch.zeros(n_dot))              # (K,) or (0,)
+        self.register_buffer("text_bounds", torch.zeros(C if config.text_tokens else 0, K + 1))  # (C or 0, K + 1)
 
     # ------------------------------------------------------------------------------------------------ fitting
     @classmethod
     @torch.no_grad()
     def fit(cls, image_embeds: Tensor, *, text_embeds: Tensor | None = None, num_buckets: int = 256,
             variance: float = 0.99, n_components: int | None = None, dot_token: bool = False,
-            dequantize: Literal["mean", "midpoint"] = "mean") -> EmbeddingQuantizer:
+            text_tokens: bool = False, dequantize: Literal["mean", "midpoint"] = "mean") -> EmbeddingQuantizer:
         """Fit the PCA (on the unit image embeddings (N, D)) and the per-coordinate quantile buckets; with `dot_token`
-        also the buckets of the dot products with the unit text embeddings (N, D), which are then required."""
-        if dot_token and text_embeds is None:
-            raise QuantizerError("dot_token=True needs text_embeds: the dot-product buckets are fitted on z_i . z_t.")
+        also the buckets of the dot products with the unit text embeddings (N, D), with `text_tokens` those of the
+        text embeddings' coordinates (text_embeds are then required)."""
+        if (dot_token or text_tokens) and text_embeds is None:
+            raise QuantizerError("dot_token and text_tokens need text_embeds: their buckets are fitted on the captions' "
+                                 "CLIP text embeddings.")
         x = F.normalize(image_embeds.double(), dim=-1)
         pca = fit_pca(x, variance=variance, n_components=n_components)
         quantizer = cls(QuantizerConfig(dim=x.shape[1], n_components=pca.n_components, num_buckets=num_buckets,
-                                        dot_token=dot_token, dequantize=dequantize))
+                                        dot_token=dot_token, dequantize=dequantize, text_tokens=text_tokens))
         coords = (x - pca.mean) @ pca.components.T  # (N, C) float64
         bounds = _quantile_bounds(coords, num_buckets)
         quantizer.mean.copy_(pca.mean)
@@ -173,8 +181,12 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         quantizer.eigenvalues.copy_(pca.eigenvalues)
         quantizer.bounds.copy_(bounds)
         quantizer.bucket_means.copy_(_bucket_means(coords, _bucketize(coords, bounds), bounds))
-        if dot_token:
+        if dot_token or text_tokens:
             quantizer._check_pair(image_embeds, text_embeds)
+        if text_tokens:
+            text_coords = (F.normalize(text_embeds.double(), dim=-1) - pca.mean) @ pca.components.T  # (N, C)
+            quantizer.text_bounds.copy_(_quantile_bounds(text_coords, num_buckets))
+        if dot_token:
             dots = (x * F.normalize(text_embeds.double(), dim=-1)).sum(-1, keepdim=True)  # (N, 1)
             dot_bounds = _quantile_bounds(dots, num_buckets)  # (1, K + 1)
             quantizer.dot_bounds.copy_(dot_bounds[0])
@@ -191,9 +203,19 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         return self.config.num_buckets
 
     @property
+    def image_start(self) -> int:
+        """Index of the first image token: after C text tokens (if text_tokens) and the dot token (if dot_token)."""
+        return self.config.n_components * int(self.config.text_tokens) + int(self.config.dot_token)
+
+    @property
+    def dot_index(self) -> int:
+        """Index of the dot-product token (when dot_token)."""
+        return self.config.n_components * int(self.config.text_tokens)
+
+    @property
     def num_tokens(self) -> int:
-        """Tokens per embedding: C, plus 1 with the dot-product token."""
-        return self.config.n_components + int(self.config.dot_token)
+        """Tokens per row: the given ones, then C image tokens."""
+        return self.image_start + self.config.n_components
 
     @property
     def explained_variance(self) -> float:
@@ -204,7 +226,8 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         """The fitted sizes, for logs and reports."""
         return {"dim": self.config.dim, "n_components": self.n_components,
                 "explained_variance": round(self.explained_variance, 6), "num_buckets": self.num_buckets,
-                "dot_token": self.config.dot_token, "dequantize": self.config.dequantize, "num_tokens": self.num_tokens}
+                "text_tokens": self.config.text_tokens, "dot_token": self.config.dot_token,
+                "dequantize": self.config.dequantize, "num_tokens": self.num_tokens}
 
     def upper_dot_buckets(self, quantile: float = 0.5) -> int:
         """The first dot-product bucket lying wholly at or above `quantile` of the training dot products: bucket k
@@ -240,17 +263,27 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         dots = (F.normalize(image_embeds.float(), dim=-1) * F.normalize(text_embeds.float(), dim=-1)).sum(-1)
         return _bucketize(dots[:, None], self.dot_bounds[None])[:, 0]
 
+    def text_codes(self, text_embeds: Tensor) -> Tensor:
+        """The text-embedding tokens (N, C) int64 in [0, K): buckets of unit(z_t)'s image-PCA coordinates."""
+        if not self.config.text_tokens:
+            raise QuantizerError("this quantizer was fitted without text-embedding tokens (text_tokens=False).")
+        self._check_embeddings("text_embeds", text_embeds)
+        return _bucketize(self.coordinates(text_embeds), self.text_bounds)
+
     @torch.no_grad()
     def encode(self, image_embeds: Tensor, text_embeds: Tensor | None = None) -> Tensor:
-        """Image embeddings (N, D) (and, with the dot token, the paired text embeddings (N, D)) -> tokens
-        (N, num_tokens) int64 in [0, K): [dot bucket,] then the bucket of each PCA coordinate."""
+        """Image embeddings (N, D) (and, with given tokens, the paired text embeddings (N, D)) -> tokens
+        (N, num_tokens) int64 in [0, K): [text buckets,] [dot bucket,] then the bucket of each PCA coordinate."""
         codes = _bucketize(self.coordinates(image_embeds), self.bounds)  # (N, C)
-        if not self.config.dot_token:
+        if self.image_start == 0:
             return codes
         if text_embeds is None:
-            raise QuantizerError("this quantizer prepends the dot-product token: encode(image_embeds, text_embeds) "
-                                 "needs the text embeddings of the captions.")
-        return torch.cat([self.dot_codes(image_embeds, text_embeds)[:, None], codes], dim=1)
+            raise QuantizerError("this quantizer prepends text-embedding or dot-product tokens: "
+                                 "encode(image_embeds, text_embeds) needs the text embeddings of the captions.")
+        given = [self.text_codes(text_embeds)] if self.config.text_tokens else []
+        if self.config.dot_token:
+            given.append(self.dot_codes(image_embeds, text_embeds)[:, None])
+        return torch.cat([*given, codes], dim=1)
 
     def bucket_values(self, dequantize: str | None = None) -> Tensor:
         """(C, K) the coordinate value each bucket decodes to: training means or edge midpoints."""
@@ -261,14 +294,14 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
 
     @torch.no_grad()
     def decode(self, codes: Tensor, *, dequantize: str | None = None) -> Tensor:
-        """Tokens (N, num_tokens) int64 in [0, K) -> unit image embeddings (N, D) float32: dequantise each coordinate,
-        invert the PCA, L2-normalise. The dot-product token, if present, is dropped."""
+        """Tokens (N, num_tokens) int64 in [0, K) -> unit image embeddings (N, D) float32: dequantise each image
+        coordinate, invert the PCA, L2-normalise. The given tokens (text, dot) are dropped."""
         if codes.ndim != 2 or codes.shape[1] != self.num_tokens:
-            raise QuantizerError(f"codes must be (N, {self.num_tokens}) (= {self.n_components} PCA tokens"
-                                 f"{' + the dot token' if self.config.dot_token else ''}), got {tuple(codes.shape)}.")
+            raise QuantizerError(f"codes must be (N, {self.num_tokens}) (= {self.image_start} given tokens + "
+                                 f"{self.n_components} image tokens), got {tuple(codes.shape)}.")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_buckets):
             raise QuantizerError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {self.num_buckets}).")
-        codes = codes[:, int(self.config.dot_token):].long()  # (N, C)
+        codes = codes[:, self.image_start:].long()  # (N, C)
         values = self.bucket_values(dequantize)
         coords = values[torch.arange(self.n_components, device=codes.device), codes]  # (N, C)
         return F.normalize(self.mean + coords @ self.components, dim=-1)
@@ -279,8 +312,7 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         x = F.normalize(image_embeds.float(), dim=-1)
         pca_only = F.normalize(self.mean + self.coordinates(x) @ self.components, dim=-1)
         codes = _bucketize(self.coordinates(x), self.bounds)
-        if self.config.dot_token:  # the dot token does not take part in decoding
-            codes = F.pad(codes, (1, 0))
+        codes = F.pad(codes, (self.image_start, 0))  # the given tokens do not take part in decoding
         decoded = self.decode(codes, dequantize=dequantize)
         variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
         return RoundTrip(pca_cosine=float((x * pca_only).sum(-1).mean()), cosine=float((x * decoded).sum(-1).mean()),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from argen.layout import SequenceLayout
@@ -96,37 +97,54 @@ class ARPrior:
                    clip_sha256=manifest["clip_sha256"], manifest=manifest)
 
 
-def allowed_tokens(quantizer: EmbeddingQuantizer, config: ARPriorSamplingConfig) -> Tensor | None:
-    """The sampler's bool (num_tokens, K) mask: the dot-product token limited to its top buckets (or one fixed bucket),
-    the PCA tokens free. None when nothing is restricted."""
-    if not quantizer.config.dot_token or (config.dot_quantile is None and config.dot_value is None):
+def allowed_tokens(quantizer: EmbeddingQuantizer, config: ARPriorSamplingConfig, *,
+                   text_embeds: Tensor | None = None) -> Tensor | None:
+    """The sampler's bool mask over (position, bucket): the text-embedding tokens forced to the captions' own (then
+    (B, num_tokens, K) for the B rows of `text_embeds`), the dot-product token limited to its top buckets (or one
+    fixed bucket), the image tokens free. None when nothing is restricted."""
+    restrict_dot = quantizer.config.dot_token and (config.dot_quantile is not None or config.dot_value is not None)
+    if not restrict_dot and not quantizer.config.text_tokens:
         return None
     allowed = torch.ones(quantizer.num_tokens, quantizer.num_buckets, dtype=torch.bool)
-    allowed[0] = False
-    if config.dot_value is not None:
-        bucket = torch.searchsorted(quantizer.dot_bounds[1:-1].cpu(), torch.tensor([float(config.dot_value)]), right=True)
-        allowed[0, int(bucket)] = True
-    else:
-        allowed[0, quantizer.upper_dot_buckets(config.dot_quantile):] = True
+    if restrict_dot:
+        dot = quantizer.dot_index
+        allowed[dot] = False
+        if config.dot_value is not None:
+            bucket = torch.searchsorted(quantizer.dot_bounds[1:-1].cpu(), torch.tensor([float(config.dot_value)]), right=True)
+            allowed[dot, int(bucket)] = True
+        else:
+            allowed[dot, quantizer.upper_dot_buckets(config.dot_quantile):] = True
+    if not quantizer.config.text_tokens:
+        return allowed
+    if text_embeds is None:
+        raise ARPriorError("this AR prior reads the captions' CLIP text embeddings (text_tokens): pass text_embeds, "
+                           "e.g. ClipEncoder.encode_text(captions).embeds of the CLIP it was trained with.")
+    codes = quantizer.text_codes(text_embeds.to(quantizer.mean.device)).cpu()  # (B, C)
+    allowed = allowed.repeat(len(codes), 1, 1)  # (B, num_tokens, K)
+    allowed[:, : quantizer.n_components] = F.one_hot(codes, quantizer.num_buckets).bool()
     return allowed
 
 
-def sample_ar_prior(prior: ARPrior, captions: Sequence[str], *, config: ARPriorSamplingConfig = ARPriorSamplingConfig(),
-                    generator: Generators = None) -> Tensor:
+def sample_ar_prior(prior: ARPrior, captions: Sequence[str], *, text_embeds: Tensor | None = None,
+                    config: ARPriorSamplingConfig = ARPriorSamplingConfig(), generator: Generators = None) -> Tensor:
     """Captions (B strings) -> predicted CLIP image embeddings (B, D) float32, unit norm.
 
-    The GPT samples the caption's token row (dot-product bucket per `config`, then PCA buckets by decreasing
-    variance) with `sample_image_tokens`; the quantizer dequantises it and inverts the PCA. "" is the unconditional
-    caption. generator: one torch.Generator, one per caption (a caption's sample then does not depend on the batch),
-    or None for the global RNG.
+    The GPT samples the caption's token row with `sample_image_tokens`: the text-embedding tokens given (a prior
+    trained with them needs `text_embeds` (B, D), the captions' CLIP text embeddings), the dot-product bucket per
+    `config`, then the image PCA buckets by decreasing variance; the quantizer dequantises them and inverts the PCA.
+    "" is the unconditional caption. generator: one torch.Generator, one per caption (a caption's sample then does
+    not depend on the batch), or None for the global RNG.
     """
     if isinstance(captions, str):
         captions = [captions]
     if not captions:
         raise ValueError("sample_ar_prior needs at least one caption.")
+    if text_embeds is not None and len(text_embeds) != len(captions):
+        raise ValueError(f"got {len(captions)} captions but {len(text_embeds)} text embeddings; they pair row by row.")
     layout, device = prior.layout, next(prior.gpt.parameters()).device
     prefix = layout.prefix(prior.text_tokenizer.encode(list(captions), text_len=layout.text_len)).to(device)
     codes = sample_image_tokens(prior.gpt, prefix, image_offset=layout.image_offset, num_codes=layout.num_codes,
                                 uncond_prefix=layout.uncond_prefix(device=device), config=config.tokens,
-                                generator=generator, allowed_codes=allowed_tokens(prior.quantizer, config))
+                                generator=generator,
+                                allowed_codes=allowed_tokens(prior.quantizer, config, text_embeds=text_embeds))
     return prior.quantizer.decode(codes)  # (B, D)
