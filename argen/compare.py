@@ -130,6 +130,36 @@ class GPTSystem:
         return count_flops(lambda: plain.generate([prompt], sampling=self.sampling, seed=seed))
 
 
+class UnclipSystem:
+    """The unCLIP road with one prior ("diffusion", "ar" or "none") of a unCLIP pipeline directory."""
+
+    family = "unclip"
+
+    def __init__(self, pipeline, sampling, *, name: str) -> None:
+        self.pipeline, self.sampling, self.name = pipeline, sampling, name
+        s = sampling
+        self.settings: dict[str, Any] = {"prior": s.prior}
+        if s.prior == "diffusion":
+            self.settings.update(prior_sampler=s.diffusion.sampler, prior_steps=s.diffusion.steps,
+                                 prior_cfg=s.diffusion.cfg_scale, best_of=s.diffusion.best_of)
+        elif s.prior == "ar":
+            self.settings.update(prior_cfg=s.ar.tokens.cfg_scale, prior_top_k=s.ar.tokens.top_k,
+                                 dot_quantile=s.ar.dot_quantile)
+        self.settings.update(decoder_sampler=s.decoder.sampler, decoder_steps=s.decoder.steps,
+                             decoder_cfg=s.decoder.cfg_scale)
+
+    def generate(self, prompts: Sequence[str], *, n_per_prompt: int, seed: int) -> Generation:
+        out = self.pipeline.generate(list(prompts), n_per_prompt=n_per_prompt, seed=seed, sampling=self.sampling)
+        return Generation(images=out.images, prompts=out.prompts, sample_index=out.sample_index,
+                          image_embeds=out.image_embeds)
+
+    def calls_per_image(self) -> int:
+        return self.pipeline.calls_per_image(self.sampling)
+
+    def flops_per_image(self, prompt: str, *, seed: int) -> float:
+        return count_flops(lambda: self.pipeline.generate([prompt], seed=seed, sampling=self.sampling))
+
+
 # ----------------------------------------------------------------------------------------------- scoring
 @dataclass
 class SystemResult:
@@ -349,3 +379,245 @@ def plot_sweeps(sweeps: dict[str, list[tuple[float, SystemResult]]], path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- the comparison
+@dataclass
+class CompareSettings:
+    """What `run_compare` generates. Sweeps run one knob at a time (others at the main settings) on the first
+    `sweep_prompts` prompts; an empty tuple skips that sweep."""
+
+    num_val_prompts: int = 200
+    num_heldout_prompts: int = 40
+    n_per_prompt: int = 2
+    seed: int = 0
+    n_boot: int = 1000
+    reference_images: int = 2000
+    sweep_prompts: int = 48
+    sweep_gpt_cfg: tuple[float, ...] = ()
+    sweep_prior_cfg: tuple[float, ...] = ()
+    sweep_decoder_cfg: tuple[float, ...] = ()
+    sweep_prior_steps: tuple[int, ...] = ()
+    sweep_decoder_steps: tuple[int, ...] = ()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def _grid(generation: Generation, path: Path, *, prompts: int = 8) -> None:
+    from argen.viz import contact_sheet, save_png
+
+    keep = [i for i, p in enumerate(generation.prompts) if p in list(dict.fromkeys(generation.prompts))[:prompts]]
+    n = max(generation.sample_index) + 1
+    save_png(contact_sheet([generation.images[i] for i in keep], [generation.prompts[i] for i in keep], columns=n), path)
+
+
+def _verdicts(results: dict[str, SystemResult], gens: dict[str, Generation], *, n_boot: int, seed: int) -> list[str]:
+    """Paired prompt-bootstrap differences AR prior - diffusion prior (and each prior - no prior)."""
+    lines = []
+    pairs = [("unCLIP AR prior", "unCLIP diffusion prior"), ("unCLIP AR prior", "unCLIP no prior"),
+             ("unCLIP diffusion prior", "unCLIP no prior"), ("AR token GPT", "unCLIP diffusion prior"),
+             ("AR token GPT", "unCLIP AR prior")]
+    for a, b in pairs:
+        if a not in results or b not in results:
+            continue
+        ra, rb = results[a], results[b]
+        boot = PromptBootstrap(gens[a].prompts, n_boot=n_boot, seed=seed)
+        acc = boot.difference(ra.per_image_correct, rb.per_image_correct)
+        verdict = ("no significant difference" if acc.low <= 0 <= acc.high
+                   else f"{a if acc.estimate > 0 else b} is more accurate")
+        lines.append(f"- Whole-prompt accuracy, {a} minus {b}: {_fmt(acc, percent=True)} points: {verdict}.")
+        for metric, label in (("clip_score", "judge-CLIP score"), ("diversity", "diversity")):
+            x, y = getattr(ra, metric), getattr(rb, metric)
+            if x is None or y is None:
+                continue
+            overlap = not (x.low > y.high or y.low > x.high)
+            lines.append(f"  - {label}: {_fmt(x, digits=3)} vs {_fmt(y, digits=3)}"
+                         + (" (intervals overlap)" if overlap else f" ({a if x.estimate > y.estimate else b} higher)"))
+        cost = ra.flops_per_image / max(rb.flops_per_image, 1.0)
+        lines.append(f"  - cost: {_flops(ra.flops_per_image)} vs {_flops(rb.flops_per_image)} per image ({cost:.2f}x), "
+                     f"{ra.seconds_per_image:.3f} vs {rb.seconds_per_image:.3f} s per image.")
+    return lines
+
+
+def run_compare(out: str | Path, *, judge_clip: str | Path, gpt_pipeline: str | Path | None = None,
+                unclip_pipeline: str | Path | None = None, gpt_sampling=None, unclip_sampling=None,
+                train_embeddings: str | Path | None = None, settings: CompareSettings | None = None) -> dict:
+    """Run every available system on one prompt set and write out/report.md, out/results.json, grids, plots and the
+    samples (out/samples/<system>/ with metadata.jsonl, for `argen data judge`)."""
+    from argen.data.shapes import ShapesDataset
+    from argen.sample import SamplingConfig
+    from argen.unclip.pipeline import UnclipPipeline, UnclipSampling
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings or CompareSettings()
+    gpt_sampling = gpt_sampling or SamplingConfig(top_k=4)
+    base = unclip_sampling or UnclipSampling()
+    start_all = time.perf_counter()
+    prompt_set = compare_prompts(num_val=settings.num_val_prompts, num_heldout=settings.num_heldout_prompts)
+    judge = ClipEncoder.load(judge_clip)
+    unclip = UnclipPipeline.load(unclip_pipeline) if unclip_pipeline is not None else None
+    if unclip is not None and judge.sha256 == unclip.clip.sha256:
+        raise ValueError("the judge CLIP is the generators' CLIP: train a separate judge CLIP (its own seed and data).")
+    val = ShapesDataset("val")
+    reference = torch.stack([val[i]["image"] for i in range(min(settings.reference_images, len(val)))])
+    scorer = Scorer(prompt_set, judge_clip=judge, reference_images=reference,
+                    generator_clip=unclip.clip if unclip is not None else None, n_boot=settings.n_boot, seed=settings.seed)
+    n_images = len(prompt_set.prompts) * settings.n_per_prompt
+    train = ShapesDataset("train")
+    floor = scorer.real_floor(torch.stack([train[i]["image"] for i in range(n_images)]))
+
+    def systems_for(gpt_s, unclip_s: dict[str, Any]) -> list:
+        systems = []
+        if gpt_pipeline is not None:
+            systems.append(GPTSystem(gpt_pipeline, gpt_s))
+        if unclip is not None:
+            names = {"ar": "unCLIP AR prior", "diffusion": "unCLIP diffusion prior", "none": "unCLIP no prior"}
+            for prior in unclip.priors:
+                systems.append(UnclipSystem(unclip, UnclipSampling(prior=prior, **unclip_s), name=names[prior]))
+        return systems
+
+    base_kwargs = {"diffusion": base.diffusion, "ar": base.ar, "decoder": base.decoder}
+    results: dict[str, SystemResult] = {}
+    gens: dict[str, Generation] = {}
+    for system in systems_for(gpt_sampling, base_kwargs):
+        print(f"[compare] {system.name}: {len(prompt_set.prompts)} prompts x {settings.n_per_prompt}", flush=True)
+        result, gen = run_system(system, scorer, n_per_prompt=settings.n_per_prompt, seed=settings.seed,
+                                 samples_dir=out / "samples" / _slug(system.name))
+        results[system.name], gens[system.name] = result, gen
+        _grid(gen, out / f"grid_{_slug(system.name)}.png")
+        print(f"[compare]   whole prompt {_fmt(result.accuracy, percent=True)}, {result.seconds_per_image:.3f} s/image",
+              flush=True)
+
+    trivial = {}
+    if unclip is not None and train_embeddings is not None:
+        trivial = trivial_prior_rows(scorer, unclip.clip, train_embeddings, n_per_prompt=settings.n_per_prompt,
+                                     n_boot=settings.n_boot, seed=settings.seed)
+
+    sweeps: dict[str, list[tuple[float, SystemResult]]] = {}
+    sweep_prompts = prompt_set.prompts[: settings.sweep_prompts]
+    import dataclasses
+
+    def sweep(knob: str, values, make) -> None:
+        for v in values:
+            system = make(v)
+            print(f"[compare] sweep {knob} = {v}: {system.name}", flush=True)
+            result, _ = run_system(system, scorer, n_per_prompt=settings.n_per_prompt, seed=settings.seed,
+                                   prompts=sweep_prompts)
+            sweeps.setdefault(knob, []).append((float(v), result))
+
+    if gpt_pipeline is not None and settings.sweep_gpt_cfg:
+        sweep("GPT cfg", settings.sweep_gpt_cfg,
+              lambda v: GPTSystem(gpt_pipeline, dataclasses.replace(gpt_sampling, cfg_scale=v), name=f"AR token GPT cfg {v:g}"))
+    if unclip is not None:
+        for prior in (p for p in unclip.priors if p != "none"):
+            if settings.sweep_prior_cfg:
+                def make_prior(v, prior=prior):
+                    if prior == "diffusion":
+                        s = UnclipSampling(prior=prior, diffusion=dataclasses.replace(base.diffusion, cfg_scale=v),
+                                           ar=base.ar, decoder=base.decoder)
+                    else:
+                        tokens = dataclasses.replace(base.ar.tokens, cfg_scale=v)
+                        s = UnclipSampling(prior=prior, diffusion=base.diffusion,
+                                           ar=dataclasses.replace(base.ar, tokens=tokens), decoder=base.decoder)
+                    return UnclipSystem(unclip, s, name=f"{prior} prior cfg {v:g}")
+                sweep(f"{prior} prior cfg", settings.sweep_prior_cfg, make_prior)
+        if "diffusion" in unclip.priors and settings.sweep_prior_steps:
+            sweep("diffusion prior steps", settings.sweep_prior_steps, lambda v: UnclipSystem(unclip, UnclipSampling(
+                prior="diffusion", diffusion=dataclasses.replace(base.diffusion, steps=int(v)), ar=base.ar,
+                decoder=base.decoder), name=f"diffusion prior steps {v}"))
+        main_prior = "diffusion" if "diffusion" in unclip.priors else unclip.priors[0]
+        if settings.sweep_decoder_cfg:
+            sweep("decoder cfg", settings.sweep_decoder_cfg, lambda v: UnclipSystem(unclip, UnclipSampling(
+                prior=main_prior, diffusion=base.diffusion, ar=base.ar,
+                decoder=dataclasses.replace(base.decoder, cfg_scale=v)), name=f"decoder cfg {v:g}"))
+        if settings.sweep_decoder_steps:
+            sweep("decoder steps", settings.sweep_decoder_steps, lambda v: UnclipSystem(unclip, UnclipSampling(
+                prior=main_prior, diffusion=base.diffusion, ar=base.ar,
+                decoder=dataclasses.replace(base.decoder, steps=int(v))), name=f"decoder steps {v}"))
+
+    plot_quality_vs_cost(list(results.values()) + [r for pts in sweeps.values() for _, r in pts], out / "quality_vs_cost.png")
+    if sweeps:
+        plot_sweeps(sweeps, out / "sweeps.png")
+    seconds = time.perf_counter() - start_all
+    payload = {
+        "settings": dataclasses.asdict(settings), "prompts": prompt_set.prompts, "kinds": prompt_set.kinds,
+        "judge_clip": {"path": str(judge_clip), "sha256": judge.sha256},
+        "gpt_pipeline": None if gpt_pipeline is None else str(gpt_pipeline),
+        "unclip_pipeline": None if unclip_pipeline is None else str(unclip_pipeline),
+        "frechet_real_floor": floor, "systems": {k: v.as_dict() for k, v in results.items()},
+        "trivial_priors": {k: {m: iv.as_dict() for m, iv in v.items()} for k, v in trivial.items()},
+        "sweeps": {k: [{"value": x, **r.as_dict()} for x, r in pts] for k, pts in sweeps.items()},
+        "verdicts": _verdicts(results, gens, n_boot=settings.n_boot, seed=settings.seed), "seconds": seconds,
+    }
+    atomic_write_bytes(out / "results.json", json.dumps(payload, indent=2).encode())
+    atomic_write_bytes(out / "report.md", compare_report(payload, results, trivial, sweeps).encode())
+    print(f"[compare] wrote {out / 'report.md'} and {out / 'results.json'} in {seconds / 60:.1f} min", flush=True)
+    return payload
+
+
+def trivial_prior_rows(scorer: Scorer, clip: ClipEncoder, train_embeddings: str | Path, *, n_per_prompt: int,
+                       n_boot: int, seed: int) -> dict[str, dict[str, Interval]]:
+    """Prior-only metrics of the two trivial priors on the compare prompts (same rows, ranks and intervals as the
+    real priors): the mean training image embedding, and the image of the nearest training caption."""
+    from argen.eval.prior_metrics import mean_embedding_prior, nearest_caption_prior, prior_metrics
+    from argen.unclip.embeddings import EmbeddingShard
+
+    shard = EmbeddingShard(train_embeddings, clip_sha256=clip.sha256)
+    rows = [p for p in scorer.prompt_set.prompts for _ in range(n_per_prompt)]
+    true = torch.stack([scorer.true_embeds[p] for p in rows])
+    boot = PromptBootstrap(rows, n_boot=n_boot, seed=seed)
+    query = clip.encode_text(rows).embeds
+    preds = {"trivial: mean image embedding": mean_embedding_prior(shard.image_embeds, len(rows)),
+             "trivial: nearest training caption": nearest_caption_prior(shard.text_embeds, shard.image_embeds, query)}
+    out = {}
+    for name, pred in preds.items():
+        m = prior_metrics(pred, true, candidates=scorer.candidates)
+        out[name] = {"cosine": boot.mean(m.cosine.double().numpy()), "top1": boot.mean((m.rank == 1).double().numpy()),
+                     "top5": boot.mean((m.rank <= 5).double().numpy())}
+    return out
+
+
+def compare_report(payload: dict, results: dict[str, SystemResult], trivial: dict[str, dict[str, Interval]],
+                   sweeps: dict[str, list[tuple[float, SystemResult]]]) -> str:
+    kinds = list(dict.fromkeys(payload["kinds"]))
+    s = payload["settings"]
+    counts = ", ".join(f"{payload['kinds'].count(k)} {k}" for k in kinds)
+    lines = [
+        "# argen compare", "",
+        f"{len(payload['prompts'])} prompts ({counts}) x "
+        f"{s['n_per_prompt']} images, seed {s['seed']}, the same for every system. Every quality figure is the estimate "
+        f"with its 95% bootstrap interval over prompts ({s['n_boot']} resamples). Judge: the rule-based shapes judge. "
+        f"Judge CLIP: `{payload['judge_clip']['path']}` (trained separately, used by no generator). Fréchet distance on "
+        f"judge-CLIP image features against {s['reference_images']} real val images; real train images at the same "
+        f"count score {payload['frechet_real_floor']:.3f} (the floor). Diversity: mean pairwise cosine distance of a "
+        "prompt's images (judge-CLIP features). FLOPs: one image measured with torch.utils.flop_counter (CFG "
+        "included). Wall time: the whole set on this machine, per image.", "",
+        "## Systems", "",
+    ]
+    lines += results_table(list(results.values()), kinds=kinds)
+    lines += ["", "## Judge accuracy per attribute", ""] + attribute_table(list(results.values()))
+    priors = {k: v.prior for k, v in results.items() if v.prior is not None}
+    if priors or trivial:
+        lines += ["", "## Prior only (no decoder)", "",
+                  "Cosine between the embedding the decoder is given and the generator CLIP's embedding of the image the "
+                  "caption was written for; top-1 / top-5: that image is the nearest / among the 5 nearest of the "
+                  f"{len(payload['prompts'])} prompts' images. 'no prior' gives the text embedding itself.", "",
+                  "| prior | cosine | top-1 | top-5 |", "| --- | --- | --- | --- |"]
+        for name, m in list(priors.items()) + list(trivial.items()):
+            lines.append(f"| {name} | {_fmt(m['cosine'], digits=3)} | {_fmt(m['top1'], percent=True)} | "
+                         f"{_fmt(m['top5'], percent=True)} |")
+    lines += ["", "## What the measurement says", ""] + (payload["verdicts"] or ["- (fewer than two systems)"])
+    lines += ["", "![quality against cost](quality_vs_cost.png)", ""]
+    if sweeps:
+        lines += ["## Sweeps", "", f"First {s['sweep_prompts']} prompts, one knob at a time.", "", "![sweeps](sweeps.png)", ""]
+        for knob, pts in sweeps.items():
+            lines += [f"**{knob}**", ""] + results_table([r for _, r in sorted(pts, key=lambda p: p[0])], kinds=kinds) + [""]
+    lines += ["## Samples", ""]
+    for name in results:
+        lines += [f"**{name}** (first 8 prompts)", "", f"![{name}](grid_{_slug(name)}.png)", ""]
+    lines += [f"Samples: `samples/<system>/` (PNG + metadata.jsonl; `argen data judge samples/<system>` re-scores them). "
+              f"Total time {payload['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "argen.cli.demo",
     "argen.cli.sample",
     "argen.cli.embed",
+    "argen.cli.compare",
 )
 
 

@@ -1,0 +1,64 @@
+"""`argen compare`: the AR token GPT against unCLIP with the AR prior, the diffusion prior and no prior, on one
+prompt set with the same seeds, judge and judge CLIP (see argen.compare)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare the AR token GPT and unCLIP (AR / diffusion / no prior) on one prompt set")
+    p.add_argument("--judge-clip", required=True, help="the judge CLIP directory (trained separately, e.g. "
+                   "configs/unclip/shapes_judge_clip.yaml); never a generator's CLIP")
+    p.add_argument("--gpt", default=None, help="GPT pipeline directory (argen train gpt ... final/)")
+    p.add_argument("--unclip", default=None, help="unCLIP pipeline directory (argen unclip-pipeline / build_unclip_pipeline)")
+    p.add_argument("--train-embeddings", default=None,
+                   help="embedding shard of the training set (argen embed), for the trivial-prior rows")
+    p.add_argument("-o", "--out", default="compare", help="output directory (default: compare)")
+    p.add_argument("--prompts", type=int, default=200, help="distinct val prompts (default 200)")
+    p.add_argument("--heldout", type=int, default=40, help="distinct held-out prompts (default 40)")
+    p.add_argument("-n", "--num", type=int, default=2, help="images per prompt (default 2; >= 2 for diversity)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--gpt-cfg", type=float, default=1.0)
+    p.add_argument("--gpt-top-k", type=int, default=4)
+    p.add_argument("--prior-sampler", choices=("ddpm", "ddim", "dpm++"), default="ddim")
+    p.add_argument("--prior-steps", type=int, default=25)
+    p.add_argument("--prior-cfg", type=float, default=1.0, help="guidance of both priors")
+    p.add_argument("--best-of", type=int, default=1, help="diffusion prior: best of N by similarity to the text (DALL-E 2: 2)")
+    p.add_argument("--dot-quantile", type=float, default=0.5, help="AR prior: draw the dot-product token at or above "
+                   "this quantile (0.5 = DALL-E 2's top half)")
+    p.add_argument("--decoder-sampler", choices=("ddpm", "ddim", "dpm++"), default="dpm++")
+    p.add_argument("--decoder-steps", type=int, default=20)
+    p.add_argument("--decoder-cfg", type=float, default=3.0)
+    p.add_argument("--sweep-prompts", type=int, default=48, help="prompts used by the sweeps")
+    p.add_argument("--sweep-gpt-cfg", type=float, nargs="*", default=())
+    p.add_argument("--sweep-prior-cfg", type=float, nargs="*", default=())
+    p.add_argument("--sweep-decoder-cfg", type=float, nargs="*", default=())
+    p.add_argument("--sweep-prior-steps", type=int, nargs="*", default=())
+    p.add_argument("--sweep-decoder-steps", type=int, nargs="*", default=())
+    p.set_defaults(func=run_compare_cli)
+
+
+def run_compare_cli(args: argparse.Namespace) -> int:
+    from argen.compare import CompareSettings, run_compare
+    from argen.sample import SamplingConfig
+    from argen.unclip.ar_prior_sampling import ARPriorSamplingConfig
+    from argen.unclip.pipeline import DecoderSampling, DiffusionPriorSampling, UnclipSampling
+
+    if args.gpt is None and args.unclip is None:
+        raise ValueError("give --gpt and/or --unclip: there is nothing to compare.")
+    settings = CompareSettings(
+        num_val_prompts=args.prompts, num_heldout_prompts=args.heldout, n_per_prompt=args.num, seed=args.seed,
+        n_boot=args.n_boot, sweep_prompts=args.sweep_prompts, sweep_gpt_cfg=tuple(args.sweep_gpt_cfg),
+        sweep_prior_cfg=tuple(args.sweep_prior_cfg), sweep_decoder_cfg=tuple(args.sweep_decoder_cfg),
+        sweep_prior_steps=tuple(args.sweep_prior_steps), sweep_decoder_steps=tuple(args.sweep_decoder_steps))
+    unclip_sampling = UnclipSampling(
+        diffusion=DiffusionPriorSampling(sampler=args.prior_sampler, steps=args.prior_steps, cfg_scale=args.prior_cfg,
+                                         best_of=args.best_of),
+        ar=ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=args.prior_cfg), dot_quantile=args.dot_quantile),
+        decoder=DecoderSampling(sampler=args.decoder_sampler, steps=args.decoder_steps, cfg_scale=args.decoder_cfg))
+    run_compare(args.out, judge_clip=args.judge_clip, gpt_pipeline=args.gpt, unclip_pipeline=args.unclip,
+                gpt_sampling=SamplingConfig(cfg_scale=args.gpt_cfg, top_k=args.gpt_top_k), unclip_sampling=unclip_sampling,
+                train_embeddings=args.train_embeddings, settings=settings)
+    return 0
