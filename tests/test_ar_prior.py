@@ -18,6 +18,7 @@ from argen.model.gpt import GPT, GPTConfig
 from argen.sample import SamplingConfig, sample_image_tokens
 from argen.tasks.ar_prior import ARPriorExperiment, train_ar_prior
 from argen.text import dataset_captions, train_text_tokenizer
+from argen.train.loop import ResumeMismatchError
 from argen.unclip.ar_prior import EmbeddingQuantizer, QuantizerError, components_for_variance, fit_pca
 from argen.unclip.ar_prior_sampling import (
     QUANTIZER_DIR,
@@ -246,6 +247,11 @@ def test_training_lowers_the_loss_and_writes_an_ar_prior(trained):
     assert prior.layout.text_len == 31 and prior.layout.num_image_tokens == 2 * fitted["n_components"] + 1
     with pytest.raises(FileExistsError, match="already holds checkpoint"):
         train_ar_prior(trained.exp)
+    other_buckets = load_config(TINY, ARPriorExperiment, [f"data.clip={trained.root / 'clip'}", "quantizer.num_buckets=8",
+                                                          f"data.train=[{trained.root / 'emb/train'}]", "data.val=[]",
+                                                          f"train.out_dir={trained.root / 'run'}"])
+    with pytest.raises(ResumeMismatchError, match="quantizer/ differs"):
+        train_ar_prior(other_buckets, resume=True)
 
 
 def test_sampling_is_seeded_and_returns_unit_embeddings(trained):

@@ -210,13 +210,13 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
                                        n_components=settings.n_components, dot_token=settings.dot_token,
                                        text_tokens=settings.text_tokens, dequantize=settings.dequantize)
     quantizer_dir, codes_dir = out_dir / QUANTIZER_DIR, out_dir / CODES_DIR
+    if resume and (quantizer_dir / "config.json").is_file() and \
+            not _same_quantizer(quantizer, EmbeddingQuantizer.from_pretrained(quantizer_dir)):
+        raise ResumeMismatchError(f"cannot resume {out_dir}: its {QUANTIZER_DIR}/ differs from the quantizer these "
+                                  "embeddings and quantizer settings fit now. Resume with the original data and "
+                                  "settings, or start a new out_dir.")
     state = PartialState()  # the same process group the training loop's Accelerator joins
     if state.is_main_process:  # the fit is deterministic: every process holds the same quantizer, one writes it
-        if resume and (quantizer_dir / "config.json").is_file() and \
-                not _same_quantizer(quantizer, EmbeddingQuantizer.from_pretrained(quantizer_dir)):
-            raise ResumeMismatchError(f"cannot resume {out_dir}: its {QUANTIZER_DIR}/ differs from the quantizer these "
-                                      "embeddings and quantizer settings fit now. Resume with the original data and "
-                                      "settings, or start a new out_dir.")
         quantizer.save_pretrained(quantizer_dir, extra={"_summary": quantizer.summary()})
         quantizer_hash = pretrained_hash(quantizer_dir)
         write_token_shard(quantizer, train_set, codes_dir / "train", quantizer_hash=quantizer_hash, split="train")
