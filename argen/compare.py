@@ -283,17 +283,11 @@ def run_system(system: System, scorer: Scorer, *, n_per_prompt: int, seed: int, 
 
 
 def save_samples(generation: Generation, out: Path) -> None:
-    """PNG per image plus metadata.jsonl ({"file_name", "text"}), the image-folder format `argen data judge` scores."""
-    from argen.data.transforms import tensor_to_pil
-    from argen.viz import save_png
+    """The images as PNGs with a metadata.jsonl, the image-folder format `argen data judge` scores."""
+    from argen.viz import save_image_folder
 
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for r, (image, prompt, k) in enumerate(zip(generation.images, generation.prompts, generation.sample_index)):
-        name = f"{r:05d}_s{k}.png"
-        save_png(tensor_to_pil(image), out / name)
-        lines.append(json.dumps({"file_name": name, "text": prompt}))
-    atomic_write_bytes(out / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
+    names = [f"{r:05d}_s{k}.png" for r, k in enumerate(generation.sample_index)]
+    save_image_folder(out, generation.images, generation.prompts, names)
 
 
 # ----------------------------------------------------------------------------------------------- report

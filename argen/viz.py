@@ -106,3 +106,22 @@ def save_png(img: Image.Image, path: Path) -> None:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def save_image_folder(folder: Path, images: Sequence[torch.Tensor], captions: Sequence[str],
+                      names: Sequence[str]) -> list[Path]:
+    """Write images ((3, H, W) in [-1, 1]) as folder/name PNGs plus a metadata.jsonl ({"file_name", "text"}, the
+    image-folder caption format that `argen data judge` scores); empty captions get no metadata line."""
+    import json
+
+    from argen.data.transforms import tensor_to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files, lines = [], []
+    for image, caption, name in zip(images, captions, names, strict=True):
+        save_png(tensor_to_pil(image), folder / name)
+        files.append(folder / name)
+        if caption.strip():
+            lines.append(json.dumps({"file_name": name, "text": caption}))
+    atomic_write_bytes(folder / "metadata.jsonl", ("\n".join(lines) + "\n").encode())
+    return files

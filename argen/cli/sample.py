@@ -1,4 +1,5 @@
-"""`argen sample --pipeline DIR PROMPT ...`: images from text with a pipeline directory, written as a grid, files and a JSON record."""
+"""`argen sample --pipeline DIR PROMPT ...`: images from text with a pipeline directory (the AR token GPT's or a unCLIP
+one), written as a grid, files with metadata.jsonl (for `argen data judge`) and a JSON record."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images from prompts with a pipeline directory",
                        description="Generate images. The empty prompt \"\" samples the unconditional model.")
-    p.add_argument("--pipeline", required=True, help="pipeline directory (vq/, tokenizer.json, gpt/, pipeline.json)")
+    p.add_argument("--pipeline", required=True, help="pipeline directory: the GPT's (pipeline.json) or unCLIP's (unclip.json)")
     p.add_argument("prompts", nargs="*", help='prompts, e.g. "a red circle above a blue square"; "" is unconditional')
     p.add_argument("--prompts-file", help="more prompts, one per line (blank lines are unconditional prompts)")
     p.add_argument("-n", "--num", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale; 1 turns it off (default 3)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of the GPT (unCLIP: of the "
+                   "decoder); 1 turns it off (default 3)")
     p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -26,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="rows per GPT batch")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the parts (faster start for big models)")
+    u = p.add_argument_group("unCLIP pipelines")
+    u.add_argument("--prior", choices=("diffusion", "ar", "none"), default=None,
+                   help="which prior (default: diffusion when the pipeline has one, else ar); none feeds the decoder the "
+                   "text embedding")
+    u.add_argument("--prior-cfg", type=float, default=1.0, help="guidance scale of the prior (default 1)")
+    u.add_argument("--prior-steps", type=int, default=25, help="diffusion prior sampler steps (default 25)")
+    u.add_argument("--decoder-steps", type=int, default=20, help="decoder sampler steps (default 20)")
     p.add_argument("-o", "--out", default="samples.png", help="grid PNG; images go to OUT_images/, the record to OUT.json")
     p.set_defaults(func=run_sample)
 
@@ -35,7 +44,6 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from argen.pipeline import Pipeline, part_hashes
     from argen.sample import SamplingConfig
-    from argen.viz import contact_sheet, save_png
     from tokenizers_img.serialization import atomic_write_bytes
 
     prompts = list(args.prompts)
@@ -54,6 +62,10 @@ def run_sample(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from argen.unclip.pipeline import UNCLIP_FILE
+
+    if (Path(args.pipeline) / UNCLIP_FILE).is_file():
+        return _run_sample_unclip(args, prompts, device)
     pipe = Pipeline.load(args.pipeline, device=device, verify=not args.no_verify)
     for prompt in dict.fromkeys(prompts):
         if not prompt.strip():
@@ -69,17 +81,7 @@ def run_sample(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
 
     out = Path(args.out)
-    images_dir = out.with_name(out.stem + "_images")
-    images_dir.mkdir(parents=True, exist_ok=True)
-    from argen.data.transforms import tensor_to_pil
-
-    files = []
-    for r, (image, k) in enumerate(zip(result.images, result.sample_index)):
-        file = images_dir / f"p{r // args.num:03d}_s{k:02d}.png"
-        save_png(tensor_to_pil(image), file)
-        files.append(str(file))
-    captions = [p if p.strip() else "(unconditional)" for p in result.prompts]
-    save_png(contact_sheet(list(result.images), captions, columns=args.num), out)
+    files = _write_images(out, result.images, result.prompts, result.sample_index, num=args.num)
     record = {
         "pipeline": str(Path(args.pipeline).resolve()), "pipeline_parts": part_hashes(pipe.manifest),
         "prompts": prompts, "n_per_prompt": args.num, "seed": args.seed,
@@ -91,7 +93,50 @@ def run_sample(args: argparse.Namespace) -> int:
     }
     record_file = out.with_suffix(".json")
     atomic_write_bytes(record_file, json.dumps(record, indent=2).encode())
-    print(f"wrote {out} ({len(files)} images, {len(prompts)} prompt(s) x {args.num}), {images_dir}/ and {record_file}; "
+    print(f"wrote {out} ({len(files)} images, {len(prompts)} prompt(s) x {args.num}), {out.stem}_images/ and {record_file}; "
           f"sampling took {seconds:.1f} s on {device}")
     return 0
 
+
+
+def _write_images(out: Path, images, prompts: list[str], sample_index: list[int], *, num: int) -> list[str]:
+    """The images in OUT_images/ (PNG + metadata.jsonl) and the captioned grid at OUT."""
+    from argen.viz import contact_sheet, save_image_folder, save_png
+
+    names = [f"p{r // num:03d}_s{k:02d}.png" for r, k in enumerate(sample_index)]
+    files = save_image_folder(out.with_name(out.stem + "_images"), images, prompts, names)
+    captions = [p if p.strip() else "(unconditional)" for p in prompts]
+    save_png(contact_sheet(list(images), captions, columns=num), out)
+    return [str(f) for f in files]
+
+
+def _run_sample_unclip(args: argparse.Namespace, prompts: list[str], device: str) -> int:
+    from argen.sample import SamplingConfig
+    from argen.unclip.ar_prior_sampling import ARPriorSamplingConfig
+    from argen.unclip.pipeline import DecoderSampling, DiffusionPriorSampling, UnclipPipeline, UnclipSampling
+    from tokenizers_img.serialization import atomic_write_bytes
+
+    if any(not p.strip() for p in prompts):
+        raise ValueError("a unCLIP pipeline needs non-empty prompts (its CLIP embeds the caption).")
+    pipe = UnclipPipeline.load(args.pipeline, device=device, verify=not args.no_verify)
+    prior = args.prior or pipe.priors[0]
+    sampling = UnclipSampling(
+        prior=prior, diffusion=DiffusionPriorSampling(steps=args.prior_steps, cfg_scale=args.prior_cfg),
+        ar=ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=args.prior_cfg)),
+        decoder=DecoderSampling(steps=args.decoder_steps, cfg_scale=args.cfg))
+    start = time.perf_counter()
+    result = pipe.generate(prompts, n_per_prompt=args.num, seed=args.seed, sampling=sampling, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    files = _write_images(out, result.images, result.prompts, result.sample_index, num=args.num)
+    record = {
+        "pipeline": str(Path(args.pipeline).resolve()), "pipeline_parts": pipe.manifest.get("parts"),
+        "prompts": prompts, "n_per_prompt": args.num, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
+        "images": [{"file": f, "prompt": p, "sample": k, "row_seed": s}
+                   for f, p, k, s in zip(files, result.prompts, result.sample_index, result.row_seeds)],
+        "grid": str(out), "device": device, "seconds": round(seconds, 3),
+    }
+    atomic_write_bytes(out.with_suffix(".json"), json.dumps(record, indent=2).encode())
+    print(f"wrote {out} ({len(files)} images with the {prior} prior) and {out.with_suffix('.json')}; "
+          f"sampling took {seconds:.1f} s on {device}")
+    return 0

@@ -42,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     d.set_defaults(func=run_train_decoder)
 
+    u = models.add_parser("unclip", help="train the whole unCLIP stack on shapes (configs/unclip/shapes_*.yaml): CLIP, "
+                          "embeddings, both priors, decoder, judge CLIP, pipeline; finished stages are reused")
+    u.add_argument("-o", "--out", default="runs/unclip_stack", help="output directory (default runs/unclip_stack)")
+    u.add_argument("overrides", nargs="*", help="STAGE.key.path=value, STAGE one of clip, prior_diffusion, prior_ar, "
+                   "decoder, judge_clip; e.g. decoder.train.max_steps=500")
+    u.set_defaults(func=run_train_unclip)
+
     b = models.add_parser("text-tokenizer", help="train a byte-level BPE caption tokenizer; writes DIR/tokenizer.json")
     b.add_argument("--dataset", default="shapes",
                    help="shapes | imagefolder:PATH | webdataset:PATTERN | codes:DIR (a code shard's captions)")
@@ -120,6 +127,7 @@ def run_train_prior(args: argparse.Namespace) -> int:
     else:
         from argen.tasks.ar_prior import ARPriorExperiment as experiment_class
         from argen.tasks.ar_prior import train_ar_prior as train_fn
+    data = {k: v for k, v in data.items() if k != "kind"}
     experiment = load_config(data, experiment_class, args.overrides)
     result = train_fn(experiment, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -139,6 +147,22 @@ def run_train_decoder(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(result.eval, indent=2))
     print(f"decoder saved under {result.artifacts_dir}")
+    return 0
+
+
+UNCLIP_STAGES = ("clip", "prior_diffusion", "prior_ar", "decoder", "judge_clip")
+
+
+def run_train_unclip(args: argparse.Namespace) -> int:
+    from argen.unclip.stack import train_unclip_stack
+
+    overrides: dict[str, list[str]] = {}
+    for item in args.overrides:
+        stage, _, rest = item.partition(".")
+        if stage not in UNCLIP_STAGES or "=" not in rest:
+            raise ValueError(f"override {item!r} must look like STAGE.key.path=value with STAGE one of {UNCLIP_STAGES}.")
+        overrides.setdefault(stage, []).append(rest)
+    train_unclip_stack(args.out, overrides=overrides)
     return 0
 
 
