@@ -137,21 +137,6 @@ def test_training_step_loss_is_the_full_length_loss(tmp_path, bpe):
     torch.testing.assert_close(step.losses["clip"], out.loss, atol=1e-5, rtol=1e-5)
 
 
-def test_sincos_position_init_encodes_rows_and_columns(tmp_path, bpe):
-    random = CLIPTask(tiny_experiment(tmp_path, bpe), tokenizer=bpe).clip.model
-    model = CLIPTask(tiny_experiment(tmp_path, bpe, **{"model.position_init": "sincos"}), tokenizer=bpe).clip.model
-    vision = model.vision_model.embeddings.position_embedding.weight.detach()  # (1 + 4*4, 32): 32 px, patch 8
-    assert vision.shape == (17, 32) and torch.equal(vision[0], torch.zeros(32))
-    grid = vision[1:].view(4, 4, 32)
-    assert torch.equal(grid[2, 0, :16], grid[2, 3, :16]) and not torch.equal(grid[2, 0, :16], grid[1, 0, :16])  # rows
-    assert torch.equal(grid[0, 1, 16:], grid[3, 1, 16:]) and not torch.equal(grid[0, 1, 16:], grid[0, 2, 16:])  # columns
-    text = model.text_model.embeddings.position_embedding.weight.detach()
-    ref = random.text_model.embeddings.position_embedding.weight.detach()
-    assert text.std().item() == pytest.approx(ref.std().item(), rel=1e-4)  # same scale as the random init
-    near, far = F.cosine_similarity(text[5], text[6], dim=0), F.cosine_similarity(text[5], text[25], dim=0)
-    assert near > far
-
-
 def test_repeated_captions_need_no_multi_positive_targets():
     g = torch.Generator().manual_seed(1)
     t, i = F.normalize(torch.randn(5, 8, generator=g), dim=-1), F.normalize(torch.randn(5, 8, generator=g), dim=-1)

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,6 @@ class CLIPArchitecture:
     patch_size: int = 8
     projection_dim: int = 64
     logit_scale_init: float = 2.6592  # ln(1 / 0.07), CLIP's initial temperature
-    position_init: Literal["random", "sincos"] = "random"  # see `sincos_position_init`
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.projection_dim < 1:
@@ -74,32 +73,6 @@ class CLIPArchitecture:
                       image_size=resolution, patch_size=self.patch_size)
         return CLIPConfig(text_config=text, vision_config=vision, projection_dim=self.projection_dim,
                           logit_scale_init_value=self.logit_scale_init)
-
-
-def sincos_table(positions: Tensor, dim: int) -> Tensor:
-    """Transformer sinusoids (Vaswani et al. 2017, sec. 3.5): positions (P,) -> (P, dim), [sin | cos] halves."""
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
-    angles = positions.double()[:, None] * freqs[None]  # (P, dim // 2)
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
-
-
-@torch.no_grad()
-def sincos_position_init(model: nn.Module) -> None:
-    """Replace the random initial position embeddings of both towers by sinusoids (2-D row/column for the image
-    patches as in MAE, 1-D for text; the class token gets zeros) with the random init's std. They stay learnable:
-    only the start differs, so that nearby positions start out similar and position is linearly readable, which
-    captions about positions and relations need from the first step."""
-    vision = model.vision_model.embeddings.position_embedding.weight  # (1 + g*g, width)
-    width, grid = vision.shape[1], int(round((vision.shape[0] - 1) ** 0.5))
-    if width % 4:
-        raise ValueError(f"position_init='sincos' needs a vision width divisible by 4, got {width}.")
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    table = torch.cat([sincos_table(rows.flatten(), width // 2), sincos_table(cols.flatten(), width // 2)], dim=1)
-    for weight, values in ((vision, torch.cat([torch.zeros(1, width), table])),
-                           (model.text_model.embeddings.position_embedding.weight,
-                            sincos_table(torch.arange(len(model.text_model.embeddings.position_embedding.weight)),
-                                         model.text_model.embeddings.position_embedding.weight.shape[1]))):
-        weight.copy_(values * (weight.std() / values.std()))
 
 
 @dataclass
@@ -190,8 +163,6 @@ class CLIPTask:
         self.experiment = experiment
         config = experiment.model.clip_config(resolution=experiment.data.resolution, text_len=experiment.text_len)
         self.clip = ClipEncoder.build(config, tokenizer, text_len=experiment.text_len, seed=experiment.train.seed)
-        if experiment.model.position_init == "sincos":
-            sincos_position_init(self.clip.model)
         self.evaluator = evaluator
 
     def modules(self) -> dict[str, nn.Module]:
