@@ -125,3 +125,32 @@ def shapes_consistency(captions: list[str], scenes: list[Scene]) -> Tensor:
             if scene_fits(spec, scenes[js[0]]):
                 out[i, js] = True
     return out
+
+
+class RetrievalEvaluator:
+    """Retrieval of a CLIP on fixed pairs: the first `candidates` items of a dataset split (fewer if it is smaller)
+    are both the queries and the candidates. For shapes, caption consistency comes from the ground-truth scenes."""
+
+    def __init__(self, spec: str, *, split: str = "val", resolution: int, seed: int = 0, candidates: int = 1000,
+                 val_fraction: float = 0.05, batch_size: int = 250) -> None:
+        from argen.data.registry import build_dataset
+
+        dataset = build_dataset(spec, split=split, resolution=resolution, seed=seed, val_fraction=val_fraction)
+        n = min(candidates, len(dataset))
+        if n < 2:
+            raise ValueError(f"the {split} split of {spec} has {len(dataset)} item(s); retrieval needs at least 2.")
+        items = [dataset[i] for i in range(n)]
+        self.captions = [item["caption"] for item in items]
+        self.images = torch.stack([item["image"] for item in items])  # (N, 3, R, R) in [-1, 1]
+        self.batch_size = batch_size
+        self.consistent = None
+        if spec == "shapes":
+            from argen.data.shapes import scene_and_caption
+
+            self.consistent = shapes_consistency(self.captions, [scene_and_caption(i, split, seed=seed)[0] for i in range(n)])
+
+    def __call__(self, clip) -> RetrievalMetrics:
+        """Metrics of `clip` (an `argen.unclip.clip.ClipEncoder`) on these pairs."""
+        text = clip.encode_text(self.captions, batch_size=self.batch_size).embeds
+        image = clip.encode_images(self.images, batch_size=self.batch_size)
+        return retrieval_metrics(text, image, consistent=self.consistent)

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from argen.data.registry import DatasetConfig, build_dataset
+from argen.data.registry import DatasetConfig
 from argen.data.skips import SkipReport, collate
-from argen.eval.retrieval import RetrievalMetrics, retrieval_metrics, shapes_consistency
+from argen.eval.retrieval import RetrievalEvaluator
 from argen.text import TextTokenizer, dataset_captions, train_text_tokenizer, warn_truncated
 from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
 from argen.unclip.clip import ClipEncoder
@@ -128,33 +128,6 @@ def contrastive_loss(text_embeds: Tensor, image_embeds: Tensor, logit_scale: Ten
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-class RetrievalEvaluator:
-    """Retrieval on fixed validation pairs; for shapes also caption-consistency from the ground-truth scenes."""
-
-    def __init__(self, experiment: CLIPExperiment) -> None:
-        ev, data = experiment.eval, experiment.data
-        dataset = build_dataset(data.spec, split=ev.split, resolution=data.resolution, seed=ev.seed,
-                                val_fraction=data.val_fraction)
-        n = min(ev.candidates, len(dataset))
-        if n < 2:
-            raise ValueError(f"the {ev.split} split of {data.spec} has {len(dataset)} item(s); retrieval needs at least 2.")
-        items = [dataset[i] for i in range(n)]
-        self.captions = [item["caption"] for item in items]
-        self.images = torch.stack([item["image"] for item in items])  # (N, 3, R, R) in [-1, 1]
-        self.batch_size = ev.batch_size
-        self.consistent = None
-        if data.spec == "shapes":
-            from argen.data.shapes import scene_and_caption
-
-            scenes = [scene_and_caption(i, ev.split, seed=ev.seed)[0] for i in range(n)]
-            self.consistent = shapes_consistency(self.captions, scenes)
-
-    def __call__(self, clip: ClipEncoder) -> RetrievalMetrics:
-        text = clip.encode_text(self.captions, batch_size=self.batch_size).embeds
-        image = clip.encode_images(self.images, batch_size=self.batch_size)
-        return retrieval_metrics(text, image, consistent=self.consistent)
-
-
 class CLIPTask:
     """Module {"clip"} (the CLIPModel), optimizer "clip". Batches are `collate`d dataset items {"image", "caption"}."""
 
@@ -221,7 +194,9 @@ def train_clip(experiment: CLIPExperiment, *, resume: bool = False) -> TrainResu
     and at the end. Writes `out_dir/final/clip` (a ClipEncoder directory) and `out_dir/metrics.json`."""
     tokenizer = clip_text_tokenizer(experiment, resume=resume)
     dataset = experiment.data.build("train")
-    evaluator = RetrievalEvaluator(experiment)
+    ev, data = experiment.eval, experiment.data
+    evaluator = RetrievalEvaluator(data.spec, split=ev.split, resolution=data.resolution, seed=ev.seed,
+                                   candidates=ev.candidates, val_fraction=data.val_fraction, batch_size=ev.batch_size)
     _, lengths = tokenizer.encode_ids(evaluator.captions, text_len=experiment.text_len - 1)
     warn_truncated(lengths, text_len=experiment.text_len - 1, what="val caption")
     task = CLIPTask(experiment, tokenizer=tokenizer, evaluator=evaluator)
