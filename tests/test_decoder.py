@@ -245,6 +245,22 @@ def test_training_steps_reduce_the_loss(clip, prediction_type):
     assert loss() < 0.7 * before
 
 
+def test_per_row_generators_make_the_loss_of_a_row_independent_of_its_batch(clip):
+    decoder = tiny_decoder()
+    scheduler = training_scheduler(decoder.config.architecture.schedule)
+    x, _, e, text = inputs(clip)
+    images = x.clamp(-1, 1)
+
+    def loss(rows: list[int]) -> float:
+        part = TextEncoding(text.embeds[rows], text.states[rows], text.mask[rows])
+        with torch.no_grad():
+            return float(denoising_loss(decoder, images[rows], e[rows], text=part, scheduler=scheduler,
+                                        image_drop_prob=0.5, text_drop_prob=0.5,
+                                        generator=[torch.Generator().manual_seed(10 + r) for r in rows]).loss)
+
+    assert loss([0, 1, 2]) == pytest.approx((loss([0]) + loss([1]) + loss([2])) / 3, rel=1e-4)
+
+
 def test_train_decoder_records_its_clip_and_evaluates(clip, tmp_path):
     clip.save(tmp_path / "clip")
     exp = load_config(TINY, DecoderExperiment, [f"clip={tmp_path / 'clip'}", f"train.out_dir={tmp_path / 'run'}"])
@@ -252,7 +268,7 @@ def test_train_decoder_records_its_clip_and_evaluates(clip, tmp_path):
     final = result.artifacts_dir / "decoder"
     record = json.loads((final / "config.json").read_text())[TRAINED_WITH_KEY]
     assert record["clip_sha256"] == clip.sha256 and record["clip_path"] == str(tmp_path / "clip")
-    for key in ("val/psnr", "val/clip_cosine", "val/judge_agreement", "val/judge_correct", "val/attr/count"):
+    for key in ("val/loss", "val/mse", "val/psnr", "val/clip_cosine", "val/judge_agreement", "val/judge_correct", "val/attr/count"):
         assert key in result.eval
     assert result.eval["val/num_images"] == 4 and 0.0 <= result.eval["val/judge_agreement"] <= 1.0
     decoder = load_decoder(final, clip=ClipEncoder.load(tmp_path / "clip"))

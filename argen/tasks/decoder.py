@@ -118,20 +118,33 @@ class DenoisingLoss:
     mse: Tensor
 
 
+def _draws(generator: torch.Generator | Sequence[torch.Generator] | None, shape: tuple[int, ...],
+           num_timesteps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CPU draws for a batch: noise (B, ...), timesteps (B,) int64 and uniforms (B, 2) for the two CFG drops.
+    One generator (or None: the global RNG) for the batch, or one per row so a row's draws depend on it alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return (torch.randn(shape, generator=generator), torch.randint(0, num_timesteps, shape[:1], generator=generator),
+                torch.rand(shape[0], 2, generator=generator))
+    rows = [_draws(g, (1, *shape[1:]), num_timesteps) for g in generator]
+    return tuple(torch.cat(parts) for parts in zip(*rows))  # type: ignore[return-value]
+
+
 def denoising_loss(decoder: nn.Module, images: Tensor, image_embeds: Tensor, *, text: TextEncoding | None,
                    scheduler, image_drop_prob: float = 0.0, text_drop_prob: float = 0.0,
-                   min_snr_gamma: float | None = None, generator: torch.Generator | None = None) -> DenoisingLoss:
+                   min_snr_gamma: float | None = None,
+                   generator: torch.Generator | Sequence[torch.Generator] | None = None) -> DenoisingLoss:
     """Squared error of the decoder's prediction at a uniformly drawn timestep (DDPM's L_simple; the target is
-    epsilon, x_0 or v per the schedule's prediction_type).
+    epsilon, x_0 or v per the schedule's prediction_type), Min-SNR weighted when `min_snr_gamma` is set.
 
     images: (B, 3, R, R) in [-1, 1]; image_embeds (B, D). Noise, timesteps and CFG drops are drawn on the CPU from
-    `generator` (None: the global RNG, which the training loop checkpoints), so a resumed run draws the same ones.
+    `generator` (None: the global RNG, which the training loop checkpoints, so a resumed run draws the same ones;
+    or one generator per row).
     """
-    B, device = images.shape[0], images.device
-    noise = torch.randn(images.shape, generator=generator).to(device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
-    drop_image = (torch.rand(B, generator=generator) < image_drop_prob).to(device)
-    drop_text = (torch.rand(B, generator=generator) < text_drop_prob).to(device) if text is not None else None
+    device = images.device
+    noise, t, u = _draws(generator, tuple(images.shape), scheduler.config.num_train_timesteps)
+    noise, t, u = noise.to(device), t.to(device), u.to(device)
+    drop_image = u[:, 0] < image_drop_prob
+    drop_text = u[:, 1] < text_drop_prob if text is not None else None
     x_t = scheduler.add_noise(images, noise, t)
     kind = scheduler.config.prediction_type
     target = images if kind == "sample" else noise if kind == "epsilon" else scheduler.get_velocity(images, noise, t)
@@ -167,7 +180,7 @@ class DecoderMetrics:
         return {f"{prefix}{k}": float(v) for k, v in flat.items() if v is not None}
 
 
-def _row_generators(indices: Sequence[int], *, seed: int, device: torch.device) -> list[torch.Generator]:
+def _row_generators(indices: Sequence[int], *, seed: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per item, seeded by (seed, item index): an item's noise does not depend on batching."""
     return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(i)) for i in indices]
 
@@ -273,12 +286,35 @@ class DecoderTask:
             self.val_dataset = self.experiment.data.build(ev.split)
         if self.clip.device != accelerator.device:
             self.clip.model.to(accelerator.device)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        reduce = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731
         metrics = evaluate_decoder(
             modules["decoder"], self.clip, self.val_dataset, max_images=ev.max_images, batch_size=ev.batch_size,
             sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale, thresholding=ev.thresholding, seed=ev.seed,
-            judge=ev.judge and self.experiment.data.spec == "shapes", rank=accelerator.process_index,
-            world_size=accelerator.num_processes, reduce=lambda t: accelerator.reduce(t, reduction="sum"))
-        return metrics.as_dict("val/")
+            judge=ev.judge and self.experiment.data.spec == "shapes", rank=rank, world_size=world, reduce=reduce)
+        return {**metrics.as_dict("val/"), **self._val_loss(modules["decoder"], accelerator)}
+
+    def _val_loss(self, decoder: nn.Module, accelerator: Any) -> dict[str, float]:
+        """The training loss (and plain MSE) on the eval images at noise, timesteps and drops fixed by eval.seed: a
+        smoother signal than the sampled-image scores. Each item's draws depend on its index only."""
+        ev, exp = self.experiment.eval, self.experiment
+        n = min(ev.max_images, len(self.val_dataset))
+        mine = list(range(accelerator.process_index, n, accelerator.num_processes))
+        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, mse, items
+        for start in range(0, len(mine), ev.batch_size):
+            idx = mine[start:start + ev.batch_size]
+            items = [self.val_dataset[i] for i in idx]
+            images = torch.stack([item["image"] for item in items]).to(accelerator.device)
+            embeds, text = self._conditions(images, [item["caption"] for item in items])
+            with accelerator.autocast():
+                out = denoising_loss(decoder, images, embeds, text=text, scheduler=self.noise,
+                                     image_drop_prob=exp.image_drop_prob, text_drop_prob=exp.text_drop_prob,
+                                     min_snr_gamma=exp.min_snr_gamma, generator=_row_generators(idx, seed=ev.seed))
+            sums += torch.tensor([float(out.loss) * len(idx), float(out.mse) * len(idx), len(idx)], dtype=torch.float64,
+                                 device=sums.device)
+        sums = accelerator.reduce(sums, reduction="sum")
+        count = float(sums[2].clamp(min=1))
+        return {"val/loss": float(sums[0]) / count, "val/mse": float(sums[1]) / count}
 
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         modules["decoder"].save_pretrained(Path(out_dir) / DECODER_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
