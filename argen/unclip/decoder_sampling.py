@@ -4,7 +4,6 @@ thresholding) with [cond; uncond] classifier-free guidance in one UNet forward p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -12,9 +11,7 @@ from torch import Tensor
 from argen.sample import classifier_free_guidance
 from argen.unclip.clip import TextEncoding
 from argen.unclip.decoder import UnCLIPDecoder
-from argen.unclip.schedulers import sampling_scheduler
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
+from argen.unclip.schedulers import Generators, initial_noise, sampling_scheduler
 
 
 def _doubled(text: TextEncoding | None) -> TextEncoding | None:
@@ -66,18 +63,6 @@ def denoise(decoder: UnCLIPDecoder, noise: Tensor, image_embeds: Tensor, *, text
     finally:
         decoder.train(was_training)
     return x
-
-
-def initial_noise(shape: tuple[int, ...], *, generator: Generators = None,
-                  device: str | torch.device = "cpu") -> Tensor:
-    """Standard normal (B, ...) noise; with one generator per row, row i depends on generator i only."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    if generator is not None and not isinstance(generator, torch.Generator):
-        generator = list(generator)
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for {shape[0]} images; pass one per image or a single one.")
-    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
 
 
 def sample_decoder(decoder: UnCLIPDecoder, image_embeds: Tensor, *, text: TextEncoding | None = None,

@@ -230,7 +230,9 @@ class UnclipPipeline:
             return F.normalize(text.embeds.float(), dim=-1)
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
         if sampling.prior == "ar":
-            return F.normalize(sample_ar_prior(self.ar_prior, list(rows), config=sampling.ar, generator=gens), dim=-1)
+            embeds = text.embeds if self.ar_prior.quantizer.config.text_tokens else None
+            return F.normalize(sample_ar_prior(self.ar_prior, list(rows), text_embeds=embeds, config=sampling.ar,
+                                               generator=gens), dim=-1)
         d = sampling.diffusion
         return F.normalize(sample_diffusion_prior(self.diffusion_prior, text, sampler=d.sampler, steps=d.steps,
                                                   cfg_scale=d.cfg_scale, best_of=d.best_of, generator=gens), dim=-1)

@@ -11,7 +11,7 @@ from torch import Tensor
 from argen.sample import classifier_free_guidance
 from argen.unclip.clip import TextEncoding
 from argen.unclip.diffusion_prior import DiffusionPrior, denormalize, normalize
-from argen.unclip.schedulers import sampling_scheduler
+from argen.unclip.schedulers import Generators, initial_noise, sampling_scheduler
 
 
 def _repeat_rows(text: TextEncoding, n: int) -> TextEncoding:
@@ -38,7 +38,7 @@ def pick_best_of(candidates: Tensor, text_embeds: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_diffusion_prior(prior: DiffusionPrior, text: TextEncoding, *, sampler: str = "ddim", steps: int = 25,
-                           cfg_scale: float = 1.0, generator: torch.Generator | None = None, best_of: int = 1,
+                           cfg_scale: float = 1.0, generator: Generators = None, best_of: int = 1,
                            project_x0: bool = False) -> Tensor:
     """Sample one CLIP image embedding per caption -> (B, D) float32, unit norm.
 
@@ -46,7 +46,8 @@ def sample_diffusion_prior(prior: DiffusionPrior, text: TextEncoding, *, sampler
     sampler: "ddpm", "ddim" (eta 0, deterministic) or "dpm++" (DPM-Solver++ 2M), run for `steps` steps.
     cfg_scale: classifier-free guidance; 1 runs the conditional model alone, otherwise every step runs the rows
         [cond; uncond] in one forward and combines them with `argen.sample.classifier_free_guidance`.
-    generator: the randomness (initial noise, and DDPM's per-step noise); same generator state, same result.
+    generator: the randomness (initial noise, and DDPM's per-step noise): one generator, or one per caption so that a
+        caption's sample does not depend on its batch. Same generator state, same result.
     best_of: draw this many candidates per caption and keep the one nearest the text embedding (DALL-E 2 used 2).
     project_x0: put each step's predicted x_0 back on the sphere of radius `prior.embed_scale`, where every
         training x_0 lies (DALLE2-pytorch's `sampling_clamp_l2norm`); needs prediction_type "sample".
@@ -67,7 +68,11 @@ def sample_diffusion_prior(prior: DiffusionPrior, text: TextEncoding, *, sampler
     guided = cfg_scale != 1.0
     model_text = _doubled(rows) if guided else rows
     drop_text = torch.arange(2 * n, device=device) >= n if guided else None  # [cond; uncond]
-    x = torch.randn(n, D, generator=generator, device=device) * scheduler.init_noise_sigma  # (n, D)
+    if generator is not None and not isinstance(generator, torch.Generator):  # one per caption: rows batch-independent
+        generator = [g for g in generator for _ in range(best_of)]  # a caption's candidates draw from its generator
+        if len(generator) != n:
+            raise ValueError(f"got {len(generator) // best_of} generators for {B} captions; pass one per caption or one.")
+    x = initial_noise((n, D), generator=generator, device=device) * scheduler.init_noise_sigma  # (n, D)
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         x_in = torch.cat([x_in, x_in]) if guided else x_in

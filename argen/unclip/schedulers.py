@@ -3,10 +3,15 @@ and the DDPM / DDIM / DPM-Solver++ schedulers used in sampling (with optional dy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+from torch import Tensor
+
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -64,3 +69,15 @@ def sampling_scheduler(schedule: NoiseSchedule, *, sampler: str, steps: int, thr
         scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def initial_noise(shape: tuple[int, ...], *, generator: Generators = None,
+                  device: str | torch.device = "cpu") -> Tensor:
+    """Standard normal (B, ...) noise; with one generator per row, row i depends on generator i only."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {shape[0]} images; pass one per image or a single one.")
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
