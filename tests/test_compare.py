@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from argen.cli import main
 from argen.data.registry import build_dataset
@@ -28,16 +27,10 @@ from argen.unclip.pipeline import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "unclip"
 
 
-def _train(model: str, config: str, *overrides: str, kind: str | None = None, root: Path) -> None:
-    path = CONFIGS / config
-    if kind is not None:  # argen train prior reads the prior's kind from the YAML
-        data = yaml.safe_load(path.read_text())
-        data["kind"] = kind
-        path = root / f"{kind}.yaml"
-        path.write_text(yaml.safe_dump(data))
+def _train(model: str, config: str, *overrides: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["train", model, str(path), *overrides]) == 0
+        assert main(["train", model, str(CONFIGS / config), *overrides]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("unclip")
     clips = {}
     for name, seed in (("clip", 0), ("judge", 1)):
-        _train("clip", "clip_tiny.yaml", f"train.out_dir={root / name}", f"train.seed={seed}", f"data.seed={seed}", root=root)
+        _train("clip", "clip_tiny.yaml", f"train.out_dir={root / name}", f"train.seed={seed}", f"data.seed={seed}")
         clips[name] = root / name / "final" / "clip"
     from argen.unclip.clip import ClipEncoder
 
@@ -55,11 +48,9 @@ def stack(tmp_path_factory):
         encode_embedding_shard(clip, build_dataset("shapes", split=split, resolution=32), root / f"emb_{split}",
                                dataset_spec="shapes", split=split, limit=n, seed=0, resolution=32)
     shards = [f"data.clip={clips['clip']}", f"data.train=[{root / 'emb_train'}]", f"data.val=[{root / 'emb_val'}]"]
-    _train("prior", "prior_diffusion_tiny.yaml", *shards, f"train.out_dir={root / 'pd'}", "train.max_steps=4",
-           kind="diffusion", root=root)
-    _train("prior", "prior_ar_tiny.yaml", *shards, f"train.out_dir={root / 'pa'}", "train.max_steps=4", kind="ar", root=root)
-    _train("decoder", "decoder_tiny.yaml", f"clip={clips['clip']}", f"train.out_dir={root / 'dec'}", "train.max_steps=2",
-           root=root)
+    _train("prior", "prior_diffusion_tiny.yaml", *shards, f"train.out_dir={root / 'pd'}", "train.max_steps=4")
+    _train("prior", "prior_ar_tiny.yaml", *shards, f"train.out_dir={root / 'pa'}", "train.max_steps=4")
+    _train("decoder", "decoder_tiny.yaml", f"clip={clips['clip']}", f"train.out_dir={root / 'dec'}", "train.max_steps=2")
     pipe = build_unclip_pipeline(root / "pipe", clip=clips["clip"], decoder=root / "dec" / "final" / "decoder",
                                  diffusion_prior=root / "pd" / "final" / "prior", ar_prior=root / "pa" / "final")
     return {"root": root, "pipe": pipe, "judge": clips["judge"], "clip": clips["clip"]}

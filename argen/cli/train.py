@@ -127,7 +127,6 @@ def run_train_prior(args: argparse.Namespace) -> int:
     else:
         from argen.tasks.ar_prior import ARPriorExperiment as experiment_class
         from argen.tasks.ar_prior import train_ar_prior as train_fn
-    data = {k: v for k, v in data.items() if k != "kind"}
     experiment = load_config(data, experiment_class, args.overrides)
     result = train_fn(experiment, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -112,8 +112,11 @@ class ARPriorExperiment:
     eval: GPTEvalConfig = field(default_factory=GPTEvalConfig)
     prior_eval: PriorEvalConfig = field(default_factory=PriorEvalConfig)
     cond_drop_prob: float = 0.1
+    kind: str = "ar"  # which prior `argen train prior` trains; fixed for this experiment
 
     def __post_init__(self) -> None:
+        if self.kind != "ar":
+            raise ValueError(f"kind={self.kind!r}: this experiment trains the ar prior (kind: ar).")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}.")
 

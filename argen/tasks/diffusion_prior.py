@@ -93,8 +93,11 @@ class DiffusionPriorExperiment:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval: PriorEvalConfig = field(default_factory=PriorEvalConfig)
     cond_drop_prob: float = 0.1
+    kind: str = "diffusion"  # which prior `argen train prior` trains; fixed for this experiment
 
     def __post_init__(self) -> None:
+        if self.kind != "diffusion":
+            raise ValueError(f"kind={self.kind!r}: this experiment trains the diffusion prior (kind: diffusion).")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}.")
 

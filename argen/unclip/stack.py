@@ -77,13 +77,11 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
                 f"train.out_dir={out / stage}", *overrides.get(stage, [])]
 
     def diffusion_run() -> None:
-        data = {k: v for k, v in _config("shapes_prior_diffusion.yaml").items() if k != "kind"}
-        exp = load_config(data, DiffusionPriorExperiment, prior_overrides("prior_diffusion"))
+        exp = load_config(_config("shapes_prior_diffusion.yaml"), DiffusionPriorExperiment, prior_overrides("prior_diffusion"))
         train_diffusion_prior(exp, resume=(out / "prior_diffusion" / "checkpoints").is_dir())
 
     def ar_run() -> None:
-        data = {k: v for k, v in _config("shapes_prior_ar.yaml").items() if k != "kind"}
-        exp = load_config(data, ARPriorExperiment, prior_overrides("prior_ar"))
+        exp = load_config(_config("shapes_prior_ar.yaml"), ARPriorExperiment, prior_overrides("prior_ar"))
         train_ar_prior(exp, resume=(out / "prior_ar" / "checkpoints").is_dir())
 
     def decoder_run() -> None:
