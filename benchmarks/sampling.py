@@ -62,7 +62,8 @@ def timed(fn) -> float:
 
 def measure_sampling(models: dict, hf, cfg: GPTConfig, *, batch: int, cfg_scale: float, num_codes: int, reps: int,
                      seed: int) -> dict:
-    """Seconds per batch for each of our `models` (name -> GPT) and HF `generate`, runs interleaved; best of `reps`."""
+    """Seconds per batch for each of our `models` (name -> (GPT, KV-cache dtype or None)) and HF `generate`, runs
+    interleaved; best of `reps`."""
     from transformers import LogitsProcessorList
 
     image_offset = cfg.vocab_size - num_codes
@@ -77,9 +78,9 @@ def measure_sampling(models: dict, hf, cfg: GPTConfig, *, batch: int, cfg_scale:
                                                    cfg_scale=cfg_scale if sampling.uses_cfg else None)])
     n = cfg.num_image_tokens
 
-    def run_ours(model: GPT) -> torch.Tensor:
+    def run_ours(model: GPT, cache_dtype: torch.dtype | None) -> torch.Tensor:
         return sample_image_tokens(model, prefix, image_offset=image_offset, num_codes=num_codes, uncond_prefix=uncond,
-                                   config=sampling, generator=torch.Generator().manual_seed(seed))
+                                   config=sampling, generator=torch.Generator().manual_seed(seed), cache_dtype=cache_dtype)
 
     def run_hf() -> torch.Tensor:
         with torch.inference_mode():
@@ -89,9 +90,9 @@ def measure_sampling(models: dict, hf, cfg: GPTConfig, *, batch: int, cfg_scale:
 
     times: dict[str, list[float]] = {name: [] for name in [*models, "hf"]}
     for rep in range(reps):  # the first rep also warms up; the best rep is reported
-        for name, model in models.items():
+        for name, (model, cache_dtype) in models.items():
             start = time.perf_counter()
-            codes = run_ours(model)
+            codes = run_ours(model, cache_dtype)
             times[name].append(time.perf_counter() - start)
             assert codes.shape == (batch, n), codes.shape
         start = time.perf_counter()
@@ -102,6 +103,16 @@ def measure_sampling(models: dict, hf, cfg: GPTConfig, *, batch: int, cfg_scale:
     return {"batch": batch, "cfg_scale": cfg_scale, "rows_per_step": rows.shape[0], "seconds": times,
             "images_per_s": {name: batch / t for name, t in best.items()},
             "speedup_vs_hf": {name: best["hf"] / best[name] for name in models}}
+
+
+def traffic_model(cfg: GPTConfig, *, rows: int, weight_bytes: int) -> dict:
+    """Bytes one decode step moves at the mean cache length, per side: the weights once, plus the KV cache.
+    Ours reads the cache once (attention); HF's DynamicCache also concatenates it every step (read + write)."""
+    mean_len = cfg.prefix_len + (cfg.num_image_tokens - 1) / 2
+    kv_fp32 = 4 * 2 * cfg.n_layer * rows * cfg.kv_heads * mean_len * cfg.head_dim
+    ours, ours_bf16, hf = weight_bytes + kv_fp32, weight_bytes + kv_fp32 / 2, weight_bytes + 3 * kv_fp32
+    return {"rows": rows, "weights_mb": weight_bytes / 1e6, "kv_fp32_mb": kv_fp32 / 1e6,
+            "predicted_ratio": hf / ours, "predicted_ratio_bf16_kv": hf / ours_bf16}
 
 
 def measure_no_cache(ours: GPT, cfg: GPTConfig, *, num_codes: int, seed: int) -> dict:
@@ -178,6 +189,14 @@ def to_markdown(payload: dict) -> str:
         cfg = f"scale {r['cfg_scale']:g}" if r["rows_per_step"] > r["batch"] else "off"
         cells = [f"{r['images_per_s'][n]:.3f}" for n in names] + [f"**{r['speedup_vs_hf'][n]:.2f}x**" for n in ours]
         lines.append(f"| {r['batch']} | {cfg} | {r['rows_per_step']} | " + " | ".join(cells) + " |")
+    lines += ["", "Memory-traffic model of one decode step at the mean cache length (fp32 weights read once per step; "
+              "ours reads the KV cache once, HF's DynamicCache reads it, then copies it into a new tensor with "
+              "torch.cat): the ratio it predicts if both sides ran at the same bandwidth.", "",
+              "| rows per step | weights MB | KV cache MB (fp32) | predicted HF / ours | with a bf16 KV cache |",
+              "| --- | --- | --- | --- | --- |"]
+    for tm in payload["traffic"]:
+        lines.append(f"| {tm['rows']} | {tm['weights_mb']:.0f} | {tm['kv_fp32_mb']:.0f} | {tm['predicted_ratio']:.2f}x | "
+                     f"{tm['predicted_ratio_bf16_kv']:.2f}x |")
     nc = payload["no_cache"]
     lines += [
         "",
@@ -247,13 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     peaks = [measure_peak_matmul(n=args.peak_n, reps=10)]  # measured three times: the machine may be shared
     ours, hf = build_pair(cfg, seed=args.seed)
     n_ours, n_hf = ours.num_params(), sum(p.numel() for p in hf.parameters())
+    weight_bytes = 4 * (n_ours - ours.tok_emb.weight.numel())  # every matmul weight; the embedding is a row lookup
     assert n_ours == n_hf, f"parameter counts differ: ours {n_ours}, HF {n_hf}"
-    models = {"ours": ours}
+    models = {"ours": (ours, None)}
     pack_s = float("nan")
     if onednn_available():
         start = time.perf_counter()
-        models["ours packed"] = pack_for_cpu(ours)
+        packed = pack_for_cpu(ours)
         pack_s = time.perf_counter() - start
+        models["ours packed"] = (packed, None)
+        models["ours packed, bf16 KV"] = (packed, torch.bfloat16)
     sampling = []
     for batch in args.batches:
         for scale in (1.0, args.cfg_scale):
@@ -261,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                                    reps=args.reps, seed=args.seed)
             print(json.dumps(row), flush=True)
             sampling.append(row)
-    no_cache = measure_no_cache(list(models.values())[-1], cfg, num_codes=args.num_codes, seed=args.seed)
+    no_cache = measure_no_cache(models["ours packed" if "ours packed" in models else "ours"][0], cfg,
+                                num_codes=args.num_codes, seed=args.seed)
     print(json.dumps({"no_cache": no_cache}), flush=True)
     del ours, hf, models
     peaks.append(measure_peak_matmul(n=args.peak_n, reps=10))
@@ -277,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"vocab {vocab}, {n_ours / 1e6:.1f}M params (both)",
         "prefix_len": args.prefix_len, "image_tokens": cfg.num_image_tokens, "reps": args.reps, "pack_s": pack_s,
         "sampling": sampling, "no_cache": no_cache,
+        "traffic": [traffic_model(cfg, rows=r, weight_bytes=weight_bytes) for r in sorted({x["rows_per_step"] for x in sampling})],
         "train_model": f"{args.train_layers} layers x {args.train_embd} dims, FFN {train_cfg.ffn_dim}",
         "training": training, "peak_flops_per_s": peak, "peak_matmul_n": args.peak_n,
         "mfu": training["model_flops_per_s"] / max(peak.values()),

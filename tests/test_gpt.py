@@ -66,6 +66,22 @@ def test_cached_decoding_equals_full_forward(backend, n_kv_head):
         torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_a_bfloat16_cache_under_float32_weights_stays_close_to_the_full_forward(backend):
+    cfg = tiny(attn_backend=backend)
+    model, idx = model_of(cfg), tokens(cfg)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.allocate(cfg, 2, dtype=torch.bfloat16)
+        steps = [model(idx[:, : cfg.prefix_len], cache=cache, start=0)]
+        steps += [model(idx[:, t : t + 1], cache=cache, start=t) for t in range(cfg.prefix_len, cfg.block_size)]
+    out = torch.cat(steps, dim=1)
+    assert out.dtype == torch.float32 and cache.k.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits (relative error 2^-9 per key/value): logits move by ~1e-3 of their scale, not more.
+    err = (out - full).abs().max() / full.abs().max()
+    assert 0 < err < 1e-2
+
+
 def test_backends_give_the_same_model_outputs_and_gradients():
     outs, grads = [], []
     for backend in available_backends("cpu"):
