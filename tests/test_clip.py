@@ -255,9 +255,13 @@ def test_a_few_steps_reduce_the_contrastive_loss(tmp_path, bpe):
 
 
 def test_train_clip_writes_a_loadable_clip_and_retrieval_metrics(tmp_path, bpe):
-    exp = tiny_experiment(tmp_path, bpe, **{"train.max_steps": 4, "eval.candidates": 32})
-    result = train_clip(exp)
-    clip = ClipEncoder.load(result.artifacts_dir / "clip")
+    from argen.cli import main
+
+    text = bpe.save(tmp_path / "text")
+    assert main(["train", "clip", str(TINY), f"text_tokenizer={text}", f"train.out_dir={tmp_path / 'run'}",
+                 "train.max_steps=4", "eval.candidates=32"]) == 0
+    exp = tiny_experiment(tmp_path, bpe)
+    clip = ClipEncoder.load(tmp_path / "run/final/clip")
     assert clip.tokenizer.sha256 == bpe.sha256 and clip.image_size == 32 and clip.text_len == exp.text_len
     report = json.loads((tmp_path / "run/metrics.json").read_text())
     assert report["candidates"] == 32

@@ -16,6 +16,7 @@ from argen.data.registry import DatasetConfig
 from argen.data.skips import SkipReport, collate
 from argen.eval.retrieval import RetrievalEvaluator
 from argen.text import TextTokenizer, dataset_captions, train_text_tokenizer, warn_truncated
+from argen.train.checkpoint import latest_checkpoint
 from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
 from argen.unclip.clip import ClipEncoder
 from tokenizers_img.config import to_dict
@@ -184,7 +185,7 @@ def clip_text_tokenizer(experiment: CLIPExperiment, *, resume: bool = False) -> 
     data = experiment.data
     print(f"training a byte-level BPE on up to {BPE_CAPTIONS} {data.spec} train captions (set text_tokenizer to reuse one)")
     tokenizer = train_text_tokenizer(dataset_captions(data.spec, split="train", limit=BPE_CAPTIONS, seed=data.seed))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and latest_checkpoint(saved.parent) is None:  # never under a run's checkpoints
         tokenizer.save(saved)
     return tokenizer
 
