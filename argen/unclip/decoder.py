@@ -31,7 +31,7 @@ class DecoderArchitecture:
     context_dim: width of the cross-attention context tokens.
     num_image_tokens: the CLIP image embedding becomes this many context tokens (DALL-E 2 used 4).
     patch_size: the UNet runs on (3 * p * p, R / p, R / p) pixel-unshuffled images, p = patch_size (1: off).
-    norm_num_groups: GroupNorm groups; must divide every level's channels.
+    norm_num_groups: GroupNorm groups; must divide every level's channels. dropout: in the ResNet blocks.
     embed_scale: the image embedding is L2-normalised, then multiplied by this (None: sqrt(embed_dim), so each
         coordinate has mean square 1, like the diffusion prior's space).
     schedule: the forward process the decoder is trained with; sampling must use the same one.
