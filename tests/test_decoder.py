@@ -191,6 +191,34 @@ def test_thresholding_keeps_the_samples_in_range(clip):
     assert off.abs().max() > 2.0
 
 
+class OracleDecoder(torch.nn.Module):
+    """Predicts, at every step, the v that points at a fixed x_0 (too bright: 2 * target, outside [-1, 1])."""
+
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.config = DecoderConfig(embed_dim=D, resolution=32, architecture=DecoderArchitecture(
+            schedule=NoiseSchedule(prediction_type="v_prediction")))
+        self.alpha_bar = training_scheduler(self.config.architecture.schedule).alphas_cumprod
+        self.x0 = 2.0 * target
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # the samplers read the device from the parameters
+
+    def forward(self, x_t, timesteps, image_embeds, *, text=None, drop_image=None, drop_text=None):
+        a = self.alpha_bar[timesteps.reshape(-1)].view(-1, 1, 1, 1)
+        return (a.sqrt() * x_t - self.x0.expand_as(x_t)) / (1 - a).sqrt()  # x_0 = sqrt(a) x_t - sqrt(1 - a) v
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_thresholded_samplers_converge_to_the_clipped_prediction(sampler):
+    """With an oracle that always predicts the same out-of-range x_0, a consistent thresholded sampler ends on that
+    x_0 clipped to [-1, 1] (DDIM up to its last step's trace of noise, about 0.03). DDIM must re-derive its epsilon
+    from the clipped x_0 for this to hold; without that it lands up to 0.9 away."""
+    target = torch.linspace(-0.9, 0.9, 3 * 32 * 32).view(1, 3, 32, 32)
+    oracle = OracleDecoder(target)
+    noise = initial_noise((2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    out = denoise(oracle, noise, torch.randn(2, D), sampler=sampler, steps=10, cfg_scale=1.0, thresholding=True)
+    torch.testing.assert_close(out, (2.0 * target).clamp(-1, 1).expand(2, -1, -1, -1), atol=0.05, rtol=0)
+
+
 def test_save_load_gives_identical_outputs(clip, tmp_path):
     decoder = tiny_decoder(seed=3)
     with torch.no_grad():

@@ -44,6 +44,10 @@ def denoise(decoder: UnCLIPDecoder, noise: Tensor, image_embeds: Tensor, *, text
     device = noise.device
     scheduler = sampling_scheduler(decoder.config.architecture.schedule, sampler=sampler, steps=steps,
                                    thresholding=thresholding)
+    # DDIM's update mixes x_0 with the epsilon implied by the model output; with thresholding that epsilon must be
+    # re-derived from the clipped x_0 (as Imagen does), or the two disagree and the samples fall apart (measured:
+    # PSNR 12.5 dB against 17.5 dB for DPM-Solver++ on the shapes decoder).
+    step_kwargs = {"use_clipped_model_output": True} if sampler == "ddim" and thresholding else {}
     guided = cfg_scale != 1.0
     embeds = torch.cat([image_embeds, image_embeds]) if guided else image_embeds  # (2B or B, D)
     model_text = _doubled(text) if guided else text
@@ -59,7 +63,7 @@ def denoise(decoder: UnCLIPDecoder, noise: Tensor, image_embeds: Tensor, *, text
                           drop_text=drop if model_text is not None else None).float()
             if guided:
                 out = classifier_free_guidance(out, cfg_scale)  # (B, 3, R, R)
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
+            x = scheduler.step(out, t, x, generator=generator, **step_kwargs).prev_sample
     finally:
         decoder.train(was_training)
     return x
