@@ -30,9 +30,10 @@ def denoise(decoder: UnCLIPDecoder, noise: Tensor, image_embeds: Tensor, *, text
 
     Every step runs the decoder once: on the B rows alone when cfg_scale == 1, otherwise on the 2B rows
     [cond; uncond] (uncond = both the image embedding and the caption dropped) combined by
-    `argen.sample.classifier_free_guidance`. With `thresholding`, each step's predicted x_0 is clipped (dynamic
-    thresholding, see `argen.unclip.schedulers.sampling_scheduler`); DPM-Solver++'s last step returns that x_0, so
-    its output lies in [-1, 1]. `generator` draws DDPM's per-step noise (one, or one per row).
+    `argen.sample.classifier_free_guidance`. With `thresholding`, each step's predicted x_0 is thresholded (see
+    `argen.unclip.schedulers.sampling_scheduler`; with its sample_max_value 1 the percentile s is capped at 1, so
+    this is a clip to [-1, 1]); DPM-Solver++'s last step returns that x_0, so its output lies in [-1, 1].
+    `generator` draws DDPM's per-step noise (one, or one per row).
     """
     if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
         raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale}.")
@@ -79,7 +80,7 @@ def sample_decoder(decoder: UnCLIPDecoder, image_embeds: Tensor, *, text: TextEn
     text: CLIP's encoding of the B captions when the decoder reads them (`decoder.config.text_width` set).
     sampler: "ddpm", "ddim" (eta 0, deterministic) or "dpm++" (DPM-Solver++ 2M, deterministic), `steps` steps.
     cfg_scale: classifier-free guidance scale; 1 runs the conditional rows alone.
-    thresholding: dynamic thresholding of each step's predicted x_0 (Imagen sec. 2.3).
+    thresholding: threshold each step's predicted x_0 (Imagen sec. 2.3; here a clip to [-1, 1], see `denoise`).
     generator: the randomness (initial noise, and DDPM's per-step noise): one generator, or one per image so that
         an image does not depend on the others in its batch. Same generator state, same images.
     The output is clamped to [-1, 1] (a no-op for dpm++ with thresholding; DDIM's last step keeps a trace of noise).
