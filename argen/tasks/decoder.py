@@ -44,8 +44,8 @@ class DecoderEvalConfig:
     max_images: int = 256
     batch_size: int = 64
     sampler: str = "dpm++"
-    steps: int = 20
-    cfg_scale: float = 3.0
+    steps: int = 10
+    cfg_scale: float = 2.0
     thresholding: bool = True
     seed: int = 0
     judge: bool = True
@@ -67,7 +67,8 @@ class DecoderExperiment:
 
     clip: the frozen CLIP directory that encodes every training image (and caption).
     text_conditioning: also condition on the caption's CLIP token states (DALL-E 2's decoder reads the caption).
-    image_drop_prob / text_drop_prob: CFG dropout, drawn independently per row (DALL-E 2: 10% and 50%).
+    image_drop_prob / text_drop_prob: CFG dropout, drawn independently per row (DALL-E 2: 10% and 50%; Karlo 10%
+        and 30%, which on shapes doubled the judge's whole-caption accuracy of reconstructions after 1500 steps).
     min_snr_gamma: Min-SNR loss weighting (Hang et al. 2023, eq. 8 with gamma = 5); null: plain MSE.
     """
 
@@ -79,7 +80,7 @@ class DecoderExperiment:
     eval: DecoderEvalConfig = field(default_factory=DecoderEvalConfig)
     text_conditioning: bool = True
     image_drop_prob: float = 0.1
-    text_drop_prob: float = 0.5
+    text_drop_prob: float = 0.3
     min_snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
@@ -187,7 +188,7 @@ def _row_generators(indices: Sequence[int], *, seed: int, device: torch.device |
 
 @torch.no_grad()
 def evaluate_decoder(decoder: UnCLIPDecoder, clip: ClipEncoder, dataset, *, max_images: int = 256,
-                     batch_size: int = 64, sampler: str = "dpm++", steps: int = 20, cfg_scale: float = 3.0,
+                     batch_size: int = 64, sampler: str = "dpm++", steps: int = 10, cfg_scale: float = 2.0,
                      thresholding: bool = True, seed: int = 0, judge: bool = True, rank: int = 0,
                      world_size: int = 1, reduce=None) -> DecoderMetrics:
     """Decode the first `max_images` items of `dataset` (items {"image", "caption"}) from CLIP's embeddings of

@@ -24,7 +24,7 @@ def _doubled(text: TextEncoding | None) -> TextEncoding | None:
 
 @torch.inference_mode()
 def denoise(decoder: UnCLIPDecoder, noise: Tensor, image_embeds: Tensor, *, text: TextEncoding | None = None,
-            sampler: str = "dpm++", steps: int = 20, cfg_scale: float = 3.0, thresholding: bool = True,
+            sampler: str = "dpm++", steps: int = 10, cfg_scale: float = 2.0, thresholding: bool = True,
             generator: Generators = None) -> Tensor:
     """Run the reverse process from `noise` (B, 3, R, R) (standard normal) to images (B, 3, R, R), NOT clamped.
 
@@ -71,7 +71,7 @@ def denoise(decoder: UnCLIPDecoder, noise: Tensor, image_embeds: Tensor, *, text
 
 
 def sample_decoder(decoder: UnCLIPDecoder, image_embeds: Tensor, *, text: TextEncoding | None = None,
-                   sampler: str = "dpm++", steps: int = 20, cfg_scale: float = 3.0, thresholding: bool = True,
+                   sampler: str = "dpm++", steps: int = 10, cfg_scale: float = 2.0, thresholding: bool = True,
                    generator: Generators = None) -> Tensor:
     """Decode CLIP image embeddings into images -> (B, 3, R, R) float32 in [-1, 1].
 
@@ -80,6 +80,8 @@ def sample_decoder(decoder: UnCLIPDecoder, image_embeds: Tensor, *, text: TextEn
     text: CLIP's encoding of the B captions when the decoder reads them (`decoder.config.text_width` set).
     sampler: "ddpm", "ddim" (eta 0, deterministic) or "dpm++" (DPM-Solver++ 2M, deterministic), `steps` steps.
     cfg_scale: classifier-free guidance scale; 1 runs the conditional rows alone.
+    The defaults (DPM-Solver++, 10 steps, CFG 2) scored best per second on the shapes decoder: 10 steps matched 15
+    and 25; CFG 2 beat 1, 3 and 5 on the judge's whole-caption accuracy.
     thresholding: threshold each step's predicted x_0 (Imagen sec. 2.3; here a clip to [-1, 1], see `denoise`).
     generator: the randomness (initial noise, and DDPM's per-step noise): one generator, or one per image so that
         an image does not depend on the others in its batch. Same generator state, same images.
