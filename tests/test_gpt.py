@@ -48,9 +48,9 @@ def test_shapes_and_derived_sizes():
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_cached_decoding_equals_full_forward(backend, n_kv_head):
-    cfg = tiny(n_kv_head=n_kv_head, attn_backend=backend)
+@pytest.mark.parametrize("n_kv_head, abs_pos_emb", [(4, False), (2, False), (1, False), (2, True)])
+def test_cached_decoding_equals_full_forward(backend, n_kv_head, abs_pos_emb):
+    cfg = tiny(n_kv_head=n_kv_head, attn_backend=backend, abs_pos_emb=abs_pos_emb)
     model, idx = model_of(cfg), tokens(cfg)
     with torch.no_grad():
         full = model(idx)
@@ -106,6 +106,20 @@ def test_a_batch_equals_each_row_alone_and_is_causal():
         changed[:, 9] = (changed[:, 9] + 1) % cfg.vocab_size
         torch.testing.assert_close(model(changed)[:, :9], batch[:, :9])
         assert not torch.allclose(model(changed)[:, 9:], batch[:, 9:])
+
+
+def test_absolute_position_table_adds_to_the_token_embedding():
+    rope_only = model_of(tiny())
+    both = GPT(tiny(abs_pos_emb=True)).eval()
+    missing, unexpected = both.load_state_dict(rope_only.state_dict(), strict=False)
+    assert missing == ["pos_emb.weight"] and not unexpected
+    idx = tokens(tiny())
+    with torch.no_grad():
+        both.pos_emb.weight.zero_()
+        torch.testing.assert_close(both(idx), rope_only(idx))  # a zero table is the RoPE-only model
+        both.pos_emb.weight[7].fill_(1.0)  # moving one position's embedding changes logits from there on only
+        diff = (both(idx) - rope_only(idx)).abs().amax(dim=(0, 2))
+    assert diff[:7].max() == 0 and diff[7:].min() > 0
 
 
 def test_rope_positions_are_1d_for_text_and_2d_for_image_tokens():

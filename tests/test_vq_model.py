@@ -41,13 +41,14 @@ def test_shapes_for_each_downsample_factor(ch_mult, factor):
     assert model.decode(codes).shape == x.shape
 
 
-@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
-def test_reconstruction_gradient_reaches_the_encoder(quantizer):
+@pytest.mark.parametrize("quantizer, encoder", [("vq", "conv"), ("fsq", "conv"), ("vq", "patch")])
+def test_reconstruction_gradient_reaches_the_encoder(quantizer, encoder):
     torch.manual_seed(0)
-    model = VQModel(tiny(quantizer=quantizer, fsq_levels=(4, 3, 3)))
+    model = VQModel(tiny(quantizer=quantizer, fsq_levels=(4, 3, 3), encoder=encoder))
     out = model(images())
     ((out.reconstruction - images()) ** 2).mean().backward()
-    for p in (model.encoder.conv_in.weight, model.quant_conv.weight, model.last_decoder_layer):
+    first = model.encoder.conv_in if encoder == "conv" else model.encoder.embed
+    for p in (first.weight, model.quant_conv.weight, model.last_decoder_layer):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert model.last_decoder_layer is model.decoder.conv_out.weight
 
@@ -67,6 +68,21 @@ def test_encode_decode_equals_forward(kw):
     assert torch.allclose(model.decode(codes), out.reconstruction, atol=1e-5)
     flat = codes.flatten(1)  # (B, h*w), the GPT's layout
     assert torch.allclose(model.decode(flat), out.reconstruction, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder, local", [("patch", True), ("conv", False)])
+def test_a_patch_encoder_code_depends_on_its_own_patch_only(encoder, local):
+    torch.manual_seed(0)
+    model = VQModel(tiny(encoder=encoder)).eval()  # f = 4: a 4 x 4 grid of 4 x 4 px patches
+    x = images(batch=1)
+    y = x.clone()
+    y[..., 8:, 8:] = images(batch=1, seed=1)[..., 8:, 8:]  # repaint the bottom-right 2 x 2 patches
+    with torch.no_grad():
+        zx, zy = model._latents(x), model._latents(y)
+    untouched = torch.ones(4, 4, dtype=torch.bool)
+    untouched[2:, 2:] = False
+    assert not torch.equal(zx[..., ~untouched], zy[..., ~untouched])
+    assert torch.equal(zx[..., untouched], zy[..., untouched]) == local  # GroupNorm and 3x3 convs see further
 
 
 def test_encode_never_changes_quantizer_state():
@@ -139,6 +155,7 @@ def test_config_derived_sizes_and_dict_roundtrip():
         (dict(ema_decay=1.0), r"ema_decay must be in \(0, 1\), got 1.0"),
         (dict(dead_code_threshold=-1), r"dead_code_threshold must be >= 0.*got -1"),
         (dict(quantizer="lfq"), r"'vq' or 'fsq', got 'lfq'"),
+        (dict(encoder="vit"), r"encoder must be 'conv' or 'patch', got 'vit'"),
     ],
 )
 def test_config_validation_messages_print_the_values(kw, pattern):

@@ -120,6 +120,33 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class PatchEncoder(nn.Module):
+    """Images (B, in_channels, H, W) -> latents (B, z_channels, H/f, W/f) where each latent sees only its own f x f
+    patch: a stride-f patch embedding, then `depth` residual MLPs applied at each position (1x1 convolutions, no
+    normalisation across positions).
+
+    `Encoder`'s 3x3 convolutions and GroupNorm (statistics over the whole image) make every code depend on its
+    surroundings: on 32 px shapes the conv encoder spread plain black patches over 487 codes (5.2 nats), so a GPT
+    must predict which of them the encoder would pick from objects it has not drawn yet. Here a code is a function
+    of its patch alone; the decoder still sees all codes.
+    """
+
+    def __init__(self, *, in_channels: int, patch: int, width: int, depth: int, z_channels: int):
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, width, patch, stride=patch)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.SiLU(), nn.Conv2d(width, 2 * width, 1), nn.SiLU(), nn.Conv2d(2 * width, width, 1))
+            for _ in range(depth)
+        )
+        self.conv_out = nn.Conv2d(width, z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (B, width, H/f, W/f)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.conv_out(F.silu(h))
+
+
 class Decoder(nn.Module):
     """Latents (B, z_channels, h, w) -> images (B, out_channels, h*f, w*f); the mirror of `Encoder`."""
 

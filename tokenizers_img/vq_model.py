@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tokenizers_img.autoencoder import Decoder, Encoder
+from tokenizers_img.autoencoder import Decoder, Encoder, PatchEncoder
 from tokenizers_img.quantizers import FSQuantizer, Quantizer, QuantizerOutput, VectorQuantizer
 from tokenizers_img.serialization import PretrainedMixin
 
@@ -30,6 +30,7 @@ class VQConfig:
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
     attn: bool = True  # self-attention at the lowest resolution (encoder and decoder)
+    encoder: Literal["conv", "patch"] = "conv"  # "patch": each code sees only its own patch (see PatchEncoder)
     z_channels: int = 256
     norm_groups: int = 32  # GroupNorm groups; every channel count must be divisible by it
     dropout: float = 0.0
@@ -75,6 +76,8 @@ class VQConfig:
                 f"channel widths {bad} (base_channels={self.base_channels} x ch_mult={self.ch_mult}) are not "
                 f"divisible by norm_groups={self.norm_groups}."
             )
+        if self.encoder not in ("conv", "patch"):
+            raise ValueError(f"encoder must be 'conv' or 'patch', got {self.encoder!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.quantizer not in ("vq", "fsq"):
@@ -155,7 +158,12 @@ class VQModel(PretrainedMixin, nn.Module):
             base_channels=config.base_channels, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
             attn=config.attn, z_channels=config.z_channels, norm_groups=config.norm_groups, dropout=config.dropout,
         )
-        self.encoder = Encoder(in_channels=config.in_channels, **arch)
+        if config.encoder == "patch":  # as wide as the conv encoder's last level, num_res_blocks + 1 MLPs deep
+            self.encoder = PatchEncoder(in_channels=config.in_channels, patch=config.downsample,
+                                        width=config.base_channels * config.ch_mult[-1],
+                                        depth=config.num_res_blocks + 1, z_channels=config.z_channels)
+        else:
+            self.encoder = Encoder(in_channels=config.in_channels, **arch)
         self.quant_conv = nn.Conv2d(config.z_channels, config.code_dim, 1)
         self.quantizer = build_quantizer(config)
         self.post_quant_conv = nn.Conv2d(config.code_dim, config.z_channels, 1)

@@ -27,6 +27,10 @@ class GPTConfig:
     `n_kv_head` < `n_head` gives grouped-query attention (None: n_head). `ffn_hidden` is the SwiGLU hidden
     width (None: 8/3 n_embd rounded up to a multiple of 64). `dropout` applies to the embedding, attention
     weights and both residual branches. `grad_checkpointing` recomputes each block in backward (training only).
+    `abs_pos_emb` adds a learned embedding per input position to the token embedding, on top of RoPE: RoPE
+    only tells a token where its keys lie relative to it, so an image token cannot read its own row and column
+    (to match them against "top right" in the caption) without it; taming-transformers and DALL-E use such
+    tables alone.
     """
 
     vocab_size: int
@@ -44,6 +48,7 @@ class GPTConfig:
     attn_backend: Literal["auto", "sdpa", "xformers", "math"] = "auto"
     grad_checkpointing: bool = False
     init_std: float = 0.02
+    abs_pos_emb: bool = False
 
     def __post_init__(self) -> None:
         self.image_grid = tuple(self.image_grid)  # JSON/YAML give a list
@@ -358,6 +363,7 @@ class GPT(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.abs_pos_emb else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -404,7 +410,10 @@ class GPT(PretrainedMixin, nn.Module):
             raise ValueError(f"the KVCache holds {cache.batch_size} rows but idx has {B}.")
         cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
         sin = self.rope_sin[start : start + T].unsqueeze(1)
-        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[start : start + T]
+        x = self.drop(x)
         recompute = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute and cache is None:
