@@ -246,7 +246,8 @@ class Scorer:
         text = torch.stack([self.text_embeds[p] for p in prompts])
         clip = boot.mean(clip_scores(feats, text))
         feats_np = feats.double().numpy()
-        frechet = boot.interval(lambda idx: frechet_distance(*feature_statistics(feats_np[idx]), *self.reference_stats))
+        frechet = boot.interval(lambda idx: frechet_distance(*feature_statistics(feats_np[idx]), *self.reference_stats),
+                                recentred=True)
         per_prompt = pairwise_diversity(feats, prompts)
         diversity = None
         if per_prompt:
@@ -583,7 +584,8 @@ def compare_report(payload: dict, results: dict[str, SystemResult], trivial: dic
         "# argen compare", "",
         f"{len(payload['prompts'])} prompts ({counts}) x "
         f"{s['n_per_prompt']} images, seed {s['seed']}, the same for every system. Every quality figure is the estimate "
-        f"with its 95% bootstrap interval over prompts ({s['n_boot']} resamples). Judge: the rule-based shapes judge. "
+        f"with its 95% bootstrap interval over prompts ({s['n_boot']} resamples; for the Fréchet distance, whose resamples "
+        "repeat images and so score worse, their spread placed at the estimate). Judge: the rule-based shapes judge. "
         f"Judge CLIP: `{payload['judge_clip']['path']}` (trained separately, used by no generator). Fréchet distance on "
         f"judge-CLIP image features against {s['reference_images']} real val images; real train images at the same "
         f"count score {payload['frechet_real_floor']:.3f} (the floor). Diversity: mean pairwise cosine distance of a "

@@ -51,6 +51,24 @@ def test_paired_difference_of_identical_systems_is_zero_and_of_shifted_ones_is_t
     assert shifted.low == pytest.approx(0.25) and shifted.high == pytest.approx(0.25)
 
 
+def test_recentred_interval_matches_plain_for_a_mean_and_covers_a_frechet_estimate():
+    rng = np.random.default_rng(3)
+    groups = [i // 2 for i in range(300)]
+    boot = PromptBootstrap(groups, n_boot=400, seed=4)
+    values = rng.normal(size=300)
+    plain = boot.interval(lambda idx: values[idx].mean())
+    rc = boot.interval(lambda idx: values[idx].mean(), recentred=True)
+    assert abs(rc.low - plain.low) < 0.02 and abs(rc.high - plain.high) < 0.02  # the mean is unbiased
+    # Fréchet distance between two samples of one distribution: repeats in a resample shrink its covariance, so
+    # nearly every plain resample scores worse than the estimate; the recentred interval keeps the spread and covers it.
+    feats, reference = rng.normal(size=(300, 8)), rng.normal(size=(2000, 8))
+    ref_stats = feature_statistics(reference)
+    fd = lambda idx: frechet_distance(*feature_statistics(feats[idx]), *ref_stats)  # noqa: E731
+    plain, rc = boot.interval(fd), boot.interval(fd, recentred=True)
+    assert plain.low > plain.estimate  # the flaw being fixed
+    assert rc.low < rc.estimate < rc.high and rc.high - rc.low == pytest.approx(plain.high - plain.low)
+
+
 def test_bootstrap_rejects_misaligned_values():
     boot = PromptBootstrap(["p", "q"], n_boot=5)
     with pytest.raises(ValueError, match="expected 2 per-item values"):

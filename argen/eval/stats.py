@@ -52,13 +52,23 @@ class PromptBootstrap:
         """Item indices of resample b (items of each drawn prompt, repeats kept)."""
         return np.concatenate([self.members[p] for p in self.draws[b]])
 
-    def interval(self, statistic: Callable[[np.ndarray], float], *, level: float = 0.95) -> Interval:
-        """`statistic(item_indices) -> float` on all items (the estimate) and on every resample (the interval)."""
+    def interval(self, statistic: Callable[[np.ndarray], float], *, level: float = 0.95,
+                 recentred: bool = False) -> Interval:
+        """`statistic(item_indices) -> float` on all items (the estimate) and on every resample (the interval).
+
+        recentred: keep the resamples' spread around their median but place it at the estimate: [estimate - (median
+        - q_low), estimate + (q_high - median)]. For statistics that resampling with repeats biases, such as the
+        Fréchet distance (repeated images shrink the covariance and inflate the distance, so plain percentiles can
+        lie wholly above the estimate): the shift is an artefact of the repeats, the spread is the sampling noise.
+        For an unbiased statistic the median sits at the estimate and both intervals agree.
+        """
         if not 0 < level < 1:
             raise ValueError(f"level must be in (0, 1), got {level}.")
         estimate = float(statistic(np.arange(self.num_items)))
         boots = np.array([statistic(self.resample(b)) for b in range(self.n_boot)], dtype=np.float64)
-        low, high = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+        low, median, high = np.quantile(boots, [(1 - level) / 2, 0.5, (1 + level) / 2])
+        if recentred:
+            low, high = estimate - (median - low), estimate + (high - median)
         return Interval(estimate, float(low), float(high), level)
 
     def mean(self, values: Sequence[float] | np.ndarray, *, level: float = 0.95) -> Interval:
