@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dot-quantile", type=float, default=0.5, help="AR prior: draw the dot-product token at or above "
                    "this quantile (0.5 = DALL-E 2's top half)")
     p.add_argument("--decoder-sampler", choices=("ddpm", "ddim", "dpm++"), default="dpm++")
-    p.add_argument("--decoder-steps", type=int, default=20)
-    p.add_argument("--decoder-cfg", type=float, default=3.0)
+    p.add_argument("--decoder-steps", type=int, default=10, help="decoder steps (default 10, as DecoderSampling)")
+    p.add_argument("--decoder-cfg", type=float, default=2.0, help="decoder guidance (default 2, as DecoderSampling)")
     p.add_argument("--sweep-prompts", type=int, default=48, help="prompts used by the sweeps")
     p.add_argument("--sweep-gpt-cfg", type=float, nargs="*", default=())
     p.add_argument("--sweep-prior-cfg", type=float, nargs="*", default=())

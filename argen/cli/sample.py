@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "text embedding")
     u.add_argument("--prior-cfg", type=float, default=1.0, help="guidance scale of the prior (default 1)")
     u.add_argument("--prior-steps", type=int, default=25, help="diffusion prior sampler steps (default 25)")
-    u.add_argument("--decoder-steps", type=int, default=20, help="decoder sampler steps (default 20)")
+    u.add_argument("--decoder-steps", type=int, default=10, help="decoder sampler steps (default 10)")
     p.add_argument("-o", "--out", default="samples.png", help="grid PNG; images go to OUT_images/, the record to OUT.json")
     p.set_defaults(func=run_sample)
 

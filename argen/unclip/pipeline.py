@@ -115,8 +115,8 @@ class DecoderSampling:
     """The decoder's sampler (see `sample_decoder`)."""
 
     sampler: str = "dpm++"
-    steps: int = 20
-    cfg_scale: float = 3.0
+    steps: int = 10
+    cfg_scale: float = 2.0
     thresholding: bool = True
 
     def __post_init__(self) -> None:
