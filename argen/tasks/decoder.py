@@ -187,15 +187,14 @@ def _row_generators(indices: Sequence[int], *, seed: int, device: torch.device |
 
 
 @torch.no_grad()
-def evaluate_decoder(decoder: UnCLIPDecoder, clip: ClipEncoder, dataset, *, max_images: int = 256,
-                     batch_size: int = 64, sampler: str = "dpm++", steps: int = 10, cfg_scale: float = 2.0,
-                     thresholding: bool = True, seed: int = 0, judge: bool = True, rank: int = 0,
-                     world_size: int = 1, reduce=None) -> DecoderMetrics:
+def evaluate_decoder(decoder: UnCLIPDecoder, clip: ClipEncoder, dataset, *, max_images: int, batch_size: int,
+                     sampler: str, steps: int, cfg_scale: float, thresholding: bool, seed: int, judge: bool = True,
+                     rank: int = 0, world_size: int = 1, reduce=None) -> DecoderMetrics:
     """Decode the first `max_images` items of `dataset` (items {"image", "caption"}) from CLIP's embeddings of
     their own images (and captions, for a text-conditioned decoder) and score the results (see DecoderMetrics).
 
     With several processes each takes every `world_size`-th item from `rank`; `reduce(tensor)` must sum over
-    processes. `judge` needs shapes captions (argen.eval.judge).
+    processes. `judge` needs shapes captions (argen.eval.judge). The sampler settings come from `DecoderEvalConfig`.
     """
     from argen.eval.judge import ATTRIBUTES, parse
     from argen.eval.judge import judge as judge_fn

@@ -24,8 +24,7 @@ def _doubled(text: TextEncoding | None) -> TextEncoding | None:
 
 @torch.inference_mode()
 def denoise(decoder: UnCLIPDecoder, noise: Tensor, image_embeds: Tensor, *, text: TextEncoding | None = None,
-            sampler: str = "dpm++", steps: int = 10, cfg_scale: float = 2.0, thresholding: bool = True,
-            generator: Generators = None) -> Tensor:
+            sampler: str, steps: int, cfg_scale: float, thresholding: bool, generator: Generators = None) -> Tensor:
     """Run the reverse process from `noise` (B, 3, R, R) (standard normal) to images (B, 3, R, R), NOT clamped.
 
     Every step runs the decoder once: on the B rows alone when cfg_scale == 1, otherwise on the 2B rows
@@ -80,8 +79,9 @@ def sample_decoder(decoder: UnCLIPDecoder, image_embeds: Tensor, *, text: TextEn
     text: CLIP's encoding of the B captions when the decoder reads them (`decoder.config.text_width` set).
     sampler: "ddpm", "ddim" (eta 0, deterministic) or "dpm++" (DPM-Solver++ 2M, deterministic), `steps` steps.
     cfg_scale: classifier-free guidance scale; 1 runs the conditional rows alone.
-    The defaults (DPM-Solver++, 10 steps, CFG 2) scored best per second on the shapes decoder: 10 steps matched 15
-    and 25; CFG 2 beat 1, 3 and 5 on the judge's whole-caption accuracy.
+    The defaults (DPM-Solver++, 10 steps, CFG 2): on the shapes decoder (runs/unclip_final, 128 val images decoded
+    from their true embeddings) they beat 15 steps at CFG 3 and 20 at CFG 3 on judge agreement (11.7% vs 10.2%) and
+    judge correctness (21.9% vs 14.8-15.6%), at 0.13 against 0.20-0.29 s per image.
     thresholding: threshold each step's predicted x_0 (Imagen sec. 2.3; here a clip to [-1, 1], see `denoise`).
     generator: the randomness (initial noise, and DDPM's per-step noise): one generator, or one per image so that
         an image does not depend on the others in its batch. Same generator state, same images.
