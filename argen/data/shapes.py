@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -194,13 +195,21 @@ def render(scene: Scene, resolution: int) -> np.ndarray:
         raise ValueError(f"resolution={resolution} is not supported; expected one of {RESOLUTIONS}")
     image = np.empty((resolution, resolution, 3), np.float32)
     image[:] = BACKGROUND
-    supersample = max(4, 256 // resolution)
     for obj in scene.objects:
-        cx, cy, extent = object_geometry(obj, resolution)
-        cov = shape_coverage(obj.shape, cx=cx, cy=cy, extent=extent, resolution=resolution,
-                             supersample=supersample)[..., None]
+        cov = _object_coverage(obj.shape, obj.size, obj.position, resolution)
         image = image * (1 - cov) + np.asarray(COLORS[obj.color], np.float32) * cov
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _object_coverage(shape: str, size: str, position: str, resolution: int) -> np.ndarray:
+    """Read-only (resolution, resolution, 1) coverage of one object; colour-free, so 54 per resolution, each
+    computed once (rendering is on the data path of every training step)."""
+    cx, cy, extent = object_geometry(ShapeObject(shape=shape, color="red", size=size, position=position), resolution)
+    cov = shape_coverage(shape, cx=cx, cy=cy, extent=extent, resolution=resolution,
+                         supersample=max(4, 256 // resolution))[..., None]
+    cov.flags.writeable = False
+    return cov
 
 
 # ----------------------------------------------------------------------------------------------- captions
@@ -401,8 +410,12 @@ def _random_object(rng: np.random.Generator, position: str, *, color: str | None
 
 def _relation_cells(rng: np.random.Generator, kind: str) -> tuple[str, str]:
     """A uniformly random ordered pair of cells (subject, object) for which `kind` holds."""
-    pairs = [(a, b) for a in POSITIONS for b in POSITIONS if relation_holds(kind, a, b)]
-    return _choice(rng, pairs)
+    return _choice(rng, _relation_pairs(kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _relation_pairs(kind: str) -> tuple[tuple[str, str], ...]:
+    return tuple((a, b) for a in POSITIONS for b in POSITIONS if relation_holds(kind, a, b))
 
 
 def _sample(rng: np.random.Generator, *, template: str, color: str | None = None,
