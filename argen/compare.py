@@ -94,7 +94,8 @@ def count_flops(fn) -> float:
     """FLOPs of the matmuls, convolutions and attention that `fn()` runs (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise.default: _mkldnn_linear_flops}) as counter:
+    # keyed by the overload packet, as FlopCounterMode looks ops up (an OpOverload key is silently never matched)
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise: _mkldnn_linear_flops}) as counter:
         fn()
     return float(counter.get_total_flops())
 
@@ -332,16 +333,18 @@ def plot_quality_vs_cost(results: Sequence[SystemResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    markers = "os^Dv<>PX*"
+    for i, r in enumerate(results):  # colour and marker both vary, so no two of up to 20 systems look alike
         y, lo, hi = r.accuracy.estimate * 100, r.accuracy.low * 100, r.accuracy.high * 100
-        ax.errorbar([r.flops_per_image], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=r.name)
+        ax.errorbar([r.flops_per_image], [y], yerr=[[y - lo], [hi - y]], fmt=markers[i % len(markers)], capsize=3,
+                    color=plt.cm.tab20(i % 20), label=r.name)
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs per image (measured, torch.utils.flop_counter)")
     ax.set_ylabel("whole-prompt judge accuracy (%)")
     ax.set_title("Quality against cost (95% prompt-bootstrap intervals)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

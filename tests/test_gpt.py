@@ -19,6 +19,7 @@ from argen.model.gpt import (
     pack_for_cpu,
     rope_positions,
     rope_tables,
+    use_onednn_linears,
 )
 from tokenizers_img.config import from_dict, to_dict
 
@@ -239,6 +240,30 @@ def test_onednn_linear_equals_f_linear_in_forward_and_backward():
 
 
 @needs_onednn
+def test_use_onednn_linears_keeps_parameters_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 512), torch.nn.GELU(),
+                                torch.nn.Sequential(torch.nn.Linear(512, 96, bias=False), torch.nn.Linear(96, 512)))
+    model[2][1].weight = model[0].weight  # tied, as HF heads are
+    params, state = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, 96, requires_grad=True)
+    ref = model(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *params])
+    rng = torch.get_rng_state()
+    assert use_onednn_linears(model) == 3
+    assert torch.equal(torch.get_rng_state(), rng)  # converting draws no random numbers
+    assert all(type(m) is Linear for m in (model[0], model[2][0], model[2][1])) and model[2][0].bias is None
+    assert list(model.parameters()) == params and model[2][1].weight is model[0].weight  # same objects, tie kept
+    assert model.state_dict().keys() == state.keys()
+    y = model(x)
+    assert x.numel() * 512 >= ONEDNN_MIN_MACS  # the big layers take the oneDNN path
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(y.square().sum(), [x, *params]), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert use_onednn_linears(model) == 0  # already converted
+
+
+@needs_onednn
 def test_pack_for_cpu_keeps_the_logits_and_leaves_the_original_alone(tmp_path):
     cfg = tiny(tie_embeddings=True)
     model, idx = model_of(cfg).train(), tokens(cfg)
@@ -290,3 +315,13 @@ def test_bad_config_json_names_the_key(tmp_path):
     path.write_text(path.read_text().replace('"n_layer"', '"n_layers"'))
     with pytest.raises(ValueError, match="n_layers"):
         GPT.from_pretrained(tmp_path / "gpt")
+
+
+@needs_onednn
+def test_count_flops_sees_onednn_linears():
+    from argen.compare import count_flops
+
+    layer, x = Linear(256, 512, bias=True), torch.randn(64, 256)
+    assert x.numel() * layer.out_features >= ONEDNN_MIN_MACS  # the oneDNN path, not F.linear
+    with torch.no_grad():
+        assert count_flops(lambda: layer(x)) == count_flops(lambda: torch.nn.functional.linear(x, layer.weight)) == 2 * 64 * 256 * 512

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from argen.model.gpt import use_onednn_linears
 from argen.text import TOKENIZER_FILE, TextTokenizer
 from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir
 
@@ -53,10 +54,14 @@ class ClipEncoder:
 
     Images go in as the datasets give them: (B, 3, H, W) float in [-1, 1]; they are resized (bicubic, antialiased)
     to the vision tower's size and normalised by the CLIP's pixel mean and std here.
+
+    The model's `nn.Linear` layers are swapped in place for `argen.model.gpt.Linear` (same parameters) so CPU fp32
+    GEMMs run on oneDNN.
     """
 
     def __init__(self, model, tokenizer, *, text_len: int, image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, ...] = (0.5, 0.5, 0.5), source: str = "<memory>") -> None:
+        use_onednn_linears(model)  # in place, same parameters: CPU fp32 GEMMs on oneDNN (a no-op elsewhere)
         self.model = model.eval()
         self.tokenizer = tokenizer  # argen.text.TextTokenizer (ours) or a transformers tokenizer (pretrained)
         self.text_len = int(text_len)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from argen.model.gpt import use_onednn_linears
 from argen.unclip.clip import TextEncoding
 from argen.unclip.diffusion_prior import normalize
 from argen.unclip.schedulers import NoiseSchedule
@@ -150,6 +151,7 @@ class UnCLIPDecoder(PretrainedMixin, nn.Module):
         else:
             self.text_proj = None
             self.null_text_token = None
+        use_onednn_linears(self)  # the UNet's and projections' CPU fp32 GEMMs on oneDNN (same parameters)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
