@@ -18,6 +18,7 @@ from torch import nn
 from train_toy_script import ToyData, ToyTask, toy_config
 
 import argen.train.checkpoint as ckpt_mod
+import argen.train.loop as loop_mod
 from argen.train.checkpoint import latest_checkpoint, load_checkpoint
 from argen.train.ema import EMA
 from argen.train.loop import NonFiniteLossError, ResumeMismatchError, lr_factor, train
@@ -129,6 +130,20 @@ def test_two_optimizers_each_update_only_their_params(tmp_path):
     for a, b in ((task.gen, ref.gen), (task.disc, ref.disc)):
         for (k, p), q in zip(a.named_parameters(), b.parameters()):
             assert torch.allclose(p, q, atol=1e-7), k
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_mixed_precision_auto_is_bf16_only_where_native(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(loop_mod, "native_bf16", lambda: native)
+    seen = []
+
+    class Probe(ToyTask):
+        def training_step(self, batch, *, modules, step):
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return super().training_step(batch, modules=modules, step=step)
+
+    train(Probe(), ToyData(), toy_config(tmp_path, max_steps=2, mixed_precision="auto"))
+    assert seen and all(s == native for s in seen)
 
 
 def test_optimizer_with_zero_loss_does_not_step(tmp_path):

@@ -52,7 +52,9 @@ class TrainConfig:
     same config gives the same data and (up to float reduction order) the same weights on 1 or N processes.
     The LR is `lr * lr_factor(step)`: linear warm-up over `warmup_steps`, then cosine to `min_lr_ratio * lr` at
     `max_steps` (or constant). `nan_policy="skip"` skips a step whose loss is non-finite and raises after
-    `nan_max_consecutive` consecutive skips.
+    `nan_max_consecutive` consecutive skips. `mixed_precision="auto"` is bf16 autocast where the hardware computes
+    bf16 natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX, see `native_bf16`) and "no" elsewhere,
+    where emulated bf16 would be slower than float32.
     """
 
     out_dir: str = "runs/default"
@@ -64,7 +66,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
@@ -85,6 +87,19 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}.")
+
+
+def native_bf16() -> bool:
+    """Whether the device accelerate will train on computes bf16 natively: a CUDA GPU with bf16 support, or an x86
+    CPU whose /proc/cpuinfo lists avx512_bf16 or amx_bf16 (oneDNN then runs bf16 convolutions and GEMMs faster than
+    float32; without them it emulates bf16, slower than float32). False where that cannot be read."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclass
@@ -308,13 +323,21 @@ def train(
     randomness from the sample index; randomness in the main process (training_step) always resumes exactly.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
     from accelerate.utils import gather_object, send_to_device, set_seed
     from tqdm.auto import tqdm
 
     out_dir = Path(config.out_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if native_bf16() else "no"
+    # accelerate keeps one mixed precision per process and refuses another; one process may train several stages
+    # (`argen train unclip`) at different precisions, so each run starts from a fresh AcceleratorState (the process
+    # group, in PartialState, is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=precision,
         # torchrun without CUDA: accelerate goes multi-process on CPU (gloo) only when told `cpu=True`.
         cpu=launched > 1 and not torch.cuda.is_available(),
         # Gradients are synchronised by `_all_reduce_grads`, never by DDP's hooks (all forwards run under
@@ -326,6 +349,8 @@ def train(
         raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate runs {world} process(es) "
                            f"({accelerator.distributed_type}); the processes would train separate copies.")
     is_main = accelerator.is_main_process
+    if is_main and config.mixed_precision == "auto":
+        print(f"mixed_precision auto -> {precision!r} (native bf16 on this machine: {precision == 'bf16'})")
 
     per_step = world * config.grad_accum
     if config.batch_size % per_step:
