@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -90,3 +91,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, Experiment)
+
+
+def test_every_shipped_prior_config_names_its_kind():
+    """`argen train prior` dispatches on the top-level `kind`; a shipped prior config without it cannot be run."""
+    import yaml
+
+    from argen.cli.train import PRIOR_KINDS
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "unclip").glob("*prior*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        kind = yaml.safe_load(path.read_text()).get("kind")
+        assert kind in PRIOR_KINDS and (kind == "ar") == ("_ar" in path.stem), f"{path.name}: kind {kind!r}"
