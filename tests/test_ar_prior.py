@@ -168,7 +168,9 @@ def test_text_embedding_tokens_are_given_first_and_forced_when_sampling():
     plain = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True)
     quantizer = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True, text_tokens=True)
     C = quantizer.n_components
-    assert quantizer.image_start == C + 1 and quantizer.dot_index == C and quantizer.num_tokens == 2 * C + 1
+    assert quantizer.dot_index == C and quantizer.num_tokens == 2 * C + 1
+    assert quantizer.text_positions.tolist() == list(range(C))
+    assert quantizer.image_positions.tolist() == list(range(C + 1, 2 * C + 1))
     codes = quantizer.encode(images, texts)
     assert torch.equal(codes[:, :C], quantizer.text_codes(texts))
     assert torch.equal(codes[:, C:], plain.encode(images, texts))  # the dot and image tokens are unchanged
@@ -186,6 +188,30 @@ def test_text_embedding_tokens_are_given_first_and_forced_when_sampling():
     assert torch.equal(sampled[:, :C], codes[:5, :C]) and sampled[:, C].min() >= 4
     with pytest.raises(ARPriorError, match="pass text_embeds"):
         allowed_tokens(quantizer, ARPriorSamplingConfig())
+
+
+def test_interleaved_layout_puts_text_coordinate_k_before_image_coordinate_k():
+    gen = torch.Generator().manual_seed(6)
+    images = sphere_data(600, seed=7)
+    texts = F.normalize(images + 0.5 * torch.randn(images.shape, generator=gen), dim=-1)
+    prefix = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True, text_tokens=True)
+    woven = EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, dot_token=True, text_tokens=True,
+                                   interleave=True)
+    C = woven.n_components
+    assert woven.dot_index == 0 and woven.num_tokens == prefix.num_tokens == 2 * C + 1
+    assert woven.text_positions.tolist() == [1 + 2 * k for k in range(C)]
+    assert woven.image_positions.tolist() == [2 + 2 * k for k in range(C)]
+    a, b = prefix.encode(images, texts), woven.encode(images, texts)
+    assert torch.equal(b[:, 0], a[:, C])                                  # the dot token
+    assert torch.equal(b[:, 1::2], a[:, :C])                              # text coordinate k at 1 + 2k
+    assert torch.equal(b[:, 2::2], a[:, C + 1:])                          # image coordinate k right after it
+    assert torch.equal(woven.decode(b), prefix.decode(a))
+    assert woven.round_trip(images) == prefix.round_trip(images)
+    allowed = allowed_tokens(woven, ARPriorSamplingConfig(dot_quantile=0.5), text_embeds=texts[:3])
+    assert torch.equal(allowed[:, 1::2].float().argmax(-1), b[:3, 1::2]) and bool((allowed[:, 1::2].sum(-1) == 1).all())
+    assert allowed[:, 0, :4].sum() == 0 and bool(allowed[:, 0, 4:].all()) and bool(allowed[:, 2::2].all())
+    with pytest.raises(ValueError, match="interleave .* needs text_tokens=True"):
+        EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, interleave=True)
 
 
 def test_quantizer_save_load_is_identical(tmp_path):

@@ -69,6 +69,7 @@ class QuantizerSettings:
     variance: float = 0.99
     n_components: int | None = None
     text_tokens: bool = False
+    interleave: bool = False
     dot_token: bool = True
     dequantize: Literal["mean", "midpoint"] = "mean"
 
@@ -211,7 +212,8 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
     quantizer = EmbeddingQuantizer.fit(train_set.image_embeds, text_embeds=train_set.text_embeds,
                                        num_buckets=settings.num_buckets, variance=settings.variance,
                                        n_components=settings.n_components, dot_token=settings.dot_token,
-                                       text_tokens=settings.text_tokens, dequantize=settings.dequantize)
+                                       text_tokens=settings.text_tokens, interleave=settings.interleave,
+                                       dequantize=settings.dequantize)
     quantizer_dir, codes_dir = out_dir / QUANTIZER_DIR, out_dir / CODES_DIR
     if resume and (quantizer_dir / "config.json").is_file() and \
             not _same_quantizer(quantizer, EmbeddingQuantizer.from_pretrained(quantizer_dir)):
@@ -235,7 +237,8 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
               "round_trip_relative_mse": round(round_trip.relative_mse, 6)}
     state.print(f"AR prior quantizer: D={fitted['dim']}, {fitted['n_components']} PCA components hold "
                 f"{fitted['explained_variance']:.4f} of the variance (threshold {settings.variance}), "
-                f"{fitted['num_buckets']} buckets, text tokens {'on' if settings.text_tokens else 'off'}, dot token "
+                f"{fitted['num_buckets']} buckets, text tokens {'on' if settings.text_tokens else 'off'}"
+                f"{' (interleaved)' if settings.interleave else ''}, dot token "
                 f"{'on' if settings.dot_token else 'off'}; round-trip "
                 f"cosine on {fitted['round_trip_split']}: {round_trip.cosine:.4f} (PCA alone {round_trip.pca_cosine:.4f}), "
                 f"error/variance {round_trip.relative_mse:.4f} (PCA alone {round_trip.pca_relative_mse:.4f})")

@@ -96,11 +96,15 @@ class QuantizerConfig:
     """Shape of a fitted EmbeddingQuantizer.
 
     dim: D, the CLIP embedding width. n_components: C, the PCA coordinates kept (one token each, largest variance
-    first). num_buckets: K, buckets per coordinate (and per given token). text_tokens: prepend the caption's CLIP
+    first). num_buckets: K, buckets per coordinate (and per given token). text_tokens: give the caption's CLIP
     text embedding as C tokens (its coordinates in the image PCA basis, in buckets fitted on the training text
-    embeddings; DALL-E 2 puts z_t in the prior's prefix). dot_token: then the quantised dot product of the unit
-    text and image embeddings (DALL-E 2). A row is [text tokens] [dot token] image tokens. dequantize: a bucket
-    decodes to the mean of its training values ("mean") or the middle of its edges ("midpoint").
+    embeddings; DALL-E 2 puts z_t in the prior's prefix). dot_token: the quantised dot product of the unit text and
+    image embeddings (DALL-E 2). A row is [t_0 ... t_{C-1}] [dot] i_0 ... i_{C-1} (DALL-E 2's order), or with
+    `interleave` (needs text_tokens) [dot] t_0 i_0 t_1 i_1 ...: image coordinate k is then predicted at the position
+    that holds text coordinate k, and no attention has to find it. With the prefix layout a GPT fits the caption
+    first and may learn the long look-back late or never (the shapes AR prior stayed at its caption-only level in
+    one of five seeds). dequantize: a bucket decodes to the mean of its training values ("mean") or the middle of
+    its edges ("midpoint").
     """
 
     dim: int
@@ -109,8 +113,12 @@ class QuantizerConfig:
     dot_token: bool = False
     dequantize: Literal["mean", "midpoint"] = "mean"
     text_tokens: bool = False
+    interleave: bool = False
 
     def __post_init__(self) -> None:
+        if self.interleave and not self.text_tokens:
+            raise ValueError("interleave places the text-embedding tokens between the image tokens: it needs "
+                             "text_tokens=True.")
         if not 1 <= self.n_components <= self.dim:
             raise ValueError(f"n_components must be in [1, dim={self.dim}], got {self.n_components}.")
         if self.num_buckets < 2:
@@ -137,8 +145,10 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
     in [0, K).
 
     Token order: [text embedding's C buckets (if text_tokens)] [dot-product bucket (if dot_token)] then the image
-    embedding's PCA coordinates 0, 1, ..., C - 1 by decreasing variance, from `image_start` on. The given tokens
-    (text, dot) are known or chosen at sampling time; only the image tokens decode. Inputs are L2-normalised first;
+    embedding's PCA coordinates 0, 1, ..., C - 1 by decreasing variance; with `interleave`, [dot] then text and
+    image coordinate k side by side (see QuantizerConfig). `text_positions`, `dot_index` and `image_positions`
+    say where each lies. The given tokens (text, dot) are known or chosen at sampling time; only the image tokens
+    decode. Inputs are L2-normalised first;
     `decode` returns unit embeddings. Build with `fit`; save/load with `save_pretrained` / `from_pretrained`.
     """
 
@@ -163,7 +173,8 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
     @torch.no_grad()
     def fit(cls, image_embeds: Tensor, *, text_embeds: Tensor | None = None, num_buckets: int = 256,
             variance: float = 0.99, n_components: int | None = None, dot_token: bool = False,
-            text_tokens: bool = False, dequantize: Literal["mean", "midpoint"] = "mean") -> EmbeddingQuantizer:
+            text_tokens: bool = False, interleave: bool = False,
+            dequantize: Literal["mean", "midpoint"] = "mean") -> EmbeddingQuantizer:
         """Fit the PCA (on the unit image embeddings (N, D)) and the per-coordinate quantile buckets; with `dot_token`
         also the buckets of the dot products with the unit text embeddings (N, D), with `text_tokens` those of the
         text embeddings' coordinates (text_embeds are then required)."""
@@ -173,7 +184,8 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         x = F.normalize(image_embeds.double(), dim=-1)
         pca = fit_pca(x, variance=variance, n_components=n_components)
         quantizer = cls(QuantizerConfig(dim=x.shape[1], n_components=pca.n_components, num_buckets=num_buckets,
-                                        dot_token=dot_token, dequantize=dequantize, text_tokens=text_tokens))
+                                        dot_token=dot_token, dequantize=dequantize, text_tokens=text_tokens,
+                                        interleave=interleave))
         coords = (x - pca.mean) @ pca.components.T  # (N, C) float64
         bounds = _quantile_bounds(coords, num_buckets)
         quantizer.mean.copy_(pca.mean)
@@ -203,19 +215,30 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         return self.config.num_buckets
 
     @property
-    def image_start(self) -> int:
-        """Index of the first image token: after C text tokens (if text_tokens) and the dot token (if dot_token)."""
-        return self.config.n_components * int(self.config.text_tokens) + int(self.config.dot_token)
+    def dot_index(self) -> int:
+        """Index of the dot-product token (when dot_token): first when interleaved, else after the text tokens."""
+        return 0 if self.config.interleave else self.config.n_components * int(self.config.text_tokens)
 
     @property
-    def dot_index(self) -> int:
-        """Index of the dot-product token (when dot_token)."""
-        return self.config.n_components * int(self.config.text_tokens)
+    def text_positions(self) -> Tensor:
+        """(C,) int64 indices of the text-embedding tokens in a row ((0,) without text_tokens)."""
+        C, dot = self.config.n_components, int(self.config.dot_token)
+        if not self.config.text_tokens:
+            return torch.zeros(0, dtype=torch.long)
+        return dot + 2 * torch.arange(C) if self.config.interleave else torch.arange(C)
+
+    @property
+    def image_positions(self) -> Tensor:
+        """(C,) int64 indices of the image tokens in a row, coordinate 0 (largest variance) first."""
+        C, dot, text = self.config.n_components, int(self.config.dot_token), int(self.config.text_tokens)
+        if self.config.interleave:
+            return dot + 2 * torch.arange(C) + 1
+        return text * C + dot + torch.arange(C)
 
     @property
     def num_tokens(self) -> int:
-        """Tokens per row: the given ones, then C image tokens."""
-        return self.image_start + self.config.n_components
+        """Tokens per row: the given ones and C image tokens."""
+        return self.config.n_components * (1 + int(self.config.text_tokens)) + int(self.config.dot_token)
 
     @property
     def explained_variance(self) -> float:
@@ -226,7 +249,8 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         """The fitted sizes, for logs and reports."""
         return {"dim": self.config.dim, "n_components": self.n_components,
                 "explained_variance": round(self.explained_variance, 6), "num_buckets": self.num_buckets,
-                "text_tokens": self.config.text_tokens, "dot_token": self.config.dot_token,
+                "text_tokens": self.config.text_tokens, "interleave": self.config.interleave,
+                "dot_token": self.config.dot_token,
                 "dequantize": self.config.dequantize, "num_tokens": self.num_tokens}
 
     def upper_dot_buckets(self, quantile: float = 0.5) -> int:
@@ -275,15 +299,18 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         """Image embeddings (N, D) (and, with given tokens, the paired text embeddings (N, D)) -> tokens
         (N, num_tokens) int64 in [0, K): [text buckets,] [dot bucket,] then the bucket of each PCA coordinate."""
         codes = _bucketize(self.coordinates(image_embeds), self.bounds)  # (N, C)
-        if self.image_start == 0:
+        if self.num_tokens == self.n_components:
             return codes
         if text_embeds is None:
-            raise QuantizerError("this quantizer prepends text-embedding or dot-product tokens: "
+            raise QuantizerError("this quantizer gives text-embedding or dot-product tokens: "
                                  "encode(image_embeds, text_embeds) needs the text embeddings of the captions.")
-        given = [self.text_codes(text_embeds)] if self.config.text_tokens else []
+        row = codes.new_zeros(len(codes), self.num_tokens)
+        row[:, self.image_positions] = codes
+        if self.config.text_tokens:
+            row[:, self.text_positions] = self.text_codes(text_embeds)
         if self.config.dot_token:
-            given.append(self.dot_codes(image_embeds, text_embeds)[:, None])
-        return torch.cat([*given, codes], dim=1)
+            row[:, self.dot_index] = self.dot_codes(image_embeds, text_embeds)
+        return row
 
     def bucket_values(self, dequantize: str | None = None) -> Tensor:
         """(C, K) the coordinate value each bucket decodes to: training means or edge midpoints."""
@@ -297,11 +324,11 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         """Tokens (N, num_tokens) int64 in [0, K) -> unit image embeddings (N, D) float32: dequantise each image
         coordinate, invert the PCA, L2-normalise. The given tokens (text, dot) are dropped."""
         if codes.ndim != 2 or codes.shape[1] != self.num_tokens:
-            raise QuantizerError(f"codes must be (N, {self.num_tokens}) (= {self.image_start} given tokens + "
-                                 f"{self.n_components} image tokens), got {tuple(codes.shape)}.")
+            raise QuantizerError(f"codes must be (N, {self.num_tokens}) (= {self.num_tokens - self.n_components} given "
+                                 f"tokens + {self.n_components} image tokens), got {tuple(codes.shape)}.")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_buckets):
             raise QuantizerError(f"codes span [{int(codes.min())}, {int(codes.max())}], outside [0, {self.num_buckets}).")
-        codes = codes[:, self.image_start:].long()  # (N, C)
+        codes = codes[:, self.image_positions.to(codes.device)].long()  # (N, C)
         values = self.bucket_values(dequantize)
         coords = values[torch.arange(self.n_components, device=codes.device), codes]  # (N, C)
         return F.normalize(self.mean + coords @ self.components, dim=-1)
@@ -312,8 +339,9 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
         x = F.normalize(image_embeds.float(), dim=-1)
         pca_only = F.normalize(self.mean + self.coordinates(x) @ self.components, dim=-1)
         codes = _bucketize(self.coordinates(x), self.bounds)
-        codes = F.pad(codes, (self.image_start, 0))  # the given tokens do not take part in decoding
-        decoded = self.decode(codes, dequantize=dequantize)
+        row = codes.new_zeros(len(codes), self.num_tokens)  # the given tokens do not take part in decoding
+        row[:, self.image_positions] = codes
+        decoded = self.decode(row, dequantize=dequantize)
         variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
         return RoundTrip(pca_cosine=float((x * pca_only).sum(-1).mean()), cosine=float((x * decoded).sum(-1).mean()),
                          pca_relative_mse=float((x - pca_only).pow(2).sum(-1).mean()) / variance,

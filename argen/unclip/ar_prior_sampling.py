@@ -121,7 +121,7 @@ def allowed_tokens(quantizer: EmbeddingQuantizer, config: ARPriorSamplingConfig,
                            "e.g. ClipEncoder.encode_text(captions).embeds of the CLIP it was trained with.")
     codes = quantizer.text_codes(text_embeds.to(quantizer.mean.device)).cpu()  # (B, C)
     allowed = allowed.repeat(len(codes), 1, 1)  # (B, num_tokens, K)
-    allowed[:, : quantizer.n_components] = F.one_hot(codes, quantizer.num_buckets).bool()
+    allowed[:, quantizer.text_positions] = F.one_hot(codes, quantizer.num_buckets).bool()
     return allowed
 
 
