@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import yaml
 
 from tokenizers_img.config import load_config
@@ -36,6 +40,73 @@ def _stage(name: str, done: Path, run: Callable[[], None], timings: dict[str, fl
     print(f"[{name}: {timings[name] / 60:.1f} min]", flush=True)
 
 
+PRIOR_CONFIGS = {"prior_diffusion": "shapes_prior_diffusion.yaml", "prior_ar": "shapes_prior_ar.yaml"}
+
+
+def train_prior_stage(stage: str, overrides: list[str], resume: bool) -> None:
+    """Train the stack's diffusion or AR prior (`stage` a key of PRIOR_CONFIGS) from its shapes YAML + overrides."""
+    if stage == "prior_diffusion":
+        from argen.tasks.diffusion_prior import DiffusionPriorExperiment, train_diffusion_prior
+        train_diffusion_prior(load_config(_config(PRIOR_CONFIGS[stage]), DiffusionPriorExperiment, overrides), resume=resume)
+    else:
+        from argen.tasks.ar_prior import ARPriorExperiment, train_ar_prior
+        train_ar_prior(load_config(_config(PRIOR_CONFIGS[stage]), ARPriorExperiment, overrides), resume=resume)
+
+
+def _run_logged(log: Path, threads: int, target: Callable, args: tuple) -> None:
+    """A side-by-side child: `threads` torch threads, stdout and stderr into `log`, then target(*args)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(threads)
+    target(*args)
+
+
+def _last_line(log: Path) -> str:
+    """The last progress bar or line written to `log` ('' when none yet)."""
+    if not log.is_file():
+        return ""
+    with log.open("rb") as f:
+        f.seek(max(0, log.stat().st_size - 4096))
+        lines = [x.strip() for x in re.split(r"[\r\n]", f.read().decode(errors="replace")) if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_side_by_side(jobs: dict[str, tuple[Callable, tuple]], logs: Path, *, threads: int,
+                     poll_seconds: float = 30.0) -> dict[str, float]:
+    """Run each job (a picklable target and its args) in its own spawned process at once, the `threads` torch
+    threads split between them, each one's output in logs/NAME.log (its last line echoed every `poll_seconds`).
+    Small models (the priors) cannot use a second core; two of them side by side finish in about the time of one.
+    Returns each job's seconds; a failed job raises RuntimeError naming its log and showing its tail."""
+    logs.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pool or RNG state
+    per_job = max(1, threads // len(jobs))
+    start, seconds, procs = time.perf_counter(), {}, {}
+    for name, (target, args) in jobs.items():
+        procs[name] = context.Process(target=_run_logged, args=(logs / f"{name}.log", per_job, target, args), name=name)
+        procs[name].start()
+    print(f"{', '.join(jobs)} side by side, {per_job} thread(s) each; logs in {logs}/", flush=True)
+    last_echo = start
+    while len(seconds) < len(procs):
+        time.sleep(0.5)
+        for name, proc in procs.items():
+            if name not in seconds and not proc.is_alive():
+                proc.join()
+                seconds[name] = time.perf_counter() - start
+                print(f"  [{name}] exited with code {proc.exitcode} after {seconds[name] / 60:.1f} min", flush=True)
+        if time.perf_counter() - last_echo >= poll_seconds and len(seconds) < len(procs):
+            last_echo = time.perf_counter()
+            for name in procs:
+                if name not in seconds:
+                    print(f"  [{name}] {_last_line(logs / f'{name}.log')[:110]}", flush=True)
+    failed = [name for name, proc in procs.items() if proc.exitcode != 0]
+    if failed:
+        tails = "\n".join(f"--- {logs / f'{n}.log'} (exit code {procs[n].exitcode}), last lines:\n"
+                          + "\n".join((logs / f"{n}.log").read_text(errors="replace").splitlines()[-15:]) for n in failed)
+        raise RuntimeError(f"side-by-side stage(s) {', '.join(failed)} failed; their logs are kept:\n{tails}")
+    return seconds
+
+
 def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict[str, list[str]] | None = None) -> dict:
     """Train every unCLIP part into `out` and build `out/pipeline` (a unCLIP pipeline directory).
 
@@ -43,10 +114,9 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
     overrides of its YAML. Returns (and writes to out/stack.json) the seconds each stage took.
     """
     from argen.data.registry import build_dataset
-    from argen.tasks.ar_prior import ARPriorExperiment, train_ar_prior
     from argen.tasks.clip import CLIP_DIR, CLIPExperiment, train_clip
     from argen.tasks.decoder import DECODER_DIR, DecoderExperiment, train_decoder
-    from argen.tasks.diffusion_prior import PRIOR_DIR, DiffusionPriorExperiment, train_diffusion_prior
+    from argen.tasks.diffusion_prior import PRIOR_DIR
     from argen.unclip.clip import ClipEncoder
     from argen.unclip.embeddings import encode_embedding_shard
     from argen.unclip.pipeline import UNCLIP_FILE, build_unclip_pipeline
@@ -54,10 +124,12 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
     out = Path(out)
     overrides = overrides or {}
     timings: dict[str, float] = {}
+    side_by_side: dict[str, float] = {}  # each prior's own seconds when they train at once
     clip_dir = out / "clip" / "final" / CLIP_DIR
     emb = {"train": out / "emb_train", "val": out / "emb_val"}
     prior_diffusion = out / "prior_diffusion" / "final" / PRIOR_DIR
     prior_ar = out / "prior_ar" / "final"
+    prior_done = {"prior_diffusion": prior_diffusion, "prior_ar": prior_ar / "ar_prior.json"}
     decoder = out / "decoder" / "final" / DECODER_DIR
     judge = out / "judge_clip" / "final" / CLIP_DIR
 
@@ -72,17 +144,13 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
             encode_embedding_shard(clip, dataset, emb[split], dataset_spec="shapes", split=split, limit=limit,
                                    overwrite=True, seed=0, resolution=32)
 
-    def prior_overrides(stage: str) -> list[str]:
-        return [f"data.clip={clip_dir}", f"data.train=[{emb['train']}]", f"data.val=[{emb['val']}]",
-                f"train.out_dir={out / stage}", *overrides.get(stage, [])]
+    def prior_args(stage: str) -> tuple[str, list[str], bool]:
+        return (stage, [f"data.clip={clip_dir}", f"data.train=[{emb['train']}]", f"data.val=[{emb['val']}]",
+                        f"train.out_dir={out / stage}", *overrides.get(stage, [])], (out / stage / "checkpoints").is_dir())
 
-    def diffusion_run() -> None:
-        exp = load_config(_config("shapes_prior_diffusion.yaml"), DiffusionPriorExperiment, prior_overrides("prior_diffusion"))
-        train_diffusion_prior(exp, resume=(out / "prior_diffusion" / "checkpoints").is_dir())
-
-    def ar_run() -> None:
-        exp = load_config(_config("shapes_prior_ar.yaml"), ARPriorExperiment, prior_overrides("prior_ar"))
-        train_ar_prior(exp, resume=(out / "prior_ar" / "checkpoints").is_dir())
+    def priors_side_by_side() -> None:
+        jobs = {stage: (train_prior_stage, prior_args(stage)) for stage in PRIOR_CONFIGS}
+        side_by_side.update(run_side_by_side(jobs, out / "logs", threads=torch.get_num_threads()))
 
     def decoder_run() -> None:
         exp = load_config(_config("shapes_decoder.yaml"), DecoderExperiment,
@@ -100,14 +168,18 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
 
     _stage("1/7 CLIP", clip_dir, clip_run, timings)
     _stage("2/7 embedding shards", emb["val"], embed_run, timings)
-    _stage("3/7 diffusion prior", prior_diffusion, diffusion_run, timings)
-    _stage("4/7 AR prior", prior_ar / "ar_prior.json", ar_run, timings)
+    todo = [stage for stage, done in prior_done.items() if not done.exists()]
+    if len(todo) == 2 and torch.get_num_threads() >= 2 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _stage("3+4/7 diffusion prior and AR prior, side by side", prior_diffusion, priors_side_by_side, timings)
+    else:
+        _stage("3/7 diffusion prior", prior_diffusion, lambda: train_prior_stage(*prior_args("prior_diffusion")), timings)
+        _stage("4/7 AR prior", prior_ar / "ar_prior.json", lambda: train_prior_stage(*prior_args("prior_ar")), timings)
     _stage("5/7 decoder", decoder, decoder_run, timings)
     _stage("6/7 pipeline", out / "pipeline" / UNCLIP_FILE, pipeline_run, timings)
     _stage("7/7 judge CLIP (for argen compare; not part of the generator)", judge, judge_run, timings)
     generator = sum(v for k, v in timings.items() if not k.startswith("7/7"))
-    report = {"seconds": timings, "generator_stack_seconds": generator, "total_seconds": sum(timings.values()),
-              "pipeline": str(out / "pipeline"), "judge_clip": str(judge), "train_embeddings": str(emb["train"])}
+    report = {"seconds": timings, "side_by_side_seconds": side_by_side, "generator_stack_seconds": generator,
+              "total_seconds": sum(timings.values()), "pipeline": str(out / "pipeline"), "judge_clip": str(judge), "train_embeddings": str(emb["train"])}
     atomic_write_bytes(out / "stack.json", json.dumps(report, indent=2).encode())
     print(f"\nunCLIP stack in {out}: generator parts {generator / 60:.1f} min, judge CLIP included "
           f"{report['total_seconds'] / 60:.1f} min. Compare with:\n  argen compare --gpt GPT_PIPELINE --unclip "
