@@ -12,6 +12,7 @@ import torch
 from argen.model import GPT, GPTConfig, KVCache, available_backends, flops_per_token
 from argen.model.gpt import (
     ONEDNN_MIN_MACS,
+    WGRAD_BLAS_ROWS,
     Linear,
     PackedLinear,
     apply_rope,
@@ -222,19 +223,23 @@ needs_onednn = pytest.mark.skipif(not onednn_available(), reason="oneDNN linears
 
 
 @needs_onednn
-def test_onednn_linear_equals_f_linear_in_forward_and_backward():
+@pytest.mark.parametrize("rows, width_in, width_out, bias", [(24, 96, 1024, False), (4000, 32, 64, True)])
+def test_onednn_linear_equals_f_linear_in_forward_and_backward(rows, width_in, width_out, bias):
     torch.manual_seed(0)
-    layer = Linear(96, 1024)
+    layer = Linear(width_in, width_out, bias=bias)
     assert layer.use_onednn
-    x = torch.randn(24, 3, 96).transpose(0, 1).requires_grad_()  # (3, 24, 96), non-contiguous
+    x = torch.randn(rows, 3, width_in).transpose(0, 1).requires_grad_()  # (3, rows, in), non-contiguous
     assert x.numel() * layer.out_features >= ONEDNN_MIN_MACS  # large enough to take the oneDNN path
+    # the weight gradient of the first on oneDNN, of the second (long and thin) on BLAS
+    assert (3 * rows >= WGRAD_BLAS_ROWS * (width_in + width_out)) == (rows == 4000)
     ref_x = x.detach().clone().requires_grad_()
-    y, ref = layer(x), torch.nn.functional.linear(ref_x, layer.weight)
+    y, ref = layer(x), torch.nn.functional.linear(ref_x, layer.weight, layer.bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
-    (gx, gw), (rx, rw) = torch.autograd.grad(y, (x, layer.weight), grad), torch.autograd.grad(ref, (ref_x, layer.weight), grad)
-    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-5)
+    params = (layer.weight, layer.bias) if bias else (layer.weight,)
+    got, want = torch.autograd.grad(y, (x, *params), grad), torch.autograd.grad(ref, (ref_x, *params), grad)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast is honoured: F.linear in bf16
         assert layer(x).dtype == torch.bfloat16
 
