@@ -86,19 +86,25 @@ def run_side_by_side(jobs: dict[str, tuple[Callable, tuple]], logs: Path, *, thr
         procs[name] = context.Process(target=_run_logged, args=(logs / f"{name}.log", per_job, target, args), name=name)
         procs[name].start()
     print(f"{', '.join(jobs)} side by side, {per_job} thread(s) each; logs in {logs}/", flush=True)
-    last_echo = start
-    while len(seconds) < len(procs):
-        time.sleep(0.5)
-        for name, proc in procs.items():
-            if name not in seconds and not proc.is_alive():
+    try:
+        last_echo = start
+        while len(seconds) < len(procs):
+            time.sleep(0.5)
+            for name, proc in procs.items():
+                if name not in seconds and not proc.is_alive():
+                    proc.join()
+                    seconds[name] = time.perf_counter() - start
+                    print(f"  [{name}] exited with code {proc.exitcode} after {seconds[name] / 60:.1f} min", flush=True)
+            if time.perf_counter() - last_echo >= poll_seconds and len(seconds) < len(procs):
+                last_echo = time.perf_counter()
+                for name in procs:
+                    if name not in seconds:
+                        print(f"  [{name}] {_last_line(logs / f'{name}.log')[:110]}", flush=True)
+    finally:  # the parent interrupted or failed: do not leave the children training
+        for proc in procs.values():
+            if proc.is_alive():
+                proc.terminate()
                 proc.join()
-                seconds[name] = time.perf_counter() - start
-                print(f"  [{name}] exited with code {proc.exitcode} after {seconds[name] / 60:.1f} min", flush=True)
-        if time.perf_counter() - last_echo >= poll_seconds and len(seconds) < len(procs):
-            last_echo = time.perf_counter()
-            for name in procs:
-                if name not in seconds:
-                    print(f"  [{name}] {_last_line(logs / f'{name}.log')[:110]}", flush=True)
     failed = [name for name, proc in procs.items() if proc.exitcode != 0]
     if failed:
         tails = "\n".join(f"--- {logs / f'{n}.log'} (exit code {procs[n].exitcode}), last lines:\n"
