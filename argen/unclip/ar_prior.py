@@ -103,7 +103,7 @@ class QuantizerConfig:
     `interleave` (needs text_tokens) [dot] t_0 i_0 t_1 i_1 ...: image coordinate k is then predicted at the position
     that holds text coordinate k, and no attention has to find it. With the prefix layout a GPT fits the caption
     first and may learn the long look-back late or never (the shapes AR prior stayed at its caption-only level in
-    one of five seeds). dequantize: a bucket decodes to the mean of its training values ("mean") or the middle of
+    one run of eight; interleaved, none of six did). dequantize: a bucket decodes to the mean of its training values ("mean") or the middle of
     its edges ("midpoint").
     """
 
@@ -148,8 +148,7 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
     embedding's PCA coordinates 0, 1, ..., C - 1 by decreasing variance; with `interleave`, [dot] then text and
     image coordinate k side by side (see QuantizerConfig). `text_positions`, `dot_index` and `image_positions`
     say where each lies. The given tokens (text, dot) are known or chosen at sampling time; only the image tokens
-    decode. Inputs are L2-normalised first;
-    `decode` returns unit embeddings. Build with `fit`; save/load with `save_pretrained` / `from_pretrained`.
+    decode. Inputs are L2-normalised first; `decode` returns unit embeddings. Build with `fit`; save/load with `save_pretrained` / `from_pretrained`.
     """
 
     config_class = QuantizerConfig
@@ -297,7 +296,8 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
     @torch.no_grad()
     def encode(self, image_embeds: Tensor, text_embeds: Tensor | None = None) -> Tensor:
         """Image embeddings (N, D) (and, with given tokens, the paired text embeddings (N, D)) -> tokens
-        (N, num_tokens) int64 in [0, K): [text buckets,] [dot bucket,] then the bucket of each PCA coordinate."""
+        (N, num_tokens) int64 in [0, K): the text buckets, the dot bucket and the bucket of each PCA coordinate, at
+        `text_positions`, `dot_index` and `image_positions`."""
         codes = _bucketize(self.coordinates(image_embeds), self.bounds)  # (N, C)
         if self.num_tokens == self.n_components:
             return codes

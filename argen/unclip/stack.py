@@ -1,5 +1,6 @@
 """`argen train unclip`: the whole unCLIP stack on the built-in shapes data from the configs/unclip/shapes_*.yaml set
-(CLIP, embedding shards, diffusion prior, AR prior, decoder, judge CLIP, pipeline), each stage reused when finished."""
+(CLIP, embedding shards, diffusion prior and AR prior side by side, decoder, judge CLIP, pipeline), each stage reused
+when finished."""
 
 from __future__ import annotations
 
