@@ -32,13 +32,13 @@ class DemoSettings:
     """What the demo trains and samples beyond the two YAML configs.
 
     num_train_codes: training scenes encoded for the GPT (the shapes train split is a 1M-scene stream); a little
-        more than the GPT's 1000 x 32 draws, so the encode stage spends no time on scenes it never uses.
+        more than the GPT's 1200 x 32 draws, so the encode stage spends no time on scenes it never uses.
     cfg_scales x top_ks: the sampler sweep; the setting with the best mean whole-prompt accuracy on the sweep
         prompts (single + relation, seed `seed`) is used for the report, which shows the whole sweep.
     samples_per_prompt: images per prompt in the final scoring (seed `seed + 1`), per kind.
     """
 
-    num_train_codes: int = 36_000
+    num_train_codes: int = 40_000
     text_vocab_size: int = 512
     cfg_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
     top_ks: tuple[int | None, ...] = (None, 4)
