@@ -186,7 +186,8 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
     _stage("7/7 judge CLIP (for argen compare; not part of the generator)", judge, judge_run, timings)
     generator = sum(v for k, v in timings.items() if not k.startswith("7/7"))
     report = {"seconds": timings, "side_by_side_seconds": side_by_side, "generator_stack_seconds": generator,
-              "total_seconds": sum(timings.values()), "pipeline": str(out / "pipeline"), "judge_clip": str(judge), "train_embeddings": str(emb["train"])}
+              "total_seconds": sum(timings.values()), "pipeline": str(out / "pipeline"), "judge_clip": str(judge),
+              "train_embeddings": str(emb["train"])}
     atomic_write_bytes(out / "stack.json", json.dumps(report, indent=2).encode())
     print(f"\nunCLIP stack in {out}: generator parts {generator / 60:.1f} min, judge CLIP included "
           f"{report['total_seconds'] / 60:.1f} min. Compare with:\n  argen compare --gpt GPT_PIPELINE --unclip "
