@@ -103,8 +103,8 @@ class QuantizerConfig:
     `interleave` (needs text_tokens) [dot] t_0 i_0 t_1 i_1 ...: image coordinate k is then predicted at the position
     that holds text coordinate k, and no attention has to find it. With the prefix layout a GPT fits the caption
     first and may learn the long look-back late or never (the shapes AR prior stayed at its caption-only level in
-    one run of eight; interleaved, none of six did). dequantize: a bucket decodes to the mean of its training values ("mean") or the middle of
-    its edges ("midpoint").
+    one run of eight; interleaved, none of six did). dequantize: a bucket decodes to the mean of its training
+    values ("mean") or the middle of its edges ("midpoint").
     """
 
     dim: int
@@ -148,7 +148,8 @@ class EmbeddingQuantizer(nn.Module, PretrainedMixin):
     embedding's PCA coordinates 0, 1, ..., C - 1 by decreasing variance; with `interleave`, [dot] then text and
     image coordinate k side by side (see QuantizerConfig). `text_positions`, `dot_index` and `image_positions`
     say where each lies. The given tokens (text, dot) are known or chosen at sampling time; only the image tokens
-    decode. Inputs are L2-normalised first; `decode` returns unit embeddings. Build with `fit`; save/load with `save_pretrained` / `from_pretrained`.
+    decode. Inputs are L2-normalised first; `decode` returns unit embeddings. Build with `fit`; save/load with
+    `save_pretrained` / `from_pretrained`.
     """
 
     config_class = QuantizerConfig
