@@ -16,7 +16,7 @@ from transformers import CLIPConfig
 from argen.data.registry import build_dataset
 from argen.model.gpt import GPT, GPTConfig
 from argen.sample import SamplingConfig, sample_image_tokens
-from argen.tasks.ar_prior import ARPriorExperiment, train_ar_prior
+from argen.tasks.ar_prior import ARPriorExperiment, QuantizerSettings, train_ar_prior
 from argen.text import dataset_captions, train_text_tokenizer
 from argen.train.loop import ResumeMismatchError
 from argen.unclip.ar_prior import EmbeddingQuantizer, QuantizerError, components_for_variance, fit_pca
@@ -212,6 +212,8 @@ def test_interleaved_layout_puts_text_coordinate_k_before_image_coordinate_k():
     assert allowed[:, 0, :4].sum() == 0 and bool(allowed[:, 0, 4:].all()) and bool(allowed[:, 2::2].all())
     with pytest.raises(ValueError, match="interleave .* needs text_tokens=True"):
         EmbeddingQuantizer.fit(images, text_embeds=texts, num_buckets=8, interleave=True)
+    with pytest.raises(ValueError, match=r"set quantizer.text_tokens=true, or interleave=false"):
+        QuantizerSettings(interleave=True)  # a config typo fails on load, before any CLIP or embedding is read
 
 
 def test_quantizer_save_load_is_identical(tmp_path):

@@ -82,6 +82,9 @@ class QuantizerSettings:
             raise ValueError(f"quantizer.n_components must be >= 1 or null, got {self.n_components}.")
         if self.dequantize not in DEQUANTIZE:
             raise ValueError(f"quantizer.dequantize must be one of {DEQUANTIZE}, got {self.dequantize!r}.")
+        if self.interleave and not self.text_tokens:
+            raise ValueError("quantizer.interleave places the text-embedding tokens between the image tokens: set "
+                             "quantizer.text_tokens=true, or interleave=false.")
 
 
 @dataclass
