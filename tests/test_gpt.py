@@ -32,8 +32,13 @@ def tiny(**kw) -> GPTConfig:
 
 
 def model_of(cfg: GPTConfig, *, seed: int = 0) -> GPT:
+    """Seeded model in eval mode; with code_features, random features for every token but the first (text) one."""
     torch.manual_seed(seed)
-    return GPT(cfg).eval()
+    model = GPT(cfg).eval()
+    if cfg.code_features:
+        with torch.no_grad():
+            model.code_feat[1:] = torch.randn(cfg.vocab_size - 1, cfg.code_features)
+    return model
 
 
 def tokens(cfg: GPTConfig, batch: int = 2, *, seed: int = 0) -> torch.Tensor:
@@ -50,9 +55,10 @@ def test_shapes_and_derived_sizes():
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
-@pytest.mark.parametrize("n_kv_head, abs_pos_emb", [(4, False), (2, False), (1, False), (2, True)])
-def test_cached_decoding_equals_full_forward(backend, n_kv_head, abs_pos_emb):
-    cfg = tiny(n_kv_head=n_kv_head, attn_backend=backend, abs_pos_emb=abs_pos_emb)
+@pytest.mark.parametrize("n_kv_head, abs_pos_emb, code_features", [(4, False, 0), (2, False, 0), (1, False, 0), (2, True, 0),
+                                                                   (2, False, 6)])
+def test_cached_decoding_equals_full_forward(backend, n_kv_head, abs_pos_emb, code_features):
+    cfg = tiny(n_kv_head=n_kv_head, attn_backend=backend, abs_pos_emb=abs_pos_emb, code_features=code_features)
     model, idx = model_of(cfg), tokens(cfg)
     with torch.no_grad():
         full = model(idx)
@@ -124,6 +130,36 @@ def test_absolute_position_table_adds_to_the_token_embedding():
     assert diff[:7].max() == 0 and diff[7:].min() > 0
 
 
+def test_code_features_let_codes_that_look_alike_share_what_is_learned():
+    """One SGD step towards code a raises the logit of code b, which never was a target but has a's features,
+    by more than half as much as a's, and lowers that of code c (the opposite features); without code features b
+    hardly moves. Logit changes are taken relative to their mean over the vocabulary (softmax ignores a shift)."""
+    a, b, c = 20, 30, 35
+    idx = tokens(tiny(), batch=4)[:, :-1]
+    target = torch.full_like(idx, a)
+
+    def logit_rise(code_features: int) -> tuple[float, float]:
+        model = model_of(tiny(code_features=code_features, init_std=0.1))
+        if code_features:
+            with torch.no_grad():
+                model.code_feat[b] = model.code_feat[a]
+                model.code_feat[c] = -model.code_feat[a]
+        before = model(idx).detach()
+        loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), target.flatten())
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad
+            rise = (model(idx) - before).mean(dim=(0, 1))
+            rise -= rise.mean()  # softmax ignores a shift of all logits
+        return float(rise[a]), float(rise[b]), float(rise[c])
+
+    rise_a, rise_b, rise_c = logit_rise(6)
+    assert rise_a > 0 and rise_b > 0.5 * rise_a and rise_c < 0, (rise_a, rise_b, rise_c)
+    plain_a, plain_b, _ = logit_rise(0)
+    assert plain_a > 0 and plain_b < 0.2 * plain_a, (plain_a, plain_b)
+
+
 def test_rope_positions_are_1d_for_text_and_2d_for_image_tokens():
     cfg = tiny(prefix_len=3, image_grid=(2, 3))
     pos = rope_positions(cfg).tolist()
@@ -151,9 +187,9 @@ def test_2d_rope_scores_depend_only_on_the_row_and_column_offsets():
     assert score(image(0, 3), image(1, 3)) != pytest.approx(score(image(1, 0), image(1, 3)), abs=1e-3)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_save_load_round_trip_gives_identical_logits(tmp_path, tie):
-    cfg = tiny(tie_embeddings=tie)
+@pytest.mark.parametrize("tie, code_features", [(False, 0), (True, 0), (False, 5)])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, tie, code_features):
+    cfg = tiny(tie_embeddings=tie, code_features=code_features)
     model = model_of(cfg)
     assert (model.lm_head.weight is model.tok_emb.weight) == tie
     model.save_pretrained(tmp_path / "gpt")
@@ -165,6 +201,8 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, tie):
     idx = tokens(cfg)
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
+    if code_features:  # the features travel with the weights
+        assert torch.equal(loaded.code_feat, model.code_feat) and loaded.code_feat[1:].abs().sum() > 0
 
 
 def test_config_survives_dict_round_trip():
@@ -307,6 +345,7 @@ def test_forward_rejects_bad_positions_and_caches():
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"norm_eps": 0.0}, "norm_eps must be > 0, got 0.0"),
         ({"attn_backend": "flash"}, "attn_backend must be one of .* got 'flash'"),
+        ({"code_features": -1}, r"code_features must be >= 0 \(0: off\), got -1"),
     ],
 )
 def test_config_validation_prints_the_values(kw, match):

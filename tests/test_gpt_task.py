@@ -18,6 +18,7 @@ from argen.tasks.gpt import (
     CaptionedCodes,
     GPTExperiment,
     GPTTask,
+    code_features,
     gpt_config_for,
     id_ranges,
     sequence_loss,
@@ -126,6 +127,30 @@ def test_caption_dropout_and_text_weight(parts, tmp_path):
     assert torch.allclose(plain.loss, plain.image_loss)  # text_loss_weight 0: image tokens only
     weighted = sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout, text_loss_weight=0.5)
     assert not torch.allclose(weighted.loss, plain.loss) and float(weighted.text_loss) > 0
+
+
+def test_code_features_are_what_the_vq_codes_look_like(parts, tmp_path):
+    text = TextTokenizer.load(parts.text_file)
+    layout = SequenceLayout.from_parts(text, text_len=8, num_codes=32, image_grid=(4, 4))
+    exp = experiment_for(parts, tmp_path, "model.code_features=6")
+    task = GPTTask(exp, layout=layout, text_tokenizer=text, trained_with={}, vq_dir=str(parts.vq_dir))
+    feats = task.gpt.code_feat
+    assert feats.shape == (layout.vocab_size, 6) and not feats[:layout.image_offset].any()
+    vq = VQModel.from_pretrained(parts.vq_dir)
+    patches = vq.code_appearance()
+    assert patches.shape == (32, 3 * 4 * 4)  # 3 channels of a 4 x 4 pixel patch per code
+    # at full rank the features are the centred patches in another basis, scaled: distances keep their ratios
+    full = code_features(vq, 32).double()
+    d_feat, d_patch = torch.cdist(full, full), torch.cdist(patches.double(), patches.double())
+    scale = d_patch[0, 1] / d_feat[0, 1]
+    torch.testing.assert_close(d_feat * scale, d_patch, rtol=1e-4, atol=1e-5)
+    assert float(full.pow(2).sum(1).mean()) == pytest.approx(1.0)
+    # the leading 6 components are what the task put on the image tokens
+    torch.testing.assert_close(feats[layout.image_offset:], code_features(vq, 6))
+    with pytest.raises(ValueError, match=r"model.code_features=40 must lie in \[1, 32\]"):
+        code_features(vq, 40)
+    with pytest.raises(ValueError, match="model.code_features needs data.vq_tokenizer"):
+        GPTTask(exp, layout=layout, text_tokenizer=text, trained_with={})
 
 
 def _losses(run: Path) -> list[float]:

@@ -215,6 +215,26 @@ class VQModel(PretrainedMixin, nn.Module):
             raise ValueError(f"codes must be (B, h, w) or (B, h*w), got shape {tuple(codes.shape)}.")
         return self._decode_vectors(self.quantizer.codes_to_vectors(codes))
 
+    @torch.no_grad()
+    def code_appearance(self, *, background: float = -1.0, batch_size: int = 256) -> torch.Tensor:
+        """What each code looks like: (num_codes, C * f * f), code k decoded at the centre of a grid of the code a
+        flat image of value `background` encodes to, its own f x f pixels flattened (channel-major).
+
+        Decoding a grid of code k alone would not do: the decoder's GroupNorm normalises a constant grid away."""
+        f, side = self.config.downsample, self.config.grid_size
+        flat = torch.full((1, self.config.in_channels, side * f, side * f), background,
+                          device=self.post_quant_conv.weight.device)
+        context = self.encode(flat)  # (1, side, side)
+        r = side // 2
+        out = []
+        for start in range(0, self.num_codes, batch_size):
+            ks = torch.arange(start, min(start + batch_size, self.num_codes), device=context.device)
+            grids = context.expand(len(ks), -1, -1).clone()
+            grids[:, r, r] = ks
+            images = self.decode(grids).float()
+            out.append(images[:, :, r * f:(r + 1) * f, r * f:(r + 1) * f].flatten(1))
+        return torch.cat(out)
+
     def _decode_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """Quantized vectors (B, code_dim, h, w), fp32 from the quantizer, -> images (B, C, H, W)."""
         return self.decoder(self.post_quant_conv(vectors.to(self.post_quant_conv.weight.dtype)))

@@ -31,6 +31,12 @@ class GPTConfig:
     only tells a token where its keys lie relative to it, so an image token cannot read its own row and column
     (to match them against "top right" in the caption) without it; taming-transformers and DALL-E use such
     tables alone.
+    `code_features` > 0 gives every token a fixed feature vector of that width (`GPT.code_feat`, zero for text
+    tokens; `argen train gpt` fills the image codes' rows with what each code looks like, see
+    `argen.tasks.gpt.code_features`). A learned projection of it is added to the token's embedding, and the head
+    adds the dot product of a learned projection of the hidden state with every token's features to the logits:
+    codes that look alike share what the model learns about any of them, which a table of independent rows cannot
+    do. The features are saved with the weights.
     """
 
     vocab_size: int
@@ -49,6 +55,7 @@ class GPTConfig:
     grad_checkpointing: bool = False
     init_std: float = 0.02
     abs_pos_emb: bool = False
+    code_features: int = 0
 
     def __post_init__(self) -> None:
         self.image_grid = tuple(self.image_grid)  # JSON/YAML give a list
@@ -72,6 +79,8 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.code_features < 0:
+            raise ValueError(f"code_features must be >= 0 (0: off), got {self.code_features}.")
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
@@ -405,6 +414,10 @@ class GPT(PretrainedMixin, nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        if config.code_features:
+            self.register_buffer("code_feat", torch.zeros(config.vocab_size, config.code_features))
+            self.feat_in = Linear(config.code_features, config.n_embd)
+            self.feat_out = Linear(config.n_embd, config.code_features)
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim / 2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -446,6 +459,8 @@ class GPT(PretrainedMixin, nn.Module):
         cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
         sin = self.rope_sin[start : start + T].unsqueeze(1)
         x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.code_features:
+            x = x + self.feat_in(self.code_feat[idx])
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[start : start + T]
         x = self.drop(x)
@@ -455,7 +470,11 @@ class GPT(PretrainedMixin, nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache=None if cache is None else (cache.k[i], cache.v[i]), start=start)
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        x = self.norm(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if self.config.code_features:
+            logits = logits + self.feat_out(x) @ self.code_feat.t().to(x.dtype)
+        return logits
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -465,5 +484,5 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     as PaLM does, although a causal kernel can skip half of it."""
     C, L, D = config.n_embd, config.n_layer, config.head_dim
     per_layer = C * (config.n_head + 2 * config.kv_heads) * D + config.n_head * D * C + 3 * C * config.ffn_dim
-    n_matmul = L * per_layer + C * config.vocab_size
+    n_matmul = L * per_layer + C * config.vocab_size + config.code_features * (2 * C + config.vocab_size)
     return 6.0 * n_matmul + 12.0 * L * config.n_head * D * seq_len

@@ -29,6 +29,7 @@ from argen.train.loop import (
 )
 from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import atomic_write_bytes, pretrained_hash
+from tokenizers_img.vq_model import VQModel
 
 DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid")  # set by the sequence layout, never typed in YAML
 
@@ -246,6 +247,20 @@ def sequence_loss(model: nn.Module, text_ids: Tensor, codes: Tensor, *, layout: 
                         text_loss=text_loss)
 
 
+def code_features(vq: VQModel, dims: int) -> Tensor:
+    """(num_codes, dims): what each code of `vq` looks like (`VQModel.code_appearance`, its f x f pixels), centred
+    over the codebook, reduced to its `dims` leading principal components and scaled to unit mean square, so the
+    features of `GPTConfig.code_features` start at the scale of the other inputs whatever the VQ."""
+    patches = vq.code_appearance().double()  # (num_codes, C f f)
+    if not 0 < dims <= min(patches.shape):
+        raise ValueError(f"model.code_features={dims} must lie in [1, {min(patches.shape)}]: the VQ tokenizer's codes "
+                         f"are {patches.shape[1]} pixel values each and there are {patches.shape[0]} of them.")
+    centred = patches - patches.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    feats = centred @ vh[:dims].T
+    return (feats / feats.pow(2).sum(1).mean().sqrt().clamp(min=1e-12)).float()
+
+
 class GPTTask:
     """Module {"gpt"}, optimizer "gpt". Batches are {"codes", "text_ids"} from CaptionedCodes."""
 
@@ -260,6 +275,12 @@ class GPTTask:
         self.vq_dir = vq_dir
         self.gpt = GPT(gpt_config_for(experiment.model, layout))
         layout.check(self.gpt.config)
+        if self.gpt.config.code_features:
+            if vq_dir is None:
+                raise ValueError("model.code_features needs data.vq_tokenizer: the features are what its codes look like.")
+            with torch.no_grad():
+                self.gpt.code_feat[layout.image_offset:] = code_features(VQModel.from_pretrained(vq_dir),
+                                                                         self.gpt.config.code_features)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"gpt": self.gpt}
