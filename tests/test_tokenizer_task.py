@@ -126,3 +126,9 @@ def test_tokenize_resumes_and_matches_direct_encoding(tiny_tokenizer, tmp_path, 
     assert part.meta.tokenizer_hash == pretrained_hash(tiny_tokenizer)
     assert main([*args, "-o", str(tmp_path / "whole")]) == 2  # refused: the shard exists, and nothing is touched
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tokenizer").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_tokenizer_config_parses(path):
+    exp = load_config(path, TokenizerExperiment)
+    assert exp.model.resolution == exp.data.resolution and exp.model.num_codes >= 2

@@ -1,0 +1,52 @@
+"""`argen demo` end to end at toy sizes: every stage runs, the report shows the sweep it chose from, a re-run reuses."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+
+from argen.demo import DemoSettings, run_demo
+from argen.model.gpt import GPT
+
+TOKENIZER = ("train.max_steps=2", "train.batch_size=4", "model.base_channels=8", "model.norm_groups=4",
+             "model.z_channels=8", "train.save_every=0", "train.log_every=1")
+GPT_TOY = ("train.max_steps=2", "train.batch_size=4", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+           "train.save_every=0", "train.log_every=1", "eval.max_items=20")
+SETTINGS = DemoSettings(num_train_codes=40, cfg_scales=(1.0, 2.0), top_ks=(None,),
+                        sweep_prompts={"single": 2, "relation": 2},
+                        eval_prompts={"single": 2, "relation": 2, "heldout": 2},
+                        samples_per_prompt={"single": 1, "relation": 1, "heldout": 1})
+
+
+def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_path, capsys):
+    out = tmp_path / "demo"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = run_demo(out, tokenizer_overrides=TOKENIZER, gpt_overrides=GPT_TOY, settings=SETTINGS)
+    # scale 1 once (no guidance has no schedule), scale 2 with each schedule
+    assert list(report["sampler_sweep"]) == ["cfg 1, top-k all", "cfg 2 constant, top-k all", "cfg 2 linear, top-k all"]
+    assert report["chosen"] in report["sampler_sweep"]
+    assert set(report["generation"]) == {"single", "relation", "heldout"}
+    assert all(g["num_images"] == 2 for g in report["generation"].values())
+    for name in ("report.md", "reconstructions.png", *report["sheets"].values()):
+        assert (out / name).stat().st_size > 0, name
+    markdown = (out / "report.md").read_text()
+    assert "cfg 2 linear, top-k all" in markdown and report["chosen"] + " (chosen)" in markdown
+    assert json.loads((out / "report.json").read_text())["chosen"] == report["chosen"]
+    gpt = GPT.from_pretrained(out / "gpt_run" / "final" / "gpt")
+    assert gpt.config.code_features == 32  # the shipped config's, filled from the demo's own tokenizer
+    image = gpt.code_feat[-256:]
+    assert image.abs().sum() > 0 and not gpt.code_feat[: gpt.config.vocab_size - 256].any()
+
+    capsys.readouterr()
+    weights = {k: v.clone() for k, v in gpt.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = run_demo(out, tokenizer_overrides=TOKENIZER, gpt_overrides=GPT_TOY, settings=SETTINGS)
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == 3  # tokenizer, text tokenizer, GPT
+    assert again["sampler_sweep"] == report["sampler_sweep"] and again["generation"] == report["generation"]
+    reloaded = GPT.from_pretrained(out / "gpt_run" / "final" / "gpt").state_dict()
+    assert all(torch.equal(reloaded[k], weights[k]) for k in weights)
