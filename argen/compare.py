@@ -112,8 +112,8 @@ class GPTSystem:
         self.pipeline_dir = Path(pipeline_dir)
         self.sampling = sampling
         self.name = name
-        self.settings = {"cfg_scale": sampling.cfg_scale, "top_k": sampling.top_k, "top_p": sampling.top_p,
-                         "temperature": sampling.temperature}
+        self.settings = {"cfg_scale": sampling.cfg_scale, "cfg_schedule": sampling.cfg_schedule, "top_k": sampling.top_k,
+                         "top_p": sampling.top_p, "temperature": sampling.temperature}
 
     def generate(self, prompts: Sequence[str], *, n_per_prompt: int, seed: int) -> Generation:
         out = self.pipeline.generate(list(prompts), n_per_prompt=n_per_prompt, sampling=self.sampling, seed=seed,

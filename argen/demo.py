@@ -33,7 +33,7 @@ class DemoSettings:
 
     num_train_codes: training scenes encoded for the GPT (the shapes train split is a 1M-scene stream); a little
         more than the GPT's 1500 x 32 draws, so the encode stage spends no time on scenes it never uses.
-    cfg_scales x cfg_schedules x top_ks: the sampler sweep (scale 1 once: no guidance has no schedule); the setting
+    cfg_scales x cfg_schedules x top_ks x temperatures: the sampler sweep (scale 1 once: no guidance has no schedule); the setting
         with the best mean whole-prompt accuracy on the sweep prompts (single + relation, seed `seed`) is used for
         the report, which shows the whole sweep.
     samples_per_prompt: images per prompt in the final scoring (seed `seed + 1`), per kind.
@@ -43,11 +43,11 @@ class DemoSettings:
     text_vocab_size: int = 512
     cfg_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     cfg_schedules: tuple[str, ...] = ("constant", "linear")
-    top_ks: tuple[int | None, ...] = (None, 4)
+    top_ks: tuple[int | None, ...] = (4,)
+    temperatures: tuple[float, ...] = (1.0, 0.5)
     sweep_prompts: dict[str, int] = field(default_factory=lambda: {"single": 16, "relation": 64})
     eval_prompts: dict[str, int] = field(default_factory=lambda: {"single": 16, "relation": 200, "heldout": 200})
     samples_per_prompt: dict[str, int] = field(default_factory=lambda: {"single": 8, "relation": 2, "heldout": 2})
-    temperature: float = 1.0
     seed: int = 0
 
 
@@ -169,20 +169,19 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
 
 def _setting_name(sampling: SamplingConfig) -> str:
     schedule = f" {sampling.cfg_schedule}" if sampling.cfg_scale != 1 else ""
-    return f"cfg {sampling.cfg_scale:g}{schedule}, top-k {sampling.top_k or 'all'}"
+    return f"cfg {sampling.cfg_scale:g}{schedule}, top-k {sampling.top_k or 'all'}, T {sampling.temperature:g}"
 
 
 def _sampler_sweep(pipe: Pipeline, settings: DemoSettings) -> tuple[dict[str, dict[str, float]], SamplingConfig]:
     """Whole-prompt accuracy per sampler setting and prompt kind on the sweep prompts; the best mean over kinds
-    wins (the first such setting on a tie, in sweep order: lower CFG scale, then schedule order, then top-k order)."""
+    wins (the first such setting on a tie, in sweep order: CFG scale, schedule, top-k, then temperature order)."""
     sweep: dict[str, dict[str, float]] = {}
     best, best_acc = None, -1.0
-    grid = [(scale, schedule, top_k) for scale in settings.cfg_scales
+    grid = [(scale, schedule, top_k, temperature) for scale in settings.cfg_scales
             for schedule in (settings.cfg_schedules[:1] if scale == 1 else settings.cfg_schedules)
-            for top_k in settings.top_ks]
-    for scale, schedule, top_k in grid:
-        sampling = SamplingConfig(temperature=settings.temperature, top_k=top_k, cfg_scale=scale,
-                                  cfg_schedule=schedule)
+            for top_k in settings.top_ks for temperature in settings.temperatures]
+    for scale, schedule, top_k, temperature in grid:
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, cfg_scale=scale, cfg_schedule=schedule)
         row = {}
         for kind, n in settings.sweep_prompts.items():
             gen = pipe.generate(prompt_set(kind, max_prompts=n), n_per_prompt=2, sampling=sampling,
@@ -243,7 +242,7 @@ Judge agreement: the judge reads the reconstruction as the same scene as the ori
 
 GPT with {gpt['num_params'] / 1e6:.2f}M parameters, {gpt['steps']} steps, {loss}. Pipeline: `{gpt['pipeline']}`.
 
-### Sampler sweep (whole-prompt accuracy, seed {summary['sampling']['seed'] - 1}, 2 images per prompt, temperature {summary['sampling']['temperature']})
+### Sampler sweep (whole-prompt accuracy, seed {summary['sampling']['seed'] - 1}, 2 images per prompt)
 
 {chr(10).join(sweep_rows)}
 

@@ -14,7 +14,7 @@ TOKENIZER = ("train.max_steps=2", "train.batch_size=4", "model.base_channels=8",
              "model.z_channels=8", "train.save_every=0", "train.log_every=1")
 GPT_TOY = ("train.max_steps=2", "train.batch_size=4", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
            "train.save_every=0", "train.log_every=1", "eval.max_items=20")
-SETTINGS = DemoSettings(num_train_codes=40, cfg_scales=(1.0, 2.0), top_ks=(None,),
+SETTINGS = DemoSettings(num_train_codes=40, cfg_scales=(1.0, 2.0), top_ks=(None,), temperatures=(1.0,),
                         sweep_prompts={"single": 2, "relation": 2},
                         eval_prompts={"single": 2, "relation": 2, "heldout": 2},
                         samples_per_prompt={"single": 1, "relation": 1, "heldout": 1})
@@ -26,14 +26,15 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
         warnings.simplefilter("ignore")
         report = run_demo(out, tokenizer_overrides=TOKENIZER, gpt_overrides=GPT_TOY, settings=SETTINGS)
     # scale 1 once (no guidance has no schedule), scale 2 with each schedule
-    assert list(report["sampler_sweep"]) == ["cfg 1, top-k all", "cfg 2 constant, top-k all", "cfg 2 linear, top-k all"]
+    assert list(report["sampler_sweep"]) == ["cfg 1, top-k all, T 1", "cfg 2 constant, top-k all, T 1",
+                                             "cfg 2 linear, top-k all, T 1"]
     assert report["chosen"] in report["sampler_sweep"]
     assert set(report["generation"]) == {"single", "relation", "heldout"}
     assert all(g["num_images"] == 2 for g in report["generation"].values())
     for name in ("report.md", "reconstructions.png", *report["sheets"].values()):
         assert (out / name).stat().st_size > 0, name
     markdown = (out / "report.md").read_text()
-    assert "cfg 2 linear, top-k all" in markdown and report["chosen"] + " (chosen)" in markdown
+    assert "cfg 2 linear, top-k all, T 1" in markdown and report["chosen"] + " (chosen)" in markdown
     assert json.loads((out / "report.json").read_text())["chosen"] == report["chosen"]
     gpt = GPT.from_pretrained(out / "gpt_run" / "final" / "gpt")
     assert gpt.config.code_features == 32  # the shipped config's, filled from the demo's own tokenizer
