@@ -33,9 +33,9 @@ class DemoSettings:
 
     num_train_codes: training scenes encoded for the GPT (the shapes train split is a 1M-scene stream); a little
         more than the GPT's 1500 x 32 draws, so the encode stage spends no time on scenes it never uses.
-    cfg_scales x cfg_schedules x top_ks x temperatures: the sampler sweep (scale 1 once: no guidance has no schedule); the setting
-        with the best mean whole-prompt accuracy on the sweep prompts (single + relation, seed `seed`) is used for
-        the report, which shows the whole sweep.
+    cfg_scales x cfg_schedules x top_ks x temperatures: the sampler sweep (scale 1 once: no guidance has no
+        schedule); the setting with the best mean whole-prompt accuracy on the sweep prompts (single + relation,
+        seed `seed`) is used for the report, which shows the whole sweep.
     samples_per_prompt: images per prompt in the final scoring (seed `seed + 1`), per kind.
     """
 
@@ -157,8 +157,8 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
         "gpt": {"pipeline": str(pipeline_dir), "config": str(GPT_CONFIG), "num_params": gpt_metrics.get("num_params"),
                 "steps": gpt_metrics.get("step"), "eval": gpt_metrics.get("eval")},
         "sampler_sweep": sweep, "sampling": {"cfg_scale": sampling.cfg_scale, "cfg_schedule": sampling.cfg_schedule,
-                                             "temperature": sampling.temperature,
-                                             "top_k": sampling.top_k, "seed": settings.seed + 1},
+                                             "temperature": sampling.temperature, "top_k": sampling.top_k,
+                                             "seed": settings.seed + 1},
         "chosen": _setting_name(sampling), "generation": results, "sheets": sheets, "timings_s": timings, "total_s": sum(timings.values()),
     }
     atomic_write_bytes(out / "report.json", json.dumps(summary, indent=2).encode())
