@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpt-cfg-schedule", choices=("constant", "linear"), default="constant",
                    help="GPT guidance over the image tokens (linear: from 1 at the first to --gpt-cfg at the last)")
     p.add_argument("--gpt-top-k", type=int, default=4)
+    p.add_argument("--gpt-temperature", type=float, default=1.0, help="GPT sampling temperature (0 is greedy)")
     p.add_argument("--prior-sampler", choices=("ddpm", "ddim", "dpm++"), default="ddim")
     p.add_argument("--prior-steps", type=int, default=10, help="diffusion prior steps (default 10: DDIM 10 matched 25 on val)")
     p.add_argument("--prior-cfg", type=float, default=1.0, help="guidance of both priors")
@@ -62,6 +63,6 @@ def run_compare_cli(args: argparse.Namespace) -> int:
         decoder=DecoderSampling(sampler=args.decoder_sampler, steps=args.decoder_steps, cfg_scale=args.decoder_cfg))
     run_compare(args.out, judge_clip=args.judge_clip, gpt_pipeline=args.gpt, unclip_pipeline=args.unclip,
                 gpt_sampling=SamplingConfig(cfg_scale=args.gpt_cfg, cfg_schedule=args.gpt_cfg_schedule,
-                                            top_k=args.gpt_top_k), unclip_sampling=unclip_sampling,
+                                            temperature=args.gpt_temperature, top_k=args.gpt_top_k), unclip_sampling=unclip_sampling,
                 train_embeddings=args.train_embeddings, settings=settings)
     return 0
