@@ -15,11 +15,12 @@ from transformers import CLIPConfig
 
 from argen.data.registry import build_dataset
 from argen.model.gpt import GPT, GPTConfig
+from argen.model.pca import components_for_variance, fit_pca
 from argen.sample import SamplingConfig, sample_image_tokens
 from argen.tasks.ar_prior import ARPriorExperiment, QuantizerSettings, train_ar_prior
 from argen.text import dataset_captions, train_text_tokenizer
 from argen.train.loop import ResumeMismatchError
-from argen.unclip.ar_prior import EmbeddingQuantizer, QuantizerError, components_for_variance, fit_pca
+from argen.unclip.ar_prior import EmbeddingQuantizer, QuantizerError
 from argen.unclip.ar_prior_sampling import (
     QUANTIZER_DIR,
     ARPrior,

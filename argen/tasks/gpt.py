@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from argen.data.codes import CodeShardDataset
 from argen.layout import LayoutMismatchError, SequenceLayout
 from argen.model.gpt import GPT, GPTConfig
+from argen.model.pca import fit_pca
 from argen.pipeline import GPT_DIR, TRAINED_WITH_KEY, build_pipeline
 from argen.text import TextTokenizer, warn_truncated
 from argen.train.loop import (
@@ -255,9 +256,8 @@ def code_features(vq: VQModel, dims: int) -> Tensor:
     if not 0 < dims <= min(patches.shape):
         raise ValueError(f"model.code_features={dims} must lie in [1, {min(patches.shape)}]: the VQ tokenizer's codes "
                          f"are {patches.shape[1]} pixel values each and there are {patches.shape[0]} of them.")
-    centred = patches - patches.mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    feats = centred @ vh[:dims].T
+    pca = fit_pca(patches, n_components=dims)
+    feats = (patches - pca.mean) @ pca.components.T
     return (feats / feats.pow(2).sum(1).mean().sqrt().clamp(min=1e-12)).float()
 
 
