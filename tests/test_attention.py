@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from argen.model.attention import (
+    CPU_BF16_MATH_MAX_KEYS,
     BackendUnavailableError,
     attention,
     available_backends,
@@ -36,6 +37,12 @@ def test_cpu_backends_are_sdpa_and_math_and_auto_picks_per_query_length():
     assert set(BACKENDS) >= {"sdpa", "math"} and "auto" not in BACKENDS
     assert resolve_backend("auto", "cpu") == "sdpa" and resolve_backend("auto", "cpu", q_len=7) == "sdpa"
     assert resolve_backend("auto", "cpu", q_len=1) == "math"  # one decode query: plain matmuls are faster on CPU
+    bf16 = torch.bfloat16  # short bf16 sequences (training under autocast): math; long ones and float32: sdpa
+    assert resolve_backend("auto", "cpu", q_len=93, k_len=93, dtype=bf16) == "math"
+    assert resolve_backend("auto", "cpu", q_len=CPU_BF16_MATH_MAX_KEYS + 1, k_len=CPU_BF16_MATH_MAX_KEYS + 1,
+                           dtype=bf16) == "sdpa"
+    assert resolve_backend("auto", "cpu", q_len=93, k_len=93, dtype=torch.float32) == "sdpa"
+    assert resolve_backend("auto", "cuda", q_len=93, k_len=93, dtype=bf16) == "sdpa"
     q, k, v = qkv(4, 2, 1, 9)
     torch.testing.assert_close(attention(q, k, v, backend="auto"), attention(q, k, v, backend="sdpa"))
 

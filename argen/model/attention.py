@@ -40,20 +40,35 @@ def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
     return tuple(b for b in BACKENDS if b != "auto" and backend_unavailable_reason(b, device) is None)
 
 
-def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | None = None) -> str:
+# "auto" on the CPU runs `math` for bf16 attention over at most this many keys (see resolve_backend).
+CPU_BF16_MATH_MAX_KEYS = 192
+
+
+def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | None = None,
+                    k_len: int | None = None, dtype: torch.dtype | None = None) -> str:
     """The concrete backend `attention` runs for `backend` on `device`; an unavailable one raises, naming why.
 
     "auto" is "sdpa" (PyTorch's flash / memory-efficient kernels on GPU, its flash kernel on CPU; xformers
-    runs only when asked for by name), except for one query (q_len=1, KV-cache decode) on the CPU: there
-    "math" is two batched matrix-vector products, 10-20% faster than the CPU flash kernel, which is tuned
-    for blocks of queries (measured on an AMD EPYC: batch 16, 8 heads, 40 to 288 cached keys).
+    runs only when asked for by name), except on the CPU in two cases where plain batched matmuls are faster:
+    - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products, 10-20% faster than
+      the CPU flash kernel, which is tuned for blocks of queries (AMD EPYC: batch 16, 8 heads, 40-288 keys);
+    - bf16 (training under bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys: the CPU flash kernel's
+      bf16 backward is slow at short sequences: forward + backward took 0.35x the time with "math" at 93 keys,
+      0.41-0.58x at 128-160, 1.06-1.11x at 224-320 and 1.4-5x at 384-1024 (AMD EPYC with AVX512-BF16, 2
+      threads; `python benchmarks/attention_backends.py`). In float32 the flash kernel is as fast or faster
+      from 160 keys on.
     """
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"attention backend {backend!r} is not available: {reason}.")
     if backend != "auto":
         return backend
-    return "math" if q_len == 1 and torch.device(device).type == "cpu" else "sdpa"
+    if torch.device(device).type != "cpu":
+        return "sdpa"
+    if q_len == 1:
+        return "math"
+    short = k_len is not None and k_len <= CPU_BF16_MATH_MAX_KEYS
+    return "math" if dtype == torch.bfloat16 and short else "sdpa"
 
 
 def causal_mask(q_len: int, k_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -93,7 +108,7 @@ def attention(
         )
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq} > Tk={Tk}.")
-    name = resolve_backend(backend, q.device, q_len=Tq)
+    name = resolve_backend(backend, q.device, q_len=Tq, k_len=Tk, dtype=q.dtype)
     if name == "sdpa":
         return _sdpa(q, k, v, causal=causal, dropout_p=dropout_p)
     if name == "xformers":

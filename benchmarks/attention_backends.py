@@ -1,0 +1,88 @@
+"""Causal attention forward + backward time per backend at training shapes, float32 and bf16, in one run; shows
+where `resolve_backend("auto", ...)` should pick `math` over `sdpa` on this machine (CPU_BF16_MATH_MAX_KEYS).
+
+    python benchmarks/attention_backends.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from argen.model.attention import CPU_BF16_MATH_MAX_KEYS, attention, resolve_backend
+from tokenizers_img.serialization import atomic_write_bytes
+
+# (batch, heads, tokens, head_dim): the demo GPT (4 heads, 93 tokens), the sampling benchmark's training model
+# (10 heads, 287 tokens), and sequences from 128 to 1024 tokens.
+DEFAULT_SHAPES = ((32, 4, 93, 64), (32, 4, 128, 64), (32, 4, 160, 64), (16, 8, 224, 64), (8, 10, 287, 64),
+                  (8, 8, 320, 64), (8, 8, 384, 64), (8, 8, 512, 64), (4, 16, 1024, 64))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def time_backend(shape: tuple[int, int, int, int], dtype: torch.dtype, backend: str, *, reps: int, seed: int) -> float:
+    """Best-of-3 mean milliseconds of one causal forward + backward."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype).requires_grad_() for _ in range(3))
+
+    def run() -> None:
+        attention(q, k, v, backend=backend, causal=True).float().sum().backward()
+
+    run()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            run()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best * 1e3
+
+
+def to_markdown(rows: list[dict], command: str, machine: str) -> str:
+    lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
+             "Causal self-attention, forward + backward (sum of the output), best of 3 means; `sdpa` and `math` "
+             "alternate per row. `auto` is what resolve_backend picks for that row "
+             f"(CPU_BF16_MATH_MAX_KEYS = {CPU_BF16_MATH_MAX_KEYS}).", "",
+             "| batch x heads x tokens x head dim | dtype | sdpa ms | math ms | math / sdpa | auto |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {' x '.join(map(str, r['shape']))} | {r['dtype']} | {r['sdpa_ms']:.1f} | {r['math_ms']:.1f} "
+                     f"| {r['math_ms'] / r['sdpa_ms']:.2f} | {r['auto']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5, help="forward + backward passes per timing")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/attention_backends"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/attention_backends.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = f"{platform.machine()}, torch {torch.__version__}, {args.threads} threads"
+    rows = []
+    for shape in DEFAULT_SHAPES:
+        for name in args.dtypes:
+            dtype = DTYPES[name]
+            ms = {b: time_backend(shape, dtype, b, reps=args.reps, seed=args.seed) for b in ("sdpa", "math")}
+            auto = resolve_backend("auto", "cpu", q_len=shape[2], k_len=shape[2], dtype=dtype)
+            rows.append({"shape": list(shape), "dtype": name, "sdpa_ms": ms["sdpa"], "math_ms": ms["math"], "auto": auto})
+            print(f"{shape} {name}: sdpa {ms['sdpa']:.1f} ms, math {ms['math']:.1f} ms, auto -> {auto}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = to_markdown(rows, command, machine)
+    payload = {"command": command, "machine": machine, "rows": rows}
+    atomic_write_bytes(args.out / "attention_backends.json", json.dumps(payload, indent=2).encode())
+    atomic_write_bytes(args.out / "attention_backends.md", text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
