@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -45,6 +47,21 @@ def test_cpu_backends_are_sdpa_and_math_and_auto_picks_per_query_length():
     assert resolve_backend("auto", "cuda", q_len=93, k_len=93, dtype=bf16) == "sdpa"
     q, k, v = qkv(4, 2, 1, 9)
     torch.testing.assert_close(attention(q, k, v, backend="auto"), attention(q, k, v, backend="sdpa"))
+
+
+def test_auto_reads_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast q arrives in float32 (RoPE upcasts it) but the products run in bf16: auto must pick what
+    it picks for bf16 (math at short lengths on the CPU), not what it picks for float32."""
+    attention_module = importlib.import_module("argen.model.attention")  # the package re-exports a function of that name
+    calls = []
+    for name in ("_sdpa", "_math"):
+        real = getattr(attention_module, name)
+        monkeypatch.setattr(attention_module, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
+    q, k, v = qkv(4, 4, 16, 16)
+    attention(q, k, v, backend="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention(q, k, v, backend="auto")
+    assert calls == ["_sdpa", "_math"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -52,7 +52,7 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     runs only when asked for by name), except on the CPU in two cases where plain batched matmuls are faster:
     - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products, 10-20% faster than
       the CPU flash kernel, which is tuned for blocks of queries (AMD EPYC: batch 16, 8 heads, 40-288 keys);
-    - bf16 (training under bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys: the CPU flash kernel's
+    - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys: the CPU flash kernel's
       bf16 backward is slow at short sequences: forward + backward took 0.35x the time with "math" at 93 keys,
       0.41-0.58x at 128-160, 1.06-1.11x at 224-320 and 1.4-5x at 384-1024 (AMD EPYC with AVX512-BF16, 2
       threads; `python benchmarks/attention_backends.py`). In float32 the flash kernel is as fast or faster
@@ -108,7 +108,10 @@ def attention(
         )
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq} > Tk={Tk}.")
-    name = resolve_backend(backend, q.device, q_len=Tq, k_len=Tk, dtype=q.dtype)
+    # under autocast the matmuls (and sdpa) run in the autocast dtype, whatever q's dtype (RoPE leaves q in fp32)
+    device_type = q.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+    name = resolve_backend(backend, q.device, q_len=Tq, k_len=Tk, dtype=dtype)
     if name == "sdpa":
         return _sdpa(q, k, v, causal=causal, dropout_p=dropout_p)
     if name == "xformers":
