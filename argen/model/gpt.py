@@ -239,7 +239,8 @@ ONEDNN_MIN_MACS = 1 << 21
 class Linear(nn.Linear):
     """nn.Linear (bias-free unless asked) whose CPU float32 GEMMs (forward and backward) of at least
     ONEDNN_MIN_MACS multiply-adds run on oneDNN where `onednn_available()`; smaller ones, GPU, other dtypes and
-    autocast use F.linear. Same parameters and state dict as nn.Linear."""
+    autocast use F.linear, and so does a forward traced by torch.compile (Inductor picks its own GEMMs). Same
+    parameters and state dict as nn.Linear."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, device: torch.device | str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device)
@@ -248,7 +249,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.use_onednn and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-                and x.numel() * self.out_features >= ONEDNN_MIN_MACS):
+                and x.numel() * self.out_features >= ONEDNN_MIN_MACS and not torch.compiler.is_compiling()):
             return _OneDNNLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
