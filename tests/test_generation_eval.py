@@ -48,3 +48,16 @@ def test_scores_count_correct_and_wrong_images_exactly():
 def test_demo_overrides_must_name_their_experiment():
     with pytest.raises(SystemExit, match="tokenizer.KEY=VALUE"):
         main(["demo", "-o", "/nonexistent", "train.max_steps=3"])
+
+
+def test_demo_train_scenes_reach_the_settings(monkeypatch):
+    import argen.demo
+
+    seen = {}
+    monkeypatch.setattr(argen.demo, "run_demo", lambda out, **kw: seen.update(out=out, **kw))
+    main(["demo", "-o", "somewhere", "--train-scenes", "1234", "gpt.train.max_steps=3"])
+    assert seen["settings"].num_train_codes == 1234 and seen["gpt_overrides"] == ("train.max_steps=3",)
+    main(["demo", "-o", "somewhere"])
+    assert seen["settings"].num_train_codes == argen.demo.DemoSettings().num_train_codes
+    with pytest.raises(SystemExit, match="--train-scenes must be >= 1"):
+        main(["demo", "-o", "somewhere", "--train-scenes", "0"])

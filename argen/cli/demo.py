@@ -11,6 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the tokenizer, BPE and GPT on the built-in shapes world, sample, judge; "
                                     "writes demo/report.md")
     p.add_argument("-o", "--out", default="demo", help="output directory (finished stages in it are reused)")
+    p.add_argument("--train-scenes", type=int, default=None,
+                   help="training scenes to encode for the GPT (default: DemoSettings.num_train_codes, a little more "
+                        "than the GPT draws); raise it with gpt.train.max_steps")
     p.add_argument("overrides", nargs="*",
                    help="settings of the two experiments, prefixed by which: tokenizer.train.max_steps=1000 "
                         "gpt.train.max_steps=2000 (see configs/tokenizer/shapes_32.yaml and configs/gpt/shapes_32.yaml)")
@@ -21,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if not o.startswith(PREFIXES) or "=" not in o]
     if bad:
         raise SystemExit(f"argen demo: overrides must look like tokenizer.KEY=VALUE or gpt.KEY=VALUE, got {bad}")
-    from argen.demo import run_demo
+    if args.train_scenes is not None and args.train_scenes < 1:
+        raise SystemExit(f"argen demo: --train-scenes must be >= 1, got {args.train_scenes}")
+    from argen.demo import DemoSettings, run_demo
 
     split = {p: tuple(o[len(p):] for o in args.overrides if o.startswith(p)) for p in PREFIXES}
-    run_demo(args.out, tokenizer_overrides=split["tokenizer."], gpt_overrides=split["gpt."])
+    settings = DemoSettings() if args.train_scenes is None else DemoSettings(num_train_codes=args.train_scenes)
+    run_demo(args.out, tokenizer_overrides=split["tokenizer."], gpt_overrides=split["gpt."], settings=settings)
     return 0
