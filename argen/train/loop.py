@@ -55,8 +55,9 @@ class TrainConfig:
     `nan_max_consecutive` consecutive skips. `mixed_precision="auto"` is bf16 autocast where the hardware computes
     bf16 natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX, see `native_bf16`) and "no" elsewhere,
     where emulated bf16 would be slower than float32. `compile=True` runs each trained module's forward through
-    `torch.compile` (Inductor; the first steps and the first eval pay the compilation, about half a minute for the
-    demo GPT on a 2-core CPU, then its steps ran 1.2x faster there); weights and checkpoints are unchanged by it.
+    `torch.compile` (Inductor; the first steps and the first eval pay the compilation); weights and checkpoints are
+    unchanged by it. It is off by default: for the demo GPT on a 2-core CPU it ran steps about 1.15x faster after
+    about half a minute of compilation, which a run of a few thousand steps barely earns back (README).
     """
 
     out_dir: str = "runs/default"
