@@ -32,14 +32,14 @@ class DemoSettings:
     """What the demo trains and samples beyond the two YAML configs.
 
     num_train_codes: training scenes encoded for the GPT (the shapes train split is a 1M-scene stream); a little
-        more than the GPT's 1500 x 32 draws, so the encode stage spends no time on scenes it never uses.
+        more than the GPT's 2400 x 32 draws, so the encode stage spends no time on scenes it never uses.
     cfg_scales x cfg_schedules x top_ks x temperatures: the sampler sweep (scale 1 once: no guidance has no
         schedule); the setting with the best mean whole-prompt accuracy on the sweep prompts (single + relation,
         seed `seed`) is used for the report, which shows the whole sweep.
     samples_per_prompt: images per prompt in the final scoring (seed `seed + 1`), per kind.
     """
 
-    num_train_codes: int = 50_000
+    num_train_codes: int = 80_000
     text_vocab_size: int = 512
     cfg_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     cfg_schedules: tuple[str, ...] = ("constant", "linear")
