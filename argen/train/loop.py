@@ -57,7 +57,7 @@ class TrainConfig:
     where emulated bf16 would be slower than float32. `compile=True` runs each trained module's forward through
     `torch.compile` (Inductor; the first steps and the first eval pay the compilation); weights and checkpoints are
     unchanged by it. It is off by default: for the demo GPT on a 2-core CPU it ran training steps 1.15x faster
-    after 12-32 s of compilation, which a run of a few thousand steps barely earns back.
+    after compiling (12 s with a warm Inductor cache, longer cold), which a few thousand steps barely earn back.
     """
 
     out_dir: str = "runs/default"
