@@ -12,7 +12,6 @@ import collections
 import torch
 
 from argen.eval.generation import judge_images, prompt_set
-from argen.eval.judge import parse
 from argen.pipeline import Pipeline
 from argen.sample import SamplingConfig
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = pipe.generate(prompts, n_per_prompt=args.n, sampling=SamplingConfig(cfg_scale=cfg, top_k=args.top_k),
                             seed=args.seed, batch_size=256)
         judged = judge_images(gen.prompts, gen.images)
-        counts = collections.Counter(len(parse(image).objects) for image in gen.images)
+        counts = collections.Counter(len(r.found.objects) for r in judged)  # the scene the judge parsed
         accuracy = sum(r.correct for r in judged) / len(judged)
         spread = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         print(f"| {cfg:g} | {len(judged)} | {accuracy:.1%} | {spread} |")
