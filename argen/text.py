@@ -206,7 +206,8 @@ def dataset_captions(spec: str, *, split: str = "train", limit: int | None = Non
         from argen.data.shapes import SPLIT_SIZES, scene_and_caption
 
         n = SPLIT_SIZES[split] if limit is None else min(limit, SPLIT_SIZES[split])
-        return [scene_and_caption(i, split, seed=seed)[1] for i in range(n)]
+        templates = tuple(arg.split(",")) if arg else None
+        return [scene_and_caption(i, split, seed=seed, templates=templates)[1] for i in range(n)]
     if kind == "imagefolder":
         from argen.data.imagefolder import index_folder, split_of
 

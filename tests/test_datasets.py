@@ -269,7 +269,7 @@ def test_webdataset_without_package_says_which_extra(monkeypatch):
 # ------------------------------------------------------------------ registry, collate
 
 def test_unknown_spec_lists_valid_forms():
-    for bad in ("shape", "imagefolder", "imagefolder:", "hf:foo", "shapes:x"):
+    for bad in ("shape", "imagefolder", "imagefolder:", "hf:foo"):
         with pytest.raises(ValueError, match=r"(?s)unknown dataset spec.*imagefolder:PATH.*webdataset:PATTERN"):
             parse_spec(bad)
     with pytest.raises(ValueError, match="unknown dataset spec"):
@@ -312,3 +312,11 @@ def test_dataset_config_parses_with_the_typed_loader():
         load_config({"val_fracton": 0.1}, DatasetConfig)
     with pytest.raises(ConfigError, match="unknown dataset spec"):
         load_config({"spec": "imagefolder"}, DatasetConfig)
+
+
+def test_shapes_template_spec():
+    ds = build_dataset("shapes:relation", split="train", resolution=32, size=5)
+    assert len(ds) == 5 and ds.templates == ("relation",)
+    assert parse_spec("shapes:relation,list") == ("shapes", "relation,list")
+    with pytest.raises(ValueError, match="dataset spec 'shapes:relations': templates must be distinct names"):
+        parse_spec("shapes:relations")

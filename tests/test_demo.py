@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from argen.data.codes import read_meta
 from argen.demo import DemoSettings, run_demo
 from argen.model.gpt import GPT
 
@@ -14,7 +15,7 @@ TOKENIZER = ("train.max_steps=2", "train.batch_size=4", "model.base_channels=8",
              "model.z_channels=8", "train.save_every=0", "train.log_every=1")
 GPT_TOY = ("train.max_steps=2", "train.batch_size=4", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
            "train.save_every=0", "train.log_every=1", "eval.max_items=20")
-SETTINGS = DemoSettings(num_train_codes=40, cfg_scales=(1.0, 2.0), top_ks=(None,), temperatures=(1.0,),
+SETTINGS = DemoSettings(num_train_codes=40, extra_train_codes={"relation": 8}, cfg_scales=(1.0, 2.0), top_ks=(None,), temperatures=(1.0,),
                         sweep_prompts={"single": 2, "relation": 2},
                         eval_prompts={"single": 2, "relation": 2, "heldout": 2},
                         samples_per_prompt={"single": 1, "relation": 1, "heldout": 1})
@@ -36,6 +37,10 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
     markdown = (out / "report.md").read_text()
     assert "cfg 2 linear, top-k all, T 1" in markdown and report["chosen"] + " (chosen)" in markdown
     assert json.loads((out / "report.json").read_text())["chosen"] == report["chosen"]
+    # the extra relation shard is encoded and trained on beside the full one
+    assert read_meta(out / "codes" / "train+relation").num_items == 8
+    trained_on = json.loads((out / "gpt_run" / "task_config.json").read_text())["data"]["train"]
+    assert trained_on == [str(out / "codes" / "train"), str(out / "codes" / "train+relation")]
     gpt = GPT.from_pretrained(out / "gpt_run" / "final" / "gpt")
     assert gpt.config.code_features == 32  # the shipped config's, filled from the demo's own tokenizer
     image = gpt.code_feat[-256:]

@@ -61,3 +61,11 @@ def test_demo_train_scenes_reach_the_settings(monkeypatch):
     assert seen["settings"].num_train_codes == argen.demo.DemoSettings().num_train_codes
     with pytest.raises(SystemExit, match="--train-scenes must be >= 1"):
         main(["demo", "-o", "somewhere", "--train-scenes", "0"])
+    assert seen["settings"].extra_train_codes == argen.demo.DemoSettings().extra_train_codes
+    main(["demo", "-o", "somewhere", "--extra-scenes", "relation=7", "list,count=3"])
+    assert seen["settings"].extra_train_codes == {"relation": 7, "list,count": 3}
+    main(["demo", "-o", "somewhere", "--extra-scenes"])
+    assert seen["settings"].extra_train_codes == {}
+    for bad in ("relation", "relation=0", "relations=5"):
+        with pytest.raises(SystemExit, match=f"--extra-scenes takes TEMPLATES=N with N >= 1, got '{bad}'"):
+            main(["demo", "-o", "somewhere", "--extra-scenes", bad])

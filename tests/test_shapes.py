@@ -180,3 +180,33 @@ def test_dataset_items_and_resume():
 def test_vocabulary_contract():
     assert SHAPES == ("circle", "square", "triangle") and SIZES == ("small", "large") and len(POSITIONS) == 9
     assert set(COLORS) == {"red", "green", "blue", "yellow", "magenta", "cyan", "white", "orange"}
+
+
+def test_template_restricted_stream_draws_only_those_templates_with_the_split_rules():
+    relation = [scene_and_caption(i, "train", templates=("relation",)) for i in range(400)]
+    for scene, caption in relation:
+        spec = parse_caption(caption)
+        assert len(scene.objects) == 2 and spec.relation is not None, caption
+        assert not scene_has_heldout(scene) and not in_val_partition(scene)
+    val = [scene_and_caption(i, "val", templates=("relation",))[0] for i in range(50)]
+    assert all(in_val_partition(s) and len(s.objects) == 2 for s in val)
+    # two templates: only those two, both drawn
+    specs = [parse_caption(scene_and_caption(i, "train", templates=("count", "relation"))[1]) for i in range(200)]
+    is_count = [s.relation is None and len(s.objects) > 1 and len(set(s.objects)) == 1 for s in specs]
+    is_relation = [s.relation is not None for s in specs]
+    assert all(a != b for a, b in zip(is_count, is_relation)) and 40 < sum(is_relation) < 160
+    # its own draws: not the full stream's relation scenes at the same indices
+    full = [scene_and_caption(i, "train") for i in range(400)]
+    shared = sum(a == b for a, b in zip(relation, full))
+    assert shared <= 2, shared
+
+
+def test_template_names_are_checked():
+    for bad in (("relations",), (), ("relation", "relation")):
+        with pytest.raises(ValueError, match="templates must be distinct names from single_full"):
+            scene_and_caption(0, "train", templates=bad)
+    with pytest.raises(ValueError, match="heldout"):
+        ShapesDataset("heldout", templates=("relation",))
+    ds = ShapesDataset("train", templates=["relation", "count"])
+    assert ds.templates == ("count", "relation") and ds[3]["key"] == "shapes/train+count,relation/s0/0000003"
+    assert ds[3]["caption"] == scene_and_caption(3, "train", templates=("count", "relation"))[1]

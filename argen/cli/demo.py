@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-scenes", type=int, default=None,
                    help="training scenes to encode for the GPT (default: DemoSettings.num_train_codes, a little more "
                         "than the GPT draws); raise it with gpt.train.max_steps")
+    p.add_argument("--extra-scenes", nargs="*", default=None, metavar="TEMPLATES=N",
+                   help="more training scenes of only some caption templates, e.g. relation=30000 or list,relation=20000 "
+                        "(default: DemoSettings.extra_train_codes, 30,000 relation scenes); with no value, none")
     p.add_argument("overrides", nargs="*",
                    help="settings of the two experiments, prefixed by which: tokenizer.train.max_steps=1000 "
                         "gpt.train.max_steps=2000 (see configs/tokenizer/shapes_32.yaml and configs/gpt/shapes_32.yaml)")
@@ -29,6 +32,28 @@ def run(args: argparse.Namespace) -> int:
     from argen.demo import DemoSettings, run_demo
 
     split = {p: tuple(o[len(p):] for o in args.overrides if o.startswith(p)) for p in PREFIXES}
-    settings = DemoSettings() if args.train_scenes is None else DemoSettings(num_train_codes=args.train_scenes)
+    changes = {}
+    if args.train_scenes is not None:
+        changes["num_train_codes"] = args.train_scenes
+    if args.extra_scenes is not None:
+        changes["extra_train_codes"] = _extra_scenes(args.extra_scenes)
+    settings = DemoSettings(**changes)
     run_demo(args.out, tokenizer_overrides=split["tokenizer."], gpt_overrides=split["gpt."], settings=settings)
     return 0
+
+
+def _extra_scenes(values: list[str]) -> dict[str, int]:
+    from argen.data.shapes import check_templates
+
+    out = {}
+    for value in values:
+        names, _, count = value.partition("=")
+        try:
+            check_templates(tuple(names.split(",")))
+            n = int(count)
+        except ValueError as e:
+            raise SystemExit(f"argen demo: --extra-scenes takes TEMPLATES=N with N >= 1, got {value!r}: {e}") from None
+        if n < 1:
+            raise SystemExit(f"argen demo: --extra-scenes takes TEMPLATES=N with N >= 1, got {value!r}.")
+        out[names] = n
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="encode a dataset into code shards (numpy memmap + captions) for GPT training")
     p.add_argument("--tokenizer", required=True, help="directory of a saved VQ tokenizer (config.json + model.safetensors)")
-    p.add_argument("--dataset", default="shapes", help="shapes | imagefolder:PATH | webdataset:PATTERN")
+    p.add_argument("--dataset", default="shapes", help="shapes | shapes:TEMPLATES (e.g. shapes:relation) | imagefolder:PATH | webdataset:PATTERN")
     p.add_argument("--split", action="append", help="split(s) to encode (default: train and val)")
     p.add_argument("--limit", type=int, default=None, help="encode at most this many items per split (shapes train is a 1M-scene stream)")
     p.add_argument("--batch-size", type=int, default=128)

@@ -1,4 +1,5 @@
-"""One entry point from a dataset spec string (`shapes`, `imagefolder:PATH`, `webdataset:PATTERN`) to a dataset."""
+"""One entry point from a dataset spec string (`shapes`, `shapes:TEMPLATES`, `imagefolder:PATH`, `webdataset:PATTERN`)
+to a dataset."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from argen.data.skips import collate
 
 SPEC_FORMS = (
     "shapes                      the built-in procedural shapes world (splits: train, val, heldout)",
+    "shapes:TEMPLATES            shapes scenes of only these caption templates, comma-separated, e.g. shapes:relation "
+    "(of single_full, single_partial, list, count, relation; splits: train, val)",
     "imagefolder:PATH            a folder of images with metadata.jsonl or sidecar .txt captions (splits: train, val, all)",
     "webdataset:PATTERN          tar shards, a brace pattern like data/shard-{000..009}.tar or a directory of .tar (splits: train, val, all)",
 )
@@ -22,6 +25,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
     kind, sep, arg = spec.partition(":")
     if kind == "shapes" and not sep:
         return kind, ""
+    if kind == "shapes" and arg:
+        from argen.data.shapes import check_templates
+
+        try:
+            check_templates(tuple(arg.split(",")))
+        except ValueError as e:
+            raise ValueError(f"dataset spec {spec!r}: {e}") from None
+        return kind, arg
     if kind in ("imagefolder", "webdataset") and sep and arg:
         return kind, arg
     forms = "\n  ".join(SPEC_FORMS)
@@ -41,7 +52,7 @@ def build_dataset(
     if kind == "shapes":
         from argen.data.shapes import ShapesDataset
 
-        return ShapesDataset(split, resolution=resolution, size=size, seed=seed)
+        return ShapesDataset(split, resolution=resolution, size=size, seed=seed, templates=tuple(arg.split(",")) if arg else None)
     if kind == "imagefolder":
         from argen.data.imagefolder import ImageFolderDataset
 

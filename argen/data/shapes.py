@@ -393,7 +393,7 @@ def in_val_partition(scene: Scene) -> bool:
     return int.from_bytes(digest, "little") % VAL_FRACTION_DENOM == 0
 
 
-_TEMPLATES = ("single_full", "single_partial", "list", "count", "relation")
+TEMPLATES = ("single_full", "single_partial", "list", "count", "relation")  # the caption templates of train and val
 _TEMPLATE_P = (0.25, 0.2, 0.2, 0.15, 0.2)
 _PARTIAL_FIELDS = (("color",), ("size", "color"), ("size", "position"), ("color", "position"))
 
@@ -469,7 +469,7 @@ def _sample_heldout(rng: np.random.Generator) -> tuple[Scene, str]:
     combos = [("pair", c) for c in HELDOUT_COLOR_SHAPE] + [("relation", r) for r in HELDOUT_RELATIONS]
     kind, combo = _choice(rng, combos)
     if kind == "pair":
-        template = _TEMPLATES[int(rng.choice(len(_TEMPLATES), p=_TEMPLATE_P))]
+        template = TEMPLATES[int(rng.choice(len(TEMPLATES), p=_TEMPLATE_P))]
         return _sample(rng, template=template, color=combo[0], shape=combo[1])
     color_a, rel, color_b = combo
     if rng.integers(2):  # state it from the other side: "a magenta square below a green circle"
@@ -483,22 +483,48 @@ def _sample_heldout(rng: np.random.Generator) -> tuple[Scene, str]:
     return Scene((a, b)), caption
 
 
-def scene_and_caption(index: int, split: str, *, seed: int = 0) -> tuple[Scene, str]:
-    """The scene and caption at `index` of `split`, a pure function of (index, split, seed).
+def check_templates(templates: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """`templates` as a tuple in TEMPLATES order, or None (all); unknown or repeated names raise ValueError."""
+    if templates is None:
+        return None
+    templates = tuple(templates)
+    unknown = [t for t in templates if t not in TEMPLATES]
+    if unknown or not templates or len(set(templates)) != len(templates):
+        raise ValueError(f"templates must be distinct names from {', '.join(TEMPLATES)}; got {list(templates)}.")
+    return tuple(t for t in TEMPLATES if t in templates)
+
+
+def scene_and_caption(index: int, split: str, *, seed: int = 0,
+                      templates: tuple[str, ...] | None = None) -> tuple[Scene, str]:
+    """The scene and caption at `index` of `split`, a pure function of (index, split, seed, templates).
 
     train: any template; never a held-out combination (see HELDOUT_*) anywhere in the scene, never a val scene.
     val: same distribution as train, restricted to the 1/VAL_FRACTION_DENOM of scene identities train never uses.
     heldout: every scene contains a held-out combination and its caption states it.
+    templates (train and val only): draw only these caption templates, in the proportions they have among all of
+    them, e.g. ("relation",) for a stream of two-object relation scenes to oversample them. Such a stream has its
+    own random draws: it does not repeat the scenes of the full stream at the same indices.
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     if index < 0:
         raise ValueError(f"index={index} must be >= 0")
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    templates = check_templates(templates)
+    if templates is not None and split == "heldout":
+        raise ValueError("templates apply to the train and val splits; heldout scenes are built around a held-out combination.")
+    key = [seed, SPLITS.index(split), index]
+    if templates is not None:  # 1 + template numbers: never the full stream's key
+        key += [1 + TEMPLATES.index(t) for t in templates]
+    rng = np.random.default_rng(key)
     if split == "heldout":
         return _sample_heldout(rng)
+    names, p = TEMPLATES, _TEMPLATE_P
+    if templates is not None:
+        names = templates
+        p = np.array([_TEMPLATE_P[TEMPLATES.index(t)] for t in names])
+        p = p / p.sum()
     while True:
-        template = _TEMPLATES[int(rng.choice(len(_TEMPLATES), p=_TEMPLATE_P))]
+        template = names[int(rng.choice(len(names), p=p))]
         scene, caption = _sample(rng, template=template)
         if not scene_has_heldout(scene) and in_val_partition(scene) == (split == "val"):
             return scene, caption
@@ -512,19 +538,25 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Map-style shapes dataset generated on the fly: item i is a pure function of (split, seed, i), so a
+    """Map-style shapes dataset generated on the fly: item i is a pure function of (split, seed, templates, i), so a
     stream resumes exactly from any index. Items: {"image": (3, H, W) float32 in [-1, 1], "caption": str,
-    "key": "shapes/{split}/s{seed}/{i:07d}"}."""
+    "key": "shapes/{split}/s{seed}/{i:07d}"} ("shapes/{split}+{templates}/s{seed}/..." for a template-restricted
+    stream, see `scene_and_caption`)."""
 
-    def __init__(self, split: str = "train", *, resolution: int = 32, size: int | None = None, seed: int = 0) -> None:
+    def __init__(self, split: str = "train", *, resolution: int = 32, size: int | None = None, seed: int = 0,
+                 templates: tuple[str, ...] | None = None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not one of {SPLITS}")
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution={resolution} is not supported; expected one of {RESOLUTIONS}")
         if size is not None and size < 1:
             raise ValueError(f"size={size} must be >= 1")
+        self.templates = check_templates(templates)
+        if self.templates is not None and split == "heldout":
+            raise ValueError("templates apply to the train and val splits; heldout scenes are built around a held-out combination.")
         self.split, self.resolution, self.seed = split, resolution, seed
         self.size = SPLIT_SIZES[split] if size is None else size
+        self.stream = split if self.templates is None else f"{split}+{','.join(self.templates)}"
 
     def __len__(self) -> int:
         return self.size
@@ -532,6 +564,6 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.split} split of size {self.size}")
-        scene, caption = scene_and_caption(index, self.split, seed=self.seed)
+        scene, caption = scene_and_caption(index, self.split, seed=self.seed, templates=self.templates)
         return {"image": image_to_tensor(render(scene, self.resolution)), "caption": caption,
-                "key": f"shapes/{self.split}/s{self.seed}/{index:07d}"}
+                "key": f"shapes/{self.stream}/s{self.seed}/{index:07d}"}
