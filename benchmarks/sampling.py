@@ -174,7 +174,8 @@ def to_markdown(payload: dict) -> str:
         f"Command: `{payload['command']}`",
         "",
         f"Machine: {payload['machine']}, torch {payload['torch']}, transformers {payload['transformers']}, "
-        f"{payload['threads']} torch threads, fp32 everywhere.",
+        f"{payload['threads']} torch threads, fp32 weights and activations everywhere (the `bf16 KV` column keeps "
+        "only the KV cache in bf16).",
         "",
         f"Sampling: {payload['sampling_model']}; prefix {payload['prefix_len']} tokens, then {payload['image_tokens']} "
         "image tokens, KV cache on both sides, temperature 1, only image codes sampled. Images/s from the best of "

@@ -23,6 +23,7 @@ CASES = [
     (4, 1, 6, 6, True),
     (4, 2, 3, 9, True),
     (4, 4, 1, 9, True),
+    (4, 2, 1, 9, True),
     (4, 2, 5, 8, False),
 ]
 
@@ -101,6 +102,14 @@ def test_grouped_query_equals_repeated_key_value_heads(backend):
     grouped = attention(q, k, v, backend=backend)
     repeated = attention(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), backend=backend)
     torch.testing.assert_close(grouped, repeated)
+
+
+def test_bfloat16_decode_is_close_to_float64():
+    """One query against a bf16 cache (the sampler's cache_dtype=torch.bfloat16): softmax in float32, output in bf16."""
+    q, k, v = qkv(4, 2, 1, 40)
+    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="math")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), attention(q, k, v, backend="math"), rtol=0.02, atol=0.02)
 
 
 def test_float32_sdpa_matches_math():
