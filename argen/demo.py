@@ -35,8 +35,8 @@ class DemoSettings:
         1M-scene stream).
     extra_train_codes: more training scenes of only some caption templates, {comma-separated template names (see
         argen.data.shapes.TEMPLATES): count}, each encoded into its own shard (codes/train+NAMES) and trained on
-        with codes/train. The default adds 30,000 relation scenes to 50,000 of every template: two-object relation
-        captions are then half of the GPT's data instead of a fifth. All shards together are a little more than the
+        with codes/train. The default adds 40,000 relation scenes to 40,000 of every template: two-object relation
+        captions are then 60% of the GPT's data instead of a fifth. All shards together are a little more than the
         GPT's 2400 x 32 draws, so the encode stage spends no time on scenes it never uses.
     cfg_scales x cfg_schedules x top_ks x temperatures: the sampler sweep (scale 1 once: no guidance has no
         schedule); the setting with the best mean whole-prompt accuracy on the sweep prompts (single + relation,
@@ -44,8 +44,8 @@ class DemoSettings:
     samples_per_prompt: images per prompt in the final scoring (seed `seed + 1`), per kind.
     """
 
-    num_train_codes: int = 50_000
-    extra_train_codes: dict[str, int] = field(default_factory=lambda: {"relation": 30_000})
+    num_train_codes: int = 40_000
+    extra_train_codes: dict[str, int] = field(default_factory=lambda: {"relation": 40_000})
     text_vocab_size: int = 512
     cfg_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     cfg_schedules: tuple[str, ...] = ("constant", "linear")

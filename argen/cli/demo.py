@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "than the GPT draws); raise it with gpt.train.max_steps")
     p.add_argument("--extra-scenes", nargs="*", default=None, metavar="TEMPLATES=N",
                    help="more training scenes of only some caption templates, e.g. relation=30000 or list,relation=20000 "
-                        "(default: DemoSettings.extra_train_codes, 30,000 relation scenes); with no value, none")
+                        "(default: DemoSettings.extra_train_codes, 40,000 relation scenes); with no value, none")
     p.add_argument("overrides", nargs="*",
                    help="settings of the two experiments, prefixed by which: tokenizer.train.max_steps=1000 "
                         "gpt.train.max_steps=2000 (see configs/tokenizer/shapes_32.yaml and configs/gpt/shapes_32.yaml)")
