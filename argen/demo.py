@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from argen.data.codes import META_NAME, encode_to_shard, read_meta
-from argen.data.shapes import ShapesDataset
+from argen.data.shapes import ShapesDataset, parse_templates
 from argen.data.skips import collate
 from argen.eval.generation import PROMPT_KINDS, judge_images, prompt_set, score
 from argen.eval.tokenizer import evaluate_tokenizer
@@ -109,8 +109,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
                *(("train", names, n) for names, n in settings.extra_train_codes.items()), ("val", None, None)]
     train_shards = []
     for split, names, limit in streams:
-        templates = None if names is None else tuple(names.split(","))
-        dataset = ShapesDataset(split, resolution=res, templates=templates)
+        dataset = ShapesDataset(split, resolution=res, templates=parse_templates(names))
         shard = codes_dir / dataset.stream
         if split == "train":
             train_shards.append(shard)

@@ -203,10 +203,10 @@ def dataset_captions(spec: str, *, split: str = "train", limit: int | None = Non
 
     kind, arg = parse_spec(spec)
     if kind == "shapes":
-        from argen.data.shapes import SPLIT_SIZES, scene_and_caption
+        from argen.data.shapes import SPLIT_SIZES, parse_templates, scene_and_caption
 
         n = SPLIT_SIZES[split] if limit is None else min(limit, SPLIT_SIZES[split])
-        templates = tuple(arg.split(",")) if arg else None
+        templates = parse_templates(arg)
         return [scene_and_caption(i, split, seed=seed, templates=templates)[1] for i in range(n)]
     if kind == "imagefolder":
         from argen.data.imagefolder import index_folder, split_of

@@ -43,13 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _extra_scenes(values: list[str]) -> dict[str, int]:
-    from argen.data.shapes import check_templates
+    from argen.data.shapes import parse_templates
 
     out = {}
     for value in values:
         names, _, count = value.partition("=")
         try:
-            check_templates(tuple(names.split(",")))
+            if not names:
+                raise ValueError("no template names")
+            parse_templates(names)
             n = int(count)
         except ValueError as e:
             raise SystemExit(f"argen demo: --extra-scenes takes TEMPLATES=N with N >= 1, got {value!r}: {e}") from None

@@ -26,10 +26,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if kind == "shapes" and not sep:
         return kind, ""
     if kind == "shapes" and arg:
-        from argen.data.shapes import check_templates
+        from argen.data.shapes import parse_templates
 
         try:
-            check_templates(tuple(arg.split(",")))
+            parse_templates(arg)
         except ValueError as e:
             raise ValueError(f"dataset spec {spec!r}: {e}") from None
         return kind, arg
@@ -50,9 +50,9 @@ def build_dataset(
     """
     kind, arg = parse_spec(spec)
     if kind == "shapes":
-        from argen.data.shapes import ShapesDataset
+        from argen.data.shapes import ShapesDataset, parse_templates
 
-        return ShapesDataset(split, resolution=resolution, size=size, seed=seed, templates=tuple(arg.split(",")) if arg else None)
+        return ShapesDataset(split, resolution=resolution, size=size, seed=seed, templates=parse_templates(arg))
     if kind == "imagefolder":
         from argen.data.imagefolder import ImageFolderDataset
 

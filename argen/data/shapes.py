@@ -483,15 +483,33 @@ def _sample_heldout(rng: np.random.Generator) -> tuple[Scene, str]:
     return Scene((a, b)), caption
 
 
-def check_templates(templates: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """`templates` as a tuple in TEMPLATES order, or None (all); unknown or repeated names raise ValueError."""
+def check_templates(templates: tuple[str, ...] | None, split: str = "train") -> tuple[str, ...] | None:
+    """`templates` as a tuple in TEMPLATES order, or None (all); unknown or repeated names, or templates on the
+    heldout split, raise ValueError."""
     if templates is None:
         return None
     templates = tuple(templates)
     unknown = [t for t in templates if t not in TEMPLATES]
     if unknown or not templates or len(set(templates)) != len(templates):
         raise ValueError(f"templates must be distinct names from {', '.join(TEMPLATES)}; got {list(templates)}.")
+    if split == "heldout":
+        raise ValueError("templates apply to the train and val splits; heldout scenes are built around a held-out combination.")
     return tuple(t for t in TEMPLATES if t in templates)
+
+
+def parse_templates(names: str | None) -> tuple[str, ...] | None:
+    """Comma-separated template names ("relation", "list,relation"; as in the `shapes:TEMPLATES` dataset spec) as
+    checked by `check_templates`; None or "" means all."""
+    return check_templates(tuple(names.split(","))) if names else None
+
+
+@functools.lru_cache(maxsize=None)
+def _template_weights(templates: tuple[str, ...] | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The templates a stream draws and their probabilities: all with _TEMPLATE_P, or a subset renormalised."""
+    if templates is None:
+        return TEMPLATES, _TEMPLATE_P
+    p = np.array([_TEMPLATE_P[TEMPLATES.index(t)] for t in templates])
+    return templates, tuple(p / p.sum())
 
 
 def scene_and_caption(index: int, split: str, *, seed: int = 0,
@@ -509,20 +527,14 @@ def scene_and_caption(index: int, split: str, *, seed: int = 0,
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     if index < 0:
         raise ValueError(f"index={index} must be >= 0")
-    templates = check_templates(templates)
-    if templates is not None and split == "heldout":
-        raise ValueError("templates apply to the train and val splits; heldout scenes are built around a held-out combination.")
+    templates = check_templates(templates, split)
     key = [seed, SPLITS.index(split), index]
     if templates is not None:  # 1 + template numbers: never the full stream's key
         key += [1 + TEMPLATES.index(t) for t in templates]
     rng = np.random.default_rng(key)
     if split == "heldout":
         return _sample_heldout(rng)
-    names, p = TEMPLATES, _TEMPLATE_P
-    if templates is not None:
-        names = templates
-        p = np.array([_TEMPLATE_P[TEMPLATES.index(t)] for t in names])
-        p = p / p.sum()
+    names, p = _template_weights(templates)
     while True:
         template = names[int(rng.choice(len(names), p=p))]
         scene, caption = _sample(rng, template=template)
@@ -551,9 +563,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"resolution={resolution} is not supported; expected one of {RESOLUTIONS}")
         if size is not None and size < 1:
             raise ValueError(f"size={size} must be >= 1")
-        self.templates = check_templates(templates)
-        if self.templates is not None and split == "heldout":
-            raise ValueError("templates apply to the train and val splits; heldout scenes are built around a held-out combination.")
+        self.templates = check_templates(templates, split)
         self.split, self.resolution, self.seed = split, resolution, seed
         self.size = SPLIT_SIZES[split] if size is None else size
         self.stream = split if self.templates is None else f"{split}+{','.join(self.templates)}"
