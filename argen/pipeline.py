@@ -147,19 +147,24 @@ class Pipeline:
     """A loaded pipeline directory: text tokenizer -> GPT -> VQ decoder. Use `Pipeline.load(dir)`."""
 
     def __init__(self, *, vq: VQModel, text: TextTokenizer, gpt: GPT, layout: SequenceLayout, manifest: dict[str, Any],
-                 path: Path | None = None, text_ids_seen: set[int] | None = None, pack: bool = True) -> None:
+                 path: Path | None = None, text_ids_seen: set[int] | None = None, pack: bool = True,
+                 compile: bool = False) -> None:
         self.vq, self.text, self.gpt, self.layout = vq, text, gpt, layout
         self.manifest, self.path = manifest, path
         self.text_ids_seen = text_ids_seen
-        self.pack = pack
+        self.pack, self.compile = pack, compile
         self._sampler_gpt: GPT | None = None
 
     def sampler_gpt(self) -> GPT:
         """The GPT that sampling runs: with `pack` on a CPU with oneDNN a prepacked inference copy (1.3-1.8x faster
-        decode in benchmarks/sampling.py), made once; otherwise the GPT itself (FLOP counters see only plain ops)."""
+        decode in benchmarks/sampling.py), with `compile` as well one whose decode step Inductor compiles
+        (`pack_for_cpu(gpt, compile=True)`), made once; otherwise the GPT itself (FLOP counters see only plain ops)."""
         if self._sampler_gpt is None:
             cpu = self.device.type == "cpu" and next(self.gpt.parameters()).dtype == torch.float32
-            self._sampler_gpt = pack_for_cpu(self.gpt) if self.pack and cpu and onednn_available() else self.gpt
+            if self.pack and cpu and onednn_available():
+                self._sampler_gpt = pack_for_cpu(self.gpt, compile=self.compile)
+            else:
+                self._sampler_gpt = self.gpt
         return self._sampler_gpt
 
     @property
@@ -167,13 +172,15 @@ class Pipeline:
         return next(self.gpt.parameters()).device
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True, pack: bool = True) -> Pipeline:
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True, pack: bool = True,
+             compile: bool = False) -> Pipeline:
         """Load and check a pipeline directory.
 
         With `verify` (the default) every part's hash is recomputed and compared with pipeline.json (a swapped
         part is refused, naming it). The GPT's own training record must name the VQ and text tokenizers (refused
         naming both sides otherwise; without `verify` it is compared with the hashes pipeline.json records, which
         skips reading the weights twice). The GPT's sizes are checked against the layout in any case.
+        `pack` and `compile` choose the CPU sampling copy (see `sampler_gpt`).
         """
         path = Path(path)
         file = path / PIPELINE_FILE
@@ -212,7 +219,7 @@ class Pipeline:
         seen = record.get("text_ids_seen")
         seen_ids = {i for a, b in seen for i in range(a, b + 1)} if seen is not None else None
         return cls(vq=vq, text=text, gpt=gpt, layout=layout, manifest=manifest, path=path, text_ids_seen=seen_ids,
-                   pack=pack)
+                   pack=pack, compile=compile)
 
     def unseen_words(self, prompt: str) -> list[str]:
         """Words of `prompt` with a token that never occurred in a training caption (the GPT cannot know them)."""

@@ -120,3 +120,7 @@ def test_sample_cli_writes_grid_images_and_record(trained, tmp_path, capsys):
     assert main(["sample", "--pipeline", str(trained.final), "a red circle", "-n", "2", "--cfg", "3", "--seed", "0",
                  "--top-k", "8", "-o", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again_images/p000_s01.png").read_bytes() == files[1].read_bytes()
+    # and so does the compiled decode step
+    assert main(["sample", "--pipeline", str(trained.final), "a red circle", "-n", "2", "--cfg", "3", "--seed", "0",
+                 "--top-k", "8", "--compile", "-o", str(tmp_path / "compiled.png")]) == 0
+    assert (tmp_path / "compiled_images/p000_s01.png").read_bytes() == files[1].read_bytes()

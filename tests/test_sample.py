@@ -165,6 +165,21 @@ def test_a_cpu_packed_model_samples_the_same_codes():
     assert torch.equal(sample(pack_for_cpu(model), prefix, cfg, gens([4, 5, 6])), sample(model, prefix, cfg, gens([4, 5, 6])))
 
 
+@pytest.mark.skipif(not onednn_available(), reason="oneDNN linears need an x86-64 PyTorch with mkldnn")
+def test_a_compiled_decode_step_samples_the_same_codes_with_one_graph_for_every_step():
+    import torch._dynamo
+
+    model, prefix, cfg = tiny_model(), prompts(3), SamplingConfig(temperature=1.0, top_k=8, cfg_scale=2.0)
+    compiled = pack_for_cpu(model, compile=True)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = sample(compiled, prefix, cfg, gens([4, 5, 6]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 1  # 8 decode steps, one graph
+    assert torch.equal(got, sample(model, prefix, cfg, gens([4, 5, 6])))
+    assert torch.equal(sample(compiled, prefix, cfg, gens([4, 5, 6])), got)  # reused, still the same draws
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before + 1
+
+
 def test_sampling_restores_the_training_mode():
     model = tiny_model().train()
     sample(model, prompts(1), SamplingConfig(temperature=0.0))

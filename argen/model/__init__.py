@@ -6,11 +6,12 @@ from argen.model.attention import (
     available_backends,
     resolve_backend,
 )
-from argen.model.gpt import GPT, GPTConfig, KVCache, flops_per_token, onednn_available, pack_for_cpu
+from argen.model.gpt import GPT, CompiledDecoding, GPTConfig, KVCache, flops_per_token, onednn_available, pack_for_cpu
 
 __all__ = [
     "GPT",
     "BackendUnavailableError",
+    "CompiledDecoding",
     "GPTConfig",
     "KVCache",
     "attention",
