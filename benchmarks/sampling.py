@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=int, default=16, help="image tokens = grid x grid")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--reps", type=int, default=2, help="runs per sampler setting, the first also warms up")
+    parser.add_argument("--reps", type=int, default=3, help="runs per sampler setting, the first also warms up")
     parser.add_argument("--train-layers", type=int, default=10)
     parser.add_argument("--train-embd", type=int, default=640)
     parser.add_argument("--train-heads", type=int, default=10)
