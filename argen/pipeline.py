@@ -16,7 +16,7 @@ from torch import Tensor
 
 import argen
 from argen.layout import SequenceLayout
-from argen.model.gpt import GPT, onednn_available, pack_for_cpu
+from argen.model.gpt import GPT, CompiledDecoding, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, sample_image_tokens
 from argen.text import TOKENIZER_FILE, TextTokenizer, tokenizer_file_hash
 from tokenizers_img.config import to_dict
@@ -153,9 +153,9 @@ class Pipeline:
         self.manifest, self.path = manifest, path
         self.text_ids_seen = text_ids_seen
         self.pack, self.compile = pack, compile
-        self._sampler_gpt: GPT | None = None
+        self._sampler_gpt: GPT | CompiledDecoding | None = None
 
-    def sampler_gpt(self) -> GPT:
+    def sampler_gpt(self) -> GPT | CompiledDecoding:
         """The GPT that sampling runs: with `pack` on a CPU with oneDNN a prepacked inference copy (1.3-1.8x faster
         decode in benchmarks/sampling.py), with `compile` as well one whose decode step Inductor compiles
         (`pack_for_cpu(gpt, compile=True)`), made once; otherwise the GPT itself (FLOP counters see only plain ops)."""
