@@ -43,15 +43,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _extra_scenes(values: list[str]) -> dict[str, int]:
-    from argen.data.shapes import parse_templates
+    from argen.data.shapes import check_templates
 
     out = {}
     for value in values:
         names, _, count = value.partition("=")
         try:
-            if not names:
-                raise ValueError("no template names")
-            parse_templates(names)
+            check_templates(tuple(names.split(",")))  # "" is an unknown name here, not "all" as in a dataset spec
             n = int(count)
         except ValueError as e:
             raise SystemExit(f"argen demo: --extra-scenes takes TEMPLATES=N with N >= 1, got {value!r}: {e}") from None
