@@ -19,19 +19,89 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
+# Every directory argen writes holds this file, and every file it writes at a path the user names carries one of
+# FILE_MARKS near its start (a PNG text chunk, a JSON key, a Markdown comment). argen replaces or deletes only
+# what carries them, so pointing an output at a folder of one's own never loses it.
+OUTPUT_MARKER = ".argen-output"
+PNG_MARK = ("Software", "argen")
+JSON_MARK = ("written_by", "argen")
+MARKDOWN_MARK = "<!-- written by argen -->"
+FILE_MARKS = (f"{PNG_MARK[0]}\0{PNG_MARK[1]}".encode(), f'"{JSON_MARK[0]}": "{JSON_MARK[1]}"'.encode(),
+              MARKDOWN_MARK.encode())
+
 M = TypeVar("M", bound="PretrainedMixin")
+
+
+class NotArgenOutputError(FileExistsError):
+    """A path argen was asked to replace or delete holds something argen did not write; it is left alone."""
+
+
+def is_argen_output(path: str | Path) -> bool:
+    """Whether `path` is a directory holding OUTPUT_MARKER, or a file carrying one of FILE_MARKS."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / OUTPUT_MARKER).is_file()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return any(mark in head for mark in FILE_MARKS)
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Raise NotArgenOutputError unless `path` is absent, an empty directory, or an argen output (see OUTPUT_MARKER)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    if is_argen_output(path):
+        return
+    what = "directory" if path.is_dir() else "file"
+    hint = (f"it has no {OUTPUT_MARKER} marker" if path.is_dir() else "it does not carry argen's mark")
+    raise NotArgenOutputError(
+        f"{path} is a {what} that argen did not write ({hint}); refusing to replace or delete it. "
+        "Choose another output path, or move it away yourself.")
+
+
+def claim_output_dir(path: str | Path, *, kind: str) -> Path:
+    """Make `path` an argen output directory of `kind` (e.g. "run", "code-shard") and return it.
+
+    It is created when absent; an existing one must be empty or already an argen output (NotArgenOutputError
+    otherwise), so files argen writes into it never replace a user's own.
+    """
+    path = Path(path)
+    check_replaceable(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / OUTPUT_MARKER).is_file():
+        atomic_write_bytes(path / OUTPUT_MARKER, json.dumps({JSON_MARK[0]: JSON_MARK[1], "kind": kind}).encode())
+    return path
+
+
+def remove_output(path: str | Path) -> None:
+    """Delete an argen output (directory or file); anything else raises NotArgenOutputError and is kept."""
+    path = Path(path)
+    check_replaceable(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)`, then move tmp_dir to `target` in one rename; an old `target` is replaced.
 
-    A crash at any point leaves either the old directory or the new one, never a half-written one.
+    A crash at any point leaves either the old directory or the new one, never a half-written one. The new
+    directory holds OUTPUT_MARKER; an existing `target` that is not an argen output is refused, not replaced.
     """
     target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({JSON_MARK[0]: JSON_MARK[1], "kind": "directory"}))
         for f in tmp.iterdir():  # make the content durable before it becomes visible
             if f.is_file():
                 with open(f, "rb") as fh:
