@@ -187,11 +187,15 @@ def train_text_tokenizer(captions: Sequence[str], *, vocab_size: int = 512, min_
     return TextTokenizer(tok.to_str().encode("utf-8"), pad_token=PAD_TOKEN, source="<trained>")
 
 
-def dataset_captions(spec: str, *, split: str = "train", limit: int | None = None, seed: int = 0) -> list[str]:
+def dataset_captions(
+    spec: str, *, split: str = "train", limit: int | None = None, seed: int = 0,
+    follow_symlinks: bool = False, strict: bool = False, allow_pipe: bool = False,
+) -> list[str]:
     """Captions of a dataset without decoding its images where possible.
 
     spec: `shapes`, `imagefolder:PATH`, `webdataset:PATTERN` (decodes samples), or `codes:DIR` (the captions of
     a code shard written by `argen tokenize`). `limit` caps the count (shapes train is a 1M-scene stream).
+    follow_symlinks, strict, allow_pipe: as for `argen.data.registry.build_dataset`.
     """
     if spec.startswith("codes:"):
         file = Path(spec[len("codes:"):]) / "captions.jsonl"
@@ -211,13 +215,13 @@ def dataset_captions(spec: str, *, split: str = "train", limit: int | None = Non
     if kind == "imagefolder":
         from argen.data.imagefolder import index_folder, split_of
 
-        files = index_folder(arg).files
+        files = index_folder(arg, follow_symlinks=follow_symlinks, strict=strict).files
         caps = [f.caption for f in files if split == "all" or split_of(f.key, 0.05) == split]
         return caps[:limit]
     from argen.data.registry import build_dataset
 
     caps = []
-    for item in build_dataset(spec, split=split, resolution=32):
+    for item in build_dataset(spec, split=split, resolution=32, allow_pipe=allow_pipe):
         if limit is not None and len(caps) >= limit:
             break
         if item.get("caption"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -60,6 +61,37 @@ def test_centre_crop_takes_the_middle():
     a[:, 10:20] = 255  # white middle third of a wide image
     out = np.asarray(resize_center_crop(Image.fromarray(a), 10))
     assert out.shape == (10, 10, 3) and out.min() == 255
+
+
+def test_resize_is_the_whole_image_resize_except_for_enlarged_strips():
+    """The same pixels as resizing the whole image then cropping, except where that would enlarge a strip
+    (aspect over 4:1, smaller than the output): there only the crop window is resampled, nearly the same."""
+    def whole_then_crop(img, r):  # the definition, as this function was written before the crop-window path
+        w, h = img.size
+        new_w, new_h = max(r, round(w * r / min(w, h))), max(r, round(h * r / min(w, h)))
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (new_w - r) // 2, (new_h - r) // 2
+        return img.crop((left, top, left + r, top + r))
+
+    rng = np.random.default_rng(0)
+    n_whole = n_window = 0
+    for w, h, r in itertools.product((3, 9, 17, 64, 100, 257, 1000), (8, 50, 99, 480), (8, 32, 256)):
+        if max(w, h) > 20 * min(w, h):
+            continue
+        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        yy, xx = np.mgrid[0:h, 0:w]
+        smooth = Image.fromarray(np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1).astype(np.uint8))
+        scale = r / min(w, h)
+        window = max(r, round(w * scale)) * max(r, round(h * scale)) > max(w * h, 4 * r * r)
+        for img in (noise, smooth):
+            got, want = np.asarray(resize_center_crop(img, r)).astype(int), np.asarray(whole_then_crop(img, r)).astype(int)
+            if not window:
+                assert np.array_equal(got, want), (w, h, r)
+            elif img is smooth:
+                assert np.abs(got - want).max() <= 2, (w, h, r)
+        n_whole, n_window = n_whole + (not window), n_window + window
+    assert n_whole > 40 and n_window > 5
 
 
 def test_exif_orientation_is_honoured(tmp_path):
@@ -183,10 +215,55 @@ def test_malformed_metadata_names_file_and_line(tmp_path):
     _write_image(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n\n{"file_name": "b.png", "text": \n')
     with pytest.raises(DatasetError, match=r"metadata\.jsonl:3: malformed"):
-        index_folder(tmp_path)
+        index_folder(tmp_path, strict=True)
+    # by default the bad line is skipped and named, and the good one is used
+    index = index_folder(tmp_path)
+    assert [f.key for f in index.files] == ["a.png"]
+    assert [(s.key, s.reason) for s in index.skips] == [("metadata.jsonl:3", "malformed line, not valid JSON (Expecting value)")]
+    assert index.folder_skips == index.skips
     (tmp_path / "metadata.jsonl").write_text('{"text": "no file name"}\n')
     with pytest.raises(DatasetError, match=r"metadata\.jsonl:1: missing .*file_name"):
-        index_folder(tmp_path)
+        index_folder(tmp_path, strict=True)
+    (tmp_path / "a.txt").write_text("sidecar")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "one"}\n{"file_name": "./a.png", "text": "two"}\n')
+    with pytest.raises(DatasetError, match=r"metadata\.jsonl:2: file_name './a.png' is listed twice \(first at metadata\.jsonl:1\)"):
+        index_folder(tmp_path, strict=True)
+    index = index_folder(tmp_path)
+    assert [(f.key, f.caption) for f in index.files] == [("a.png", "one")] and [s.key for s in index.skips] == ["metadata.jsonl:2"]
+
+
+def test_metadata_line_skips_are_in_every_split(tmp_path):
+    for i in range(40):
+        _write_image(tmp_path / f"im{i:02d}.png", size=(4, 4))
+    rows = "".join(json.dumps({"file_name": f"im{i:02d}.png", "text": f"c{i}"}) + "\n" for i in range(40))
+    (tmp_path / "metadata.jsonl").write_text(rows + "not json\n")
+    for split in ("train", "val"):
+        ds = ImageFolderDataset(tmp_path, split=split, resolution=4, val_fraction=0.3)
+        assert [s.key for s in ds.index_skips] == ["metadata.jsonl:41"]
+
+
+def test_pipe_shards_are_refused_unless_allowed(tmp_path):
+    pytest.importorskip("webdataset")
+    from argen.data.webdataset import expand_shards
+
+    marker = tmp_path / "ran"
+    for spec in (f"webdataset:pipe:touch {marker}", f"webdataset:{{pipe:touch {marker},x.tar}}", f"webdataset:PIPE:touch {marker}"):
+        with pytest.raises(DatasetError, match=r"is a pipe: command.*refused\. If you trust this spec, pass allow_pipe=True"):
+            build_dataset(spec, resolution=8)
+    with pytest.raises(DatasetError, match="allow_pipe=True"):
+        DatasetConfig(spec=f"webdataset:pipe:touch {marker}", resolution=8).build("all")
+    assert not marker.exists()
+    assert expand_shards(f"pipe:cat {marker}", allow_pipe=True) == [f"pipe:cat {marker}"]
+    # a local shard whose name looks like a pipe is opened as a file, by its absolute path
+    (tmp_path / "pipe:x.tar").write_bytes(b"")
+    assert expand_shards(str(tmp_path)) == [str(tmp_path / "pipe:x.tar")]
+
+
+def test_dataset_config_flags(tmp_path):
+    assert DatasetConfig(spec=f"imagefolder:{tmp_path}", follow_symlinks=True, strict=True).strict
+    with pytest.raises(ValueError, match="apply to imagefolder specs only"):
+        DatasetConfig(spec="shapes", strict=True)
+    assert not hasattr(DatasetConfig(), "allow_pipe")
 
 
 def test_all_undecodable_is_a_clear_error(tmp_path):

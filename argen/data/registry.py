@@ -15,8 +15,11 @@ SPEC_FORMS = (
     "shapes                      the built-in procedural shapes world (splits: train, val, heldout)",
     "shapes:TEMPLATES            shapes scenes of only these caption templates, comma-separated, e.g. shapes:relation "
     "(of single_full, single_partial, list, count, relation; splits: train, val)",
-    "imagefolder:PATH            a folder of images with metadata.jsonl or sidecar .txt captions (splits: train, val, all)",
-    "webdataset:PATTERN          tar shards, a brace pattern like data/shard-{000..009}.tar or a directory of .tar (splits: train, val, all)",
+    "imagefolder:PATH            a folder of images with metadata.jsonl or sidecar .txt captions (splits: train, val, all); "
+    "files whose real path leaves PATH (symlinks) are skipped unless follow_symlinks=True, and a bad metadata.jsonl "
+    "line is skipped unless strict=True",
+    "webdataset:PATTERN          tar shards, a brace pattern like data/shard-{000..009}.tar or a directory of .tar (splits: train, val, all); "
+    "pipe:CMD shards run only with allow_pipe=True, which a config file cannot set",
 )
 
 
@@ -42,10 +45,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def build_dataset(
     spec: str, *, split: str = "train", resolution: int, seed: int = 0,
     val_fraction: float = 0.05, size: int | None = None,
+    follow_symlinks: bool = False, strict: bool = False, allow_pipe: bool = False,
 ) -> Dataset:
     """The dataset a spec names. Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}.
 
-    `seed` and `size` (number of scenes) apply to shapes; `val_fraction` to image folders and shards.
+    `seed` and `size` (number of scenes) apply to shapes; `val_fraction` to image folders and shards;
+    `follow_symlinks` (let files and directories outside the folder in) and `strict` (a bad metadata.jsonl line
+    refuses the folder) to image folders; `allow_pipe` (run `pipe:` shard commands) to shards. Each is ignored
+    by the kinds it does not apply to, so a CLI can pass them whatever the spec.
     Real-data items also carry "skipped"; batch with `argen.data.skips.collate` (or `build_dataloader`).
     """
     kind, arg = parse_spec(spec)
@@ -56,10 +63,11 @@ def build_dataset(
     if kind == "imagefolder":
         from argen.data.imagefolder import ImageFolderDataset
 
-        return ImageFolderDataset(arg, split=split, resolution=resolution, val_fraction=val_fraction)
+        return ImageFolderDataset(arg, split=split, resolution=resolution, val_fraction=val_fraction,
+                                  follow_symlinks=follow_symlinks, strict=strict)
     from argen.data.webdataset import WebDatasetShards
 
-    return WebDatasetShards(arg, split=split, resolution=resolution, val_fraction=val_fraction)
+    return WebDatasetShards(arg, split=split, resolution=resolution, val_fraction=val_fraction, allow_pipe=allow_pipe)
 
 
 def build_dataloader(
@@ -81,7 +89,10 @@ class DatasetConfig:
 
     spec: `shapes`, `imagefolder:PATH` or `webdataset:PATTERN`; resolution: side of the square crop in pixels;
     val_fraction: share of files hashed into "val" (image folders, shards); num_workers: DataLoader workers;
-    seed: shapes scene seed; size: number of shapes scenes per split (None: the shapes default).
+    seed: shapes scene seed; size: number of shapes scenes per split (None: the shapes default);
+    follow_symlinks, strict: image folders only (see build_dataset).
+    There is deliberately no allow_pipe field: a config file must not be able to run commands, so `pipe:`
+    shards are allowed only by the caller, `build(..., allow_pipe=True)`.
     """
 
     spec: str = "shapes"
@@ -90,9 +101,13 @@ class DatasetConfig:
     num_workers: int = 0
     seed: int = 0
     size: int | None = None
+    follow_symlinks: bool = False
+    strict: bool = False
 
     def __post_init__(self) -> None:
-        parse_spec(self.spec)
+        kind, _ = parse_spec(self.spec)
+        if kind != "imagefolder" and (self.follow_symlinks or self.strict):
+            raise ValueError(f"follow_symlinks and strict apply to imagefolder specs only, not {self.spec!r}")
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -102,15 +117,16 @@ class DatasetConfig:
         if self.size is not None and self.size <= 0:
             raise ValueError(f"size must be positive or null, got {self.size}")
 
-    def build(self, split: str = "train") -> Dataset:
+    def build(self, split: str = "train", *, allow_pipe: bool = False) -> Dataset:
         return build_dataset(
             self.spec, split=split, resolution=self.resolution, seed=self.seed,
             val_fraction=self.val_fraction, size=self.size,
+            follow_symlinks=self.follow_symlinks, strict=self.strict, allow_pipe=allow_pipe,
         )
 
     def dataloader(self, split: str = "train", *, batch_size: int, shuffle: bool = False,
-                   generator: torch.Generator | None = None, drop_last: bool = False) -> Any:
+                   generator: torch.Generator | None = None, drop_last: bool = False, allow_pipe: bool = False) -> Any:
         return build_dataloader(
-            self.build(split), batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            self.build(split, allow_pipe=allow_pipe), batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
             generator=generator, drop_last=drop_last,
         )

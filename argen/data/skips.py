@@ -1,10 +1,11 @@
-"""Skip accounting (and DatasetError): bad samples are skipped, carried with the batch across DataLoader workers, and reported by name.
+"""Skip accounting (and DatasetError, and `printable` names): bad samples are skipped, carried with the batch across DataLoader workers, and reported by name.
 
 Design: a dataset checks what it can cheaply at index time (file exists, caption present) and keeps those
 skips in `dataset.index_skips`. A file that fails to decode in `__getitem__` (possibly inside a worker) is
 replaced by the next valid sample, deterministically, and its name travels in the returned item under
 `item["skipped"]`. `collate` concatenates those lists into `batch["skipped"]`, and a `SkipReport` in the
-main process aggregates both sources, de-duplicated by key.
+main process aggregates both sources, de-duplicated by key. Keys stay as found (a file name may hold control
+characters, or bytes that are not UTF-8); every message prints them through `printable`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,25 @@ import torch
 
 class DatasetError(ValueError):
     """A dataset cannot be used at all (empty folder, no captions, malformed metadata); the message says why."""
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one line: control and invisible characters as `\\n`, `\\x1b`, `\\u202e` escapes,
+    and bytes that were not UTF-8 (file names decoded with surrogateescape) as `\\xe9`.
+
+    Keys and file names stay raw in `Skip` and on error objects; only messages are escaped.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # an undecodable byte, as os.fsdecode and surrogateescape carry it
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(repr(ch)[1:-1])  # '\\n', '\\x1b', '\\u202e', '\\xa0'
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -69,7 +89,7 @@ class SkipReport:
         skips = self.skips
         shown = skips if limit is None else skips[:limit]
         lines = [f"skipped {len(skips)} sample{'s' if len(skips) != 1 else ''}:"]
-        lines += [f"  {s.key}: {s.reason}" for s in shown]
+        lines += [f"  {printable(s.key)}: {printable(s.reason)}" for s in shown]
         if len(shown) < len(skips):
             lines.append(f"  ... and {len(skips) - len(shown)} more")
         return "\n".join(lines)

@@ -2,9 +2,13 @@
 
 Needs the optional `webdataset` package: `pip install 'argen[webdataset]'`.
 Keys are `SHARD_FILE_NAME/SAMPLE_KEY`. The train/val split hashes that key exactly as image folders do
-(`argen.data.imagefolder.split_of`). A sample with no image, an undecodable image, or a missing or empty
-caption is skipped; its key travels in the "skipped" list of the next item this worker yields (or, at the end
-of a worker's stream, of the last one), so `SkipReport` in the main process sees it.
+(`argen.data.imagefolder.split_of`). A sample with no image, an undecodable, too large or too thin image, or a
+missing, empty or non-UTF-8 caption is skipped; its key travels in the "skipped" list of the next item this
+worker yields (or, at the end of a worker's stream, of the last one), so `SkipReport` in the main process sees it.
+
+`pipe:CMD` shards (which webdataset runs in a shell) are refused unless the caller passes `allow_pipe=True`:
+a dataset spec may come from a shared config file, and a config file must not be able to run commands.
+Local shards are opened by absolute path, so a file named `pipe:...tar` is only ever a file.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 from torch.utils.data import IterableDataset
 
 from argen.data.imagefolder import SPLITS, split_of
-from argen.data.skips import DatasetError, Skip
+from argen.data.skips import DatasetError, Skip, printable
 from argen.data.transforms import ImageDecodeError, load_image_tensor
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
@@ -35,39 +40,56 @@ def require_webdataset():
     return webdataset
 
 
-def expand_shards(pattern: str) -> list[str]:
+def _is_pipe(shard: str) -> bool:
+    """Whether webdataset's gopen would hand `shard` to a shell: its URL scheme, as gopen parses it, is pipe."""
+    try:
+        return urlsplit(shard).scheme == "pipe"  # lower-cased, leading spaces and control characters dropped
+    except ValueError:  # not a URL at all (gopen's urlparse fails the same way): nothing is run
+        return False
+
+
+def expand_shards(pattern: str, *, allow_pipe: bool = False) -> list[str]:
     """Shard list from a brace pattern (`data/shard-{000..009}.tar`) or a directory of `.tar` files.
 
-    Local shards must exist; URLs and `pipe:` commands are passed through unchecked.
+    Local shards must exist and are returned as absolute paths; URLs are passed through unchecked; a `pipe:`
+    shard raises DatasetError unless allow_pipe=True.
     """
     path = Path(pattern).expanduser()
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
+    if not _is_pipe(pattern) and path.is_dir():
+        shards = sorted(str(p.absolute()) for p in path.glob("*.tar"))
         if not shards:
-            raise DatasetError(f"no .tar shards in directory {path}.")
+            raise DatasetError(f"no .tar shards in directory {printable(str(path))}.")
         return shards
     wds = require_webdataset()
     shards = list(wds.shardlists.expand_urls(pattern))
-    local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
-    missing = [s for s in local if not Path(s).expanduser().is_file()]
+    pipes = [s for s in shards if _is_pipe(s)]
+    if pipes and not allow_pipe:
+        raise DatasetError(
+            f"webdataset shard '{printable(pipes[0])}' is a pipe: command, which would run in a shell; refused. "
+            "If you trust this spec, pass allow_pipe=True (argen CLI: --allow-pipe).")
+    local = {s: str(Path(s).expanduser().absolute()) for s in shards if "://" not in s and not _is_pipe(s)}
+    missing = [s for s in local if not Path(local[s]).is_file()]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise DatasetError(f"webdataset pattern {pattern!r}: {len(missing)} of {len(shards)} shards not found: {', '.join(missing[:5])}{more}.")
+        names = printable(", ".join(missing[:5]))
+        raise DatasetError(f"webdataset pattern '{printable(pattern)}': {len(missing)} of {len(shards)} shards not found: {names}{more}.")
     if not shards:
-        raise DatasetError(f"webdataset pattern {pattern!r} matches no shards.")
-    return shards
+        raise DatasetError(f"webdataset pattern '{printable(pattern)}' matches no shards.")
+    return [local.get(s, s) for s in shards]
 
 
 class WebDatasetShards(IterableDataset):
     """Captioned images streamed from tar shards, split across DataLoader workers (and nodes) by shard.
 
     Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str, "skipped": list[Skip]}.
-    Batch with `argen.data.skips.collate`.
+    Batch with `argen.data.skips.collate`. allow_pipe: let `pipe:` shards run their shell command.
     """
 
     index_skips: tuple[Skip, ...] = ()  # nothing is checked before streaming
 
-    def __init__(self, pattern: str, *, split: str = "train", resolution: int, val_fraction: float = 0.05) -> None:
+    def __init__(
+        self, pattern: str, *, split: str = "train", resolution: int, val_fraction: float = 0.05, allow_pipe: bool = False,
+    ) -> None:
         require_webdataset()
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)} for webdataset shards, got {split!r}")
@@ -76,7 +98,7 @@ class WebDatasetShards(IterableDataset):
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.pattern, self.split, self.resolution, self.val_fraction = pattern, split, resolution, val_fraction
-        self.shards = expand_shards(pattern)
+        self.shards = expand_shards(pattern, allow_pipe=allow_pipe)
 
     def _decode(self, key: str, sample: dict[str, Any]) -> dict[str, Any] | Skip:
         ext = next((e for e in IMAGE_KEYS if e in sample), None)
@@ -84,9 +106,14 @@ class WebDatasetShards(IterableDataset):
             found = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
             return Skip(key, f"no image ({'/'.join('.' + e for e in IMAGE_KEYS)}) in sample, found: {found}")
         raw_caption = sample.get(CAPTION_KEY)
-        caption = raw_caption.decode("utf-8", errors="replace").strip() if isinstance(raw_caption, bytes) else ""
+        if raw_caption is None:
+            return Skip(key, f"no caption (.{CAPTION_KEY})")
+        try:
+            caption = raw_caption.decode("utf-8-sig").strip()  # a byte-order mark is accepted and dropped
+        except UnicodeDecodeError as err:
+            return Skip(key, f"caption (.{CAPTION_KEY}) is not valid UTF-8 (byte 0x{raw_caption[err.start]:02x} at offset {err.start})")
         if not caption:
-            return Skip(key, "empty caption" if raw_caption is not None else f"no caption (.{CAPTION_KEY})")
+            return Skip(key, "empty caption")
         try:
             image = load_image_tensor(sample[ext], self.resolution, name=f"{key}.{ext}")
         except ImageDecodeError as err:
@@ -120,4 +147,5 @@ class WebDatasetShards(IterableDataset):
             yield held
         elif pending:
             # No valid sample in this worker's shards: no item can carry the skips, so say so here.
-            warnings.warn("no decodable samples in this worker's shards; skipped:\n" + "\n".join(f"  {s.key}: {s.reason}" for s in pending))
+            lines = "\n".join(f"  {printable(s.key)}: {printable(s.reason)}" for s in pending)
+            warnings.warn("no decodable samples in this worker's shards; skipped:\n" + lines)
