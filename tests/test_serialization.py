@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from tokenizers_img.serialization import PretrainedMixin, atomic_write_dir
+import tokenizers_img.serialization as serialization
+from tokenizers_img.serialization import OUTPUT_MARKER, PretrainedMixin, atomic_write_bytes, atomic_write_dir
 
 
 @dataclass
@@ -84,3 +92,108 @@ def test_atomic_write_keeps_old_directory_on_crash(tmp_path):
         atomic_write_dir(tmp_path / "m", crash)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+@pytest.mark.skipif(serialization._renameat2() is None, reason="renameat2(RENAME_EXCHANGE) is not available here")
+def test_replacing_a_directory_never_leaves_it_missing(tmp_path):
+    target = tmp_path / "m"
+    Tiny(TinyConfig()).save_pretrained(target)
+    seen = {"checks": 0, "missing": 0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen["checks"] += 1
+            seen["missing"] += not target.exists()
+
+    reader = threading.Thread(target=watch)
+    reader.start()
+    try:
+        for i in range(200):
+            atomic_write_dir(target, lambda tmp, i=i: (tmp / "config.json").write_text(json.dumps({"i": i})))
+    finally:
+        stop.set()
+        reader.join()
+    assert seen["checks"] > 200 and seen["missing"] == 0
+    assert json.loads((target / "config.json").read_text()) == {"i": 199}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_two_rename_fallback_replaces_and_a_killed_one_is_restored(tmp_path, monkeypatch):
+    monkeypatch.setattr(serialization, "_rename_exchange", lambda a, b: False)
+    Tiny(TinyConfig(width=3)).save_pretrained(tmp_path / "m")
+    Tiny(TinyConfig(width=5)).save_pretrained(tmp_path / "m")
+    assert Tiny.from_pretrained(tmp_path / "m").config.width == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    # A writer killed between its two renames: the old `m` renamed aside, the new one still under its temp name.
+    pid, host = _dead_pid(), serialization._host_tag()
+    (tmp_path / "m").rename(tmp_path / f".m.old-{host}-{pid}-0123abcd")
+    Tiny(TinyConfig(width=7)).save_pretrained(tmp_path / f".m.tmp-{host}-{pid}-4567cdef")
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "other")  # any write into the folder repairs it
+    assert Tiny.from_pretrained(tmp_path / "m").config.width == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "other"]
+
+
+def test_temporaries_of_live_writers_are_kept(tmp_path):
+    host = serialization._host_tag()
+    live = tmp_path / f".m.tmp-{host}-{os.getppid()}-0badf00d"
+    live.mkdir()
+    dead = tmp_path / f".m.tmp-{host}-{_dead_pid()}-deadbeef"
+    dead.mkdir()
+    Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_permissions_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
+        atomic_write_dir(tmp_path / "d", lambda tmp: ((tmp / "sub").mkdir(mode=0o700), (tmp / "sub" / "f").write_text("x")))
+        atomic_write_bytes(tmp_path / "b.json", b"{}")
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "m", tmp_path / "d", *(tmp_path / "m").rglob("*"), *(tmp_path / "d").rglob("*"),
+                 tmp_path / "b.json"]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fsynced descriptors")
+def test_everything_is_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    log: list[str] = []
+    real_fsync, real_move = os.fsync, serialization._move_into_place
+
+    def fsync(fd: int) -> None:
+        log.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def move(tmp: Path, target: Path):
+        log.append("rename")
+        return real_move(tmp, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(serialization, "_move_into_place", move)
+
+    def write(tmp: Path) -> None:
+        (tmp / "sub" / "deeper").mkdir(parents=True)
+        (tmp / "sub" / "deeper" / "w.bin").write_bytes(b"w")
+        (tmp / "config.json").write_text("{}")
+
+    atomic_write_dir(tmp_path / "m", write)
+    rename = log.index("rename")
+    inside = {"/".join(Path(p).relative_to(tmp_path).parts[1:]) for p in log[:rename]}  # paths inside the temp dir
+    assert {"", "sub", "sub/deeper", "sub/deeper/w.bin", "config.json", OUTPUT_MARKER} <= inside, log
+    assert str(tmp_path) in log[rename + 1:]
+
+
+def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("disk full (simulated)")))
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+    assert list(tmp_path.iterdir()) == []

@@ -164,7 +164,7 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, reference):
     assert result.step == 10
     assert_equal(final_tensors(tmp_path), reference)
     assert csv_steps(tmp_path) == [2, 4, 6, 8, 10]  # rows past the resumed step were dropped, none duplicated
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000008", "step_00000010"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".argen-output", "latest", "step_00000008", "step_00000010"]
 
 
 def test_resume_after_kill_9_is_bit_exact(tmp_path, reference):
@@ -203,7 +203,7 @@ def test_crash_during_checkpoint_write_keeps_previous_latest(tmp_path, reference
         train(ToyTask(noise=True), ToyData(), toy_config(tmp_path), task_config={"toy": 1})
     monkeypatch.setattr(ckpt_mod, "save_model", real)
     root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]  # no temp dir, no partial step_8
+    assert sorted(p.name for p in root.iterdir()) == [".argen-output", "latest", "step_00000004"]  # no temp dir, no partial step_8
     task = ToyTask()
     loaded = load_checkpoint(latest_checkpoint(tmp_path), modules=task.modules(), optimizers={}, schedulers={})
     assert loaded.state["step"] == 4
@@ -219,7 +219,7 @@ def test_nan_guard_names_step_and_part_and_keeps_checkpoint(tmp_path):
     assert "step 3" in msg and "generator" in msg and "rec = nan  <-- non-finite" in msg
     assert "step_00000002" in msg and "lower learning rate" in msg and "grad_clip" in msg
     root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert sorted(p.name for p in root.iterdir()) == [".argen-output", "latest", "step_00000002"]
     task = ToyTask()
     loaded = load_checkpoint(latest_checkpoint(tmp_path), modules=task.modules(), optimizers={}, schedulers={})
     assert loaded.state["step"] == 2 and all(torch.isfinite(p).all() for p in task.gen.parameters())

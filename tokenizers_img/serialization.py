@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -80,55 +86,208 @@ def claim_output_dir(path: str | Path, *, kind: str) -> Path:
 
 
 def remove_output(path: str | Path) -> None:
-    """Delete an argen output (directory or file); anything else raises NotArgenOutputError and is kept."""
+    """Delete an argen output (directory or file); anything else raises NotArgenOutputError and is kept.
+
+    A directory is first renamed to a temporary name, so one killed half-way through deleting never stays behind as
+    an unmarked remnant that could not be deleted again: the next atomic_write_dir (or clean_stale_temps) in the same
+    folder finishes the job."""
     path = Path(path)
     check_replaceable(path)
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        doomed = _temp_path(path, "tmp")
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
     elif path.exists() or path.is_symlink():
         path.unlink()
 
 
 def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)`, then move tmp_dir to `target` in one rename; an old `target` is replaced.
+    """Call `write(tmp_dir)`, then put tmp_dir at `target` in one atomic step; an old `target` is replaced.
 
-    A crash at any point leaves either the old directory or the new one, never a half-written one. The new
-    directory holds OUTPUT_MARKER; an existing `target` that is not an argen output is refused, not replaced.
+    A crash at any point leaves either the old directory or the new one, never a half-written one, and a reader
+    never finds `target` missing: on Linux the new and old directories swap names in one renameat2(RENAME_EXCHANGE),
+    then the old one is deleted. Where that call is unavailable (other systems, glibc < 2.28, a filesystem without
+    it) the old directory is first renamed aside, so for a moment `target` is absent; a crash in that moment leaves
+    it as `.NAME.old-*`, which the next write into the same folder renames back.
+
+    Before it becomes visible the new directory's files and subdirectories are fsynced, and their permissions are
+    what a plain open()/mkdir() would give under the umask; the parent is fsynced after the rename. Temporaries left
+    in the parent by writers that were killed are removed first. The new directory holds OUTPUT_MARKER; an existing
+    `target` that is not an argen output is refused, not replaced.
     """
     target = Path(target)
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale_temps(target.parent)
+    tmp = _temp_path(target, "tmp")
+    tmp.mkdir()
     try:
         write(tmp)
         (tmp / OUTPUT_MARKER).write_text(json.dumps({JSON_MARK[0]: JSON_MARK[1], "kind": "directory"}))
-        for f in tmp.iterdir():  # make the content durable before it becomes visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        _settle(tmp)
+        old = _move_into_place(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the new directory, or (once swapped) the old one
         raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file through a temporary name and a rename."""
+    """Write a file through a temporary name and a rename; the file and then its folder are fsynced. Its permissions
+    are those open() gives under the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = _temp_path(path, "tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# Temporaries are named `.NAME.tmp-HOST-PID-RANDOM` (being written) and `.NAME.old-HOST-PID-RANDOM` (an old NAME
+# renamed aside); HOST is a hash of the host name, so a folder shared between machines is cleaned only by writers
+# on the machine whose process ids the names hold.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_path(target: Path, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{kind}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():  # this process: another thread may be writing
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(parent: str | Path) -> None:
+    """Remove the temporaries that writers on this host left in `parent` when they died. An `.old` one whose NAME is
+    missing (the writer died between the two renames of the fallback path) is renamed back instead, restoring the
+    directory it replaced. Temporaries of live processes, this one included, are left alone."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMP_NAME.fullmatch(entry.name)
+        if m is None or m["host"] != _host_tag() or _alive(int(m["pid"])):
+            continue
+        original = Path(parent) / m["name"]
+        try:
+            if m["kind"] == "old" and not original.exists() and not original.is_symlink():
+                os.rename(entry.path, original)
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:  # best effort: another writer cleaned or restored it first
+            pass
+
+
+def _move_into_place(tmp: Path, target: Path) -> Path | None:
+    """Rename `tmp` to `target`; return where the directory it replaced now is (to delete), or None if there was none."""
+    if not target.exists() and not target.is_symlink():
+        os.replace(tmp, target)
+        return None
+    if _rename_exchange(tmp, target):
+        return tmp
+    old = _temp_path(target, "old")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    doomed = _temp_path(target, "tmp")  # no longer one to restore, should deleting it be cut short
+    os.replace(old, doomed)
+    return doomed
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` atomically; False where the system or the filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _umask() -> int:
+    try:  # Linux reports it without changing it; os.umask() can only read it by setting it, racing other threads
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _settle(root: Path) -> None:
+    """Give everything under `root` the permissions open()/mkdir() give under the umask (safetensors writes 0600,
+    a copy keeps its source's), then fsync it bottom-up: files, then the directories holding them."""
+    mask = _umask()
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            file = os.path.join(folder, name)
+            if os.path.islink(file):
+                continue
+            os.chmod(file, (0o777 if os.stat(file).st_mode & 0o111 else 0o666) & ~mask)
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(folder, 0o777 & ~mask)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_pretrained_config(path: str | Path) -> dict:

@@ -15,31 +15,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = models.add_parser("tokenizer", help="train a VQ-VAE / VQGAN image tokenizer")
     t.add_argument("config", help="YAML experiment, e.g. configs/tokenizer/shapes_32.yaml")
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000 optimizer.lr=3e-4")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    _add_run_flags(t)
     t.set_defaults(func=run_train_tokenizer)
 
     g = models.add_parser("gpt", help="train the image-token GPT on pre-extracted code shards (see `argen tokenize`)")
     g.add_argument("config", help="YAML experiment, e.g. configs/gpt/shapes_32.yaml")
     g.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000 model.n_layer=4")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    _add_run_flags(g)
     g.set_defaults(func=run_train_gpt)
 
     c = models.add_parser("clip", help="train a small CLIP (contrastive) on a captioned dataset, with val retrieval")
     c.add_argument("config", help="YAML experiment, e.g. configs/unclip/shapes_clip.yaml")
     c.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=600 model.vision.layers=4")
-    c.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    _add_run_flags(c)
     c.set_defaults(func=run_train_clip)
 
     pr = models.add_parser("prior", help="train a unCLIP prior (text -> CLIP image embedding): diffusion or AR")
     pr.add_argument("config", help="YAML experiment whose `kind` is diffusion or ar, e.g. configs/unclip/shapes_prior_diffusion.yaml")
     pr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000")
-    pr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    _add_run_flags(pr)
     pr.set_defaults(func=run_train_prior)
 
     d = models.add_parser("decoder", help="train the unCLIP diffusion decoder (CLIP image embedding -> image)")
     d.add_argument("config", help="YAML experiment, e.g. configs/unclip/shapes_decoder.yaml")
     d.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000")
-    d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    _add_run_flags(d)
     d.set_defaults(func=run_train_decoder)
 
     u = models.add_parser("unclip", help="train the whole unCLIP stack on shapes (configs/unclip/shapes_*.yaml): CLIP, "
@@ -62,6 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=run_train_text_tokenizer)
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in train.out_dir that verifies")
+    which.add_argument("--overwrite", action="store_true",
+                       help="delete the previous run's checkpoints/, logs/ and final/ in train.out_dir and start over")
+
+
 def run_train_tokenizer(args: argparse.Namespace) -> int:
     from argen.tasks.tokenizer import (
         TOKENIZER_DIR,
@@ -71,7 +79,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
     from tokenizers_img.config import load_config
 
     experiment = load_config(args.config, TokenizerExperiment, args.overrides)
-    result = train_tokenizer(experiment, resume=args.resume)
+    result = train_tokenizer(experiment, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result.eval, indent=2))
     print(f"tokenizer saved to {result.artifacts_dir / TOKENIZER_DIR}; metrics in {Path(experiment.train.out_dir) / 'metrics.json'}")
     return 0
@@ -82,7 +90,7 @@ def run_train_gpt(args: argparse.Namespace) -> int:
     from tokenizers_img.config import load_config
 
     experiment = load_config(args.config, GPTExperiment, args.overrides)
-    result = train_gpt(experiment, resume=args.resume)
+    result = train_gpt(experiment, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
         return 0
     print(json.dumps(result.eval, indent=2))
@@ -100,7 +108,7 @@ def run_train_clip(args: argparse.Namespace) -> int:
     from tokenizers_img.config import load_config
 
     experiment = load_config(args.config, CLIPExperiment, args.overrides)
-    result = train_clip(experiment, resume=args.resume)
+    result = train_clip(experiment, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(json.dumps(result.eval, indent=2))
@@ -128,7 +136,7 @@ def run_train_prior(args: argparse.Namespace) -> int:
         from argen.tasks.ar_prior import ARPriorExperiment as experiment_class
         from argen.tasks.ar_prior import train_ar_prior as train_fn
     experiment = load_config(data, experiment_class, args.overrides)
-    result = train_fn(experiment, resume=args.resume)
+    result = train_fn(experiment, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(json.dumps(result.eval, indent=2))
@@ -141,7 +149,7 @@ def run_train_decoder(args: argparse.Namespace) -> int:
     from tokenizers_img.config import load_config
 
     experiment = load_config(args.config, DecoderExperiment, args.overrides)
-    result = train_decoder(experiment, resume=args.resume)
+    result = train_decoder(experiment, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(json.dumps(result.eval, indent=2))

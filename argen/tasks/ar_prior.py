@@ -32,7 +32,7 @@ from argen.unclip.ar_prior_sampling import (
 from argen.unclip.clip import ClipEncoder
 from argen.unclip.embeddings import EmbeddingShard
 from tokenizers_img.config import to_dict
-from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir, pretrained_hash
+from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir, claim_output_dir, pretrained_hash
 
 CODES_DIR = "codes"  # out_dir/codes/{train,val}: the quantizer's tokens as code shards for the GPT task
 
@@ -186,7 +186,7 @@ def _same_quantizer(a: EmbeddingQuantizer, b: EmbeddingQuantizer) -> bool:
     return to_dict(a.config) == to_dict(b.config) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> TrainResult:
+def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Fit the quantizer on the training image embeddings, write train/val tokens as code shards under
     out_dir/codes, train the GPT on them with `train_gpt`, and make out_dir/final an AR prior directory:
 
@@ -201,9 +201,9 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
     start = time.perf_counter()
     data, settings = experiment.data, experiment.quantizer
     out_dir = Path(experiment.train.out_dir)
-    if not resume and latest_checkpoint(out_dir) is not None:
+    if not resume and not overwrite and latest_checkpoint(out_dir) is not None:
         raise FileExistsError(f"{out_dir} already holds checkpoint {latest_checkpoint(out_dir).name}; pass resume=True "
-                              "to continue it, or choose another out_dir.")
+                              "to continue it, overwrite=True to start over, or choose another out_dir.")
     clip = ClipEncoder.load(data.clip)
     clip_sha256 = clip.sha256
     tok_file = resolve_tokenizer_file(data.clip)
@@ -225,6 +225,7 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
                                   "settings, or start a new out_dir.")
     state = PartialState()  # the same process group the training loop's Accelerator joins
     if state.is_main_process:  # the fit is deterministic: every process holds the same quantizer, one writes it
+        claim_output_dir(out_dir, kind="run")  # the run's folder: `train` refuses one argen did not write
         quantizer.save_pretrained(quantizer_dir, extra={"_summary": quantizer.summary()})
         quantizer_hash = pretrained_hash(quantizer_dir)
         write_token_shard(quantizer, train_set, codes_dir / "train", quantizer_hash=quantizer_hash, split="train")
@@ -253,7 +254,7 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False) -> Tr
         train=experiment.train, optimizer=experiment.optimizer, eval=experiment.eval,
         cond_drop_prob=experiment.cond_drop_prob,
     )
-    result = train_gpt(gpt_experiment, resume=resume)
+    result = train_gpt(gpt_experiment, resume=resume, overwrite=overwrite)
 
     if not state.is_main_process:
         return result

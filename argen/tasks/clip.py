@@ -20,7 +20,7 @@ from argen.train.checkpoint import latest_checkpoint
 from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
 from argen.unclip.clip import ClipEncoder
 from tokenizers_img.config import to_dict
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 
 CLIP_DIR = "clip"  # save_artifacts writes the ClipEncoder directory here, under the run's final/
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"  # the run's BPE, kept beside the checkpoints so a resume reads the same one
@@ -174,7 +174,7 @@ class CLIPTask:
         ClipEncoder(modules["clip"], self.clip.tokenizer, text_len=self.clip.text_len).save(Path(out_dir) / CLIP_DIR)
 
 
-def clip_text_tokenizer(experiment: CLIPExperiment, *, resume: bool = False) -> TextTokenizer:
+def clip_text_tokenizer(experiment: CLIPExperiment, *, resume: bool = False, overwrite: bool = False) -> TextTokenizer:
     """The experiment's BPE: the named file, or one trained on the dataset's captions. A trained one is written to
     out_dir/text_tokenizer.json, and a resumed run reads that file back rather than training again."""
     if experiment.text_tokenizer is not None:
@@ -185,15 +185,16 @@ def clip_text_tokenizer(experiment: CLIPExperiment, *, resume: bool = False) -> 
     data = experiment.data
     print(f"training a byte-level BPE on up to {BPE_CAPTIONS} {data.spec} train captions (set text_tokenizer to reuse one)")
     tokenizer = train_text_tokenizer(dataset_captions(data.spec, split="train", limit=BPE_CAPTIONS, seed=data.seed))
-    if int(os.environ.get("RANK", "0")) == 0 and latest_checkpoint(saved.parent) is None:  # never under a run's checkpoints
+    if int(os.environ.get("RANK", "0")) == 0 and (overwrite or latest_checkpoint(saved.parent) is None):  # never under a run's checkpoints
+        claim_output_dir(saved.parent, kind="run")  # the run's folder: `train` refuses one argen did not write
         tokenizer.save(saved)
     return tokenizer
 
 
-def train_clip(experiment: CLIPExperiment, *, resume: bool = False) -> TrainResult:
+def train_clip(experiment: CLIPExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train the experiment's CLIP through the shared loop; val retrieval is logged every `train.eval_every` steps
     and at the end. Writes `out_dir/final/clip` (a ClipEncoder directory) and `out_dir/metrics.json`."""
-    tokenizer = clip_text_tokenizer(experiment, resume=resume)
+    tokenizer = clip_text_tokenizer(experiment, resume=resume, overwrite=overwrite)
     dataset = experiment.data.build("train")
     ev, data = experiment.eval, experiment.data
     evaluator = RetrievalEvaluator(data.spec, split=ev.split, resolution=data.resolution, seed=ev.seed,
@@ -208,8 +209,8 @@ def train_clip(experiment: CLIPExperiment, *, resume: bool = False) -> TrainResu
               f"{tokenizer.vocab_size} (sha256 {tokenizer.sha256[:12]}); {len(dataset)} training items, retrieval over "
               f"{len(evaluator.captions)} {experiment.eval.split} candidates")
     task_config = {**to_dict(experiment), "text_tokenizer_sha256": tokenizer.sha256}
-    result = train(task, dataset, experiment.train, resume=resume, task_config=task_config, collate_fn=collate,
-                   on_batch_meta=skips.update)
+    result = train(task, dataset, experiment.train, resume=resume, overwrite=overwrite, task_config=task_config,
+                   collate_fn=collate, on_batch_meta=skips.update)
     report = {"step": result.step, "eval": result.eval, "logs": result.logs, "clip": str(result.artifacts_dir / CLIP_DIR),
               "num_params": num_params, "candidates": len(evaluator.captions), "eval_split": experiment.eval.split,
               "skipped": [{"key": s.key, "reason": s.reason} for s in skips.skips]}

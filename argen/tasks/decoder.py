@@ -339,7 +339,7 @@ def load_decoder(decoder_dir: str | Path, *, clip: ClipEncoder, device: str | to
     return UnCLIPDecoder.from_pretrained(decoder_dir, device=device)
 
 
-def train_decoder(experiment: DecoderExperiment, *, resume: bool = False) -> TrainResult:
+def train_decoder(experiment: DecoderExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train the experiment's decoder through the shared loop on its image dataset, CLIP-encoded per batch.
 
     Writes `out_dir/final/decoder` (the decoder; its config.json records the CLIP's sha256 and path) and
@@ -358,8 +358,8 @@ def train_decoder(experiment: DecoderExperiment, *, resume: bool = False) -> Tra
         print(f"decoder: {task.decoder.num_params() / 1e6:.2f}M parameters; {experiment.data.resolution} px; "
               f"image embedding {clip.embed_dim}{text}; CLIP {clip.sha256[:12]} ({experiment.clip})")
     start = time.perf_counter()
-    result = train(task, dataset, experiment.train, resume=resume, task_config=to_dict(experiment),
-                   collate_fn=collate, on_batch_meta=skips.update)
+    result = train(task, dataset, experiment.train, resume=resume, overwrite=overwrite,
+                   task_config=to_dict(experiment), collate_fn=collate, on_batch_meta=skips.update)
     seconds = time.perf_counter() - start
     if is_main:
         report = {"step": result.step, "eval": result.eval, "logs": result.logs,

@@ -256,7 +256,8 @@ def load_diffusion_prior(prior_dir: str | Path, *, clip: ClipEncoder,
     return DiffusionPrior.from_pretrained(prior_dir, device=device)
 
 
-def train_diffusion_prior(experiment: DiffusionPriorExperiment, *, resume: bool = False) -> TrainResult:
+def train_diffusion_prior(experiment: DiffusionPriorExperiment, *, resume: bool = False,
+                          overwrite: bool = False) -> TrainResult:
     """Train the experiment's diffusion prior on its embedding shards through the shared loop.
 
     Writes `out_dir/final/prior` (the prior; its config.json records the CLIP's sha256 and path) and
@@ -279,7 +280,8 @@ def train_diffusion_prior(experiment: DiffusionPriorExperiment, *, resume: bool 
         print(f"diffusion prior: {task.prior.num_params() / 1e6:.2f}M parameters, sequence {task.prior.config.seq_len}, "
               f"embed_dim {clip.embed_dim}; {len(train_set)} training items, {len(val_set) if val_set else 0} val items")
     start = time.perf_counter()
-    result = train(task, train_set, experiment.train, resume=resume, task_config=to_dict(experiment))
+    result = train(task, train_set, experiment.train, resume=resume, overwrite=overwrite,
+                   task_config=to_dict(experiment))
     seconds = time.perf_counter() - start
     if is_main:
         baselines = {}

@@ -358,7 +358,7 @@ def load_gpt_data(experiment: GPTExperiment) -> tuple[TextTokenizer, CaptionedCo
     return text, train_set, val_set, vq_hash
 
 
-def train_gpt(experiment: GPTExperiment, *, resume: bool = False) -> TrainResult:
+def train_gpt(experiment: GPTExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train the experiment's GPT on its code shards through the shared loop.
 
     Writes `out_dir/final/gpt` (the GPT; its config.json records the text tokenizer's sha256, the VQ tokenizer's
@@ -382,8 +382,8 @@ def train_gpt(experiment: GPTExperiment, *, resume: bool = False) -> TrainResult
         print(f"GPT: {task.gpt.num_params() / 1e6:.2f}M parameters; layout {json.dumps(layout.summary())}; "
               f"{len(train_set)} training items ({train_set.num_distinct} distinct captions{empty}), "
               f"{len(val_set) if val_set is not None else 0} val items")
-    result = train(task, train_set, experiment.train, resume=resume, task_config=to_dict(experiment),
-                   collate_fn=collate_batch)
+    result = train(task, train_set, experiment.train, resume=resume, overwrite=overwrite,
+                   task_config=to_dict(experiment), collate_fn=collate_batch)
     report = {"step": result.step, "eval": result.eval, "logs": result.logs, "gpt": str(result.artifacts_dir / GPT_DIR),
               "pipeline": str(result.artifacts_dir) if experiment.data.vq_tokenizer is not None else None,
               "num_params": task.gpt.num_params(), "layout": layout.summary()}

@@ -130,7 +130,7 @@ class TokenizerTask:
 
 
 
-def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False) -> TrainResult:
+def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train the experiment's tokenizer; the VQ model lands in `out_dir/final/tokenizer`, metrics in `out_dir/metrics.json`.
 
     Skipped training files (corrupt, caption-less) are counted and named at the end; they never stop the run.
@@ -139,7 +139,7 @@ def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False) ->
     skips = SkipReport.for_dataset(dataset)
     torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
     result = train(
-        TokenizerTask(experiment), dataset, experiment.train, resume=resume,
+        TokenizerTask(experiment), dataset, experiment.train, resume=resume, overwrite=overwrite,
         task_config=to_dict(experiment), collate_fn=collate, on_batch_meta=skips.update,
     )
     out = Path(experiment.train.out_dir)

@@ -1,11 +1,12 @@
-"""Training checkpoints: one atomic directory per step (safetensors + weights-only tensors + JSON), a `latest` pointer, RNG capture."""
+"""Training checkpoints: one atomic, hash-verified directory per step (safetensors + weights-only tensors + JSON), a
+`latest` pointer, resume from the newest checkpoint that verifies, RNG capture."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,25 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
-from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir
+from tokenizers_img.serialization import (
+    NotArgenOutputError,
+    atomic_write_bytes,
+    atomic_write_dir,
+    claim_output_dir,
+    remove_output,
+)
 
-FORMAT_VERSION = 1
-STATE_NAME = "state.json"  # written last inside the temp dir; its presence marks a complete checkpoint
+FORMAT_VERSION = 2  # 2: state.json records every file's size and sha256, and a checksum of its own content
+STATE_NAME = "state.json"  # written last inside the temp dir
+STATE_CHECKSUM = "state_sha256"  # sha256 of state.json's other keys as compact sorted JSON
 LATEST_NAME = "latest"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+
+
+class BadCheckpointError(ValueError):
+    """A checkpoint that cannot be used: a file missing, truncated, altered or unreadable, or an unknown format.
+    The message names the file."""
 
 
 @dataclass
@@ -34,6 +48,21 @@ class LoadedCheckpoint:
     scaler: dict[str, Any] | None
 
 
+@dataclass
+class ResumePoint:
+    """What `find_resume_checkpoint` chose: the newest checkpoint that verifies and its state (None: none does), the
+    newer ones it passed over with the reason for each, and what was wrong with the `latest` pointer (if anything)."""
+
+    path: Path | None
+    state: dict[str, Any] | None
+    skipped: list[str]
+    pointer_note: str | None
+
+    def notes(self) -> str:
+        """The pointer note and the skipped checkpoints as one line ("" when there is nothing to say)."""
+        return "; ".join(([self.pointer_note] if self.pointer_note else []) + self.skipped)
+
+
 def checkpoints_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
@@ -44,16 +73,100 @@ def check_name(kind: str, name: str) -> None:
         raise ValueError(f"{kind} name {name!r} must match [A-Za-z0-9_.-]+ (it names checkpoint files).")
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The directory `checkpoints/latest` points at, or None when there is no complete checkpoint."""
+def step_dirs(out_dir: str | Path) -> list[Path]:
+    """The `checkpoints/step_*` directories of a run, oldest first, whether complete or not."""
     root = checkpoints_dir(out_dir)
-    pointer = root / LATEST_NAME
-    if not pointer.is_file():
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _pointer_target(root: Path) -> Path | None:
+    """The step directory `root/latest` names, or None when the pointer is missing or holds no step name."""
+    try:
+        name = (root / LATEST_NAME).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    path = root / pointer.read_text().strip()
-    if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"{pointer} points at {path}, which is not a complete checkpoint (no {STATE_NAME}).")
-    return path
+    return root / name if _STEP_DIR.fullmatch(name) else None
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint directory: the one `checkpoints/latest` names, or (that pointer missing or naming no
+    complete checkpoint) the newest `step_*` directory holding state.json; None when there is none. Nothing is
+    verified here: `find_resume_checkpoint` picks the newest checkpoint that verifies."""
+    named = _pointer_target(checkpoints_dir(out_dir))
+    if named is not None and (named / STATE_NAME).is_file():
+        return named
+    complete = [p for p in step_dirs(out_dir) if (p / STATE_NAME).is_file()]
+    return complete[-1] if complete else None
+
+
+def find_resume_checkpoint(out_dir: str | Path) -> ResumePoint:
+    """The newest `step_*` checkpoint that passes `verify_checkpoint`, whatever `latest` says (a checkpoint is only
+    ever written complete, so a verified newer one is the right one even where the pointer lags behind it)."""
+    root = checkpoints_dir(out_dir)
+    dirs = step_dirs(out_dir)
+    pointer, named = root / LATEST_NAME, _pointer_target(root)
+    note = None
+    if named is None and (dirs or pointer.exists()):
+        note = f"{pointer} {'holds no checkpoint name' if pointer.exists() else 'is missing'}"
+    elif named is not None and named not in dirs:
+        note = f"{pointer} names {named.name}, which does not exist"
+    skipped = []
+    for path in reversed(dirs):
+        try:
+            return ResumePoint(path=path, state=verify_checkpoint(path), skipped=skipped, pointer_note=note)
+        except BadCheckpointError as err:
+            skipped.append(f"skipped {path.name}: {err}")
+    return ResumePoint(path=None, state=None, skipped=skipped, pointer_note=note)
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _state_checksum(state: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check every file of a checkpoint directory against the size and sha256 its state.json records; return the state.
+
+    Reads every byte and loads nothing. Raises BadCheckpointError naming the first file that is missing, truncated,
+    altered or unreadable; state.json itself is covered by a checksum of its own content.
+    """
+    path = Path(path)
+    file = path / STATE_NAME
+    try:
+        state = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise BadCheckpointError(f"{file} is missing: {path.name} is not a complete checkpoint.") from None
+    except (OSError, ValueError, RecursionError) as err:
+        raise BadCheckpointError(f"{file} is unreadable ({type(err).__name__}: {err}).") from None
+    if not isinstance(state, dict):
+        raise BadCheckpointError(f"{file} holds a JSON {type(state).__name__}, not a checkpoint state object.")
+    checksum = state.pop(STATE_CHECKSUM, None)
+    if checksum is None and state.get("format_version") == 1:
+        raise BadCheckpointError(f"{file} is checkpoint format 1, which records no file hashes to verify; this code "
+                                 f"resumes format {FORMAT_VERSION}.")
+    if checksum != _state_checksum(state):
+        raise BadCheckpointError(f"{file} does not match its {STATE_CHECKSUM}: it was altered or damaged.")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise BadCheckpointError(f"{file} has checkpoint format {state.get('format_version')}, this code reads "
+                                 f"{FORMAT_VERSION}.")
+    for name, record in state["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise BadCheckpointError(f"{f} is missing.")
+        size = f.stat().st_size
+        if size != record["bytes"]:
+            raise BadCheckpointError(f"{f} has {size} bytes where the checkpoint recorded {record['bytes']} "
+                                     "(truncated or damaged).")
+        if _sha256(f) != record["sha256"]:
+            raise BadCheckpointError(f"{f} does not match its recorded sha256: it was altered or damaged.")
+    return state
 
 
 def save_checkpoint(
@@ -71,9 +184,10 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoints/step_XXXXXXXX` atomically, then point `latest` at it, then prune to `keep_last`.
 
-    Call on the main process only. A crash anywhere leaves the previous `latest` and its directory intact.
+    state.json, written last, records every other file's size and sha256. Call on the main process only. A crash
+    anywhere leaves the previous checkpoints intact; temporaries a killed save left are removed by the next one.
     """
-    root = checkpoints_dir(out_dir)
+    root = claim_output_dir(checkpoints_dir(out_dir), kind="checkpoints")
     name = f"step_{step:08d}"
 
     def write(tmp: Path) -> None:
@@ -87,20 +201,33 @@ def save_checkpoint(
         torch.save(rng, tmp / "rng.pt")
         if scaler is not None:
             torch.save(scaler, tmp / "scaler.pt")
-        body = {"format_version": FORMAT_VERSION, "step": step, **state}
-        (tmp / STATE_NAME).write_text(json.dumps(body, indent=2))
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        body = json.loads(json.dumps({"format_version": FORMAT_VERSION, "step": step, **state, "files": files}))
+        (tmp / STATE_NAME).write_text(json.dumps({**body, STATE_CHECKSUM: _state_checksum(body)}, indent=2))
 
     path = atomic_write_dir(root / name, write)
     atomic_write_bytes(root / LATEST_NAME, name.encode())
-    _prune(root, keep=max(keep_last, 1), current=name)
+    _prune(out_dir, keep=max(keep_last, 1), current=path)
     return path
 
 
-def _prune(root: Path, *, keep: int, current: str) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / STATE_NAME).is_file())
-    for p in done[:-keep]:
-        if p.name != current:
-            shutil.rmtree(p, ignore_errors=True)
+def _prune(out_dir: str | Path, *, keep: int, current: Path) -> None:
+    """Delete all but the newest `keep` checkpoints up to `current`, and every one past it: those are the damaged
+    ones a resume fell back over, from steps this run has now written again or will."""
+    dirs = step_dirs(out_dir)
+    at = dirs.index(current)
+    for p in dirs[:max(at + 1 - keep, 0)] + dirs[at + 1:]:
+        try:
+            remove_output(p)
+        except NotArgenOutputError as err:
+            print(f"note: not pruned: {err}")
+
+
+def _required(path: Path, name: str, what: str) -> Path:
+    file = path / name
+    if not file.is_file():
+        raise BadCheckpointError(f"{file} not found: the checkpoint has no {what}.")
+    return file
 
 
 def load_checkpoint(
@@ -111,23 +238,24 @@ def load_checkpoint(
     schedulers: dict[str, Any],
     device: torch.device | str = "cpu",
 ) -> LoadedCheckpoint:
-    """Load module, optimizer and scheduler state in place (strictly); return the rest. Nothing is unpickled."""
+    """Verify the checkpoint (`verify_checkpoint`), then load module, optimizer and scheduler state in place
+    (strictly) and return the rest. Nothing is unpickled."""
     path = Path(path)
-    state = json.loads((path / STATE_NAME).read_text())
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has checkpoint format {state.get('format_version')}, this code reads {FORMAT_VERSION}.")
+    state = verify_checkpoint(path)
+    device = torch.device(device)
+    where = "cpu" if device.type == "cpu" else str(device)  # multi-process CPU runs give "cpu:0", which loaders refuse
     for name, m in modules.items():
-        f = path / f"module.{name}.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: the checkpoint has no weights for module '{name}'.")
-        missing, unexpected = load_model(m, str(f), strict=False, device=str(device))
+        f = _required(path, f"module.{name}.safetensors", f"weights for module '{name}'")
+        missing, unexpected = load_model(m, str(f), strict=False, device=where)
         if missing or unexpected:
             raise ValueError(f"{f} does not match module '{name}': missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}.")
     for name, opt in optimizers.items():
-        opt.load_state_dict(torch.load(path / f"optimizer.{name}.pt", map_location=device, weights_only=True))
-        schedulers[name].load_state_dict(torch.load(path / f"scheduler.{name}.pt", weights_only=True))
-    ema = {f.name[len("ema."):-len(".safetensors")]: load_file(str(f), device=str(device)) for f in path.glob("ema.*.safetensors")}
-    rng = torch.load(path / "rng.pt", weights_only=True)
+        f = _required(path, f"optimizer.{name}.pt", f"state for optimizer '{name}'")
+        opt.load_state_dict(torch.load(f, map_location=where, weights_only=True))
+        f = _required(path, f"scheduler.{name}.pt", f"LR schedule for optimizer '{name}'")
+        schedulers[name].load_state_dict(torch.load(f, weights_only=True))
+    ema = {f.name[len("ema."):-len(".safetensors")]: load_file(str(f), device=where) for f in path.glob("ema.*.safetensors")}
+    rng = torch.load(_required(path, "rng.pt", "RNG state"), weights_only=True)
     scaler = torch.load(path / "scaler.pt", weights_only=True) if (path / "scaler.pt").is_file() else None
     return LoadedCheckpoint(path=path, state=state, ema=ema, rng=rng, scaler=scaler)
 

@@ -17,17 +17,28 @@ import torch
 from torch import Tensor, nn
 
 from argen.train.checkpoint import (
+    LATEST_NAME,
+    BadCheckpointError,
+    ResumePoint,
     capture_rng,
     check_name,
     checkpoints_dir,
-    latest_checkpoint,
+    find_resume_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    step_dirs,
 )
 from argen.train.ema import EMA
 from argen.train.logging import MetricsCsv, tensorboard_writer
 from tokenizers_img.config import save_config, to_dict
+from tokenizers_img.serialization import (
+    atomic_write_bytes,
+    check_replaceable,
+    claim_output_dir,
+    clean_stale_temps,
+    remove_output,
+)
 
 # TrainConfig keys that may change between a run and its resumption; any other change is an error.
 RESUMABLE_CHANGES = ("out_dir", "log_every", "eval_every", "save_every", "keep_last", "num_workers", "compile")
@@ -262,6 +273,28 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _portable(task_config: Any, *, train_config: dict[str, Any], out_dir: str) -> Any:
+    """`task_config` as a resume compares it: paths under `out_dir` written relative to it ("<out_dir>/codes"), and
+    RESUMABLE_CHANGES dropped from any part equal to `train_config` (an experiment's `train` section), so a run
+    resumes after being moved or copied and with the same changes its TrainConfig allows."""
+    root = os.path.normpath(out_dir)
+
+    def view(v: Any) -> Any:
+        if isinstance(v, dict):
+            if v == train_config:
+                v = {k: x for k, x in v.items() if k not in RESUMABLE_CHANGES}
+            return {k: view(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [view(x) for x in v]
+        if isinstance(v, str) and v:
+            path = os.path.normpath(v)
+            if path == root or path.startswith(root + os.sep):
+                return "<out_dir>" + path[len(root):]
+        return v
+
+    return view(json.loads(json.dumps(task_config)))
+
+
 def _config_mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     a, b = _flatten(saved), _flatten(now)
     return [f"{k} (checkpoint: {a.get(k, '<missing>')!r}, now: {b.get(k, '<missing>')!r})"
@@ -298,12 +331,55 @@ def _all_reduce_grads(params: list[nn.Parameter], *, world: int) -> None:
             offset += n
 
 
+def _open_run_dir(out_dir: Path, *, resume: bool, overwrite: bool, accelerator: Any) -> ResumePoint | None:
+    """Check `out_dir` on every process, then claim it for a run on the main process; return the checkpoint a resume
+    starts from (None without resume; a ResumePoint whose path is None when there is no checkpoint at all).
+
+    Refuses a folder argen did not write, a run that already holds checkpoints unless resumed or overwritten, and a
+    resume where no checkpoint verifies. `overwrite` deletes the previous run's checkpoints/, logs/ and final/.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    root, is_main = checkpoints_dir(out_dir), accelerator.is_main_process
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True exclude each other: resume continues the run in "
+                         f"{out_dir}, overwrite deletes it and starts over.")
+    check_replaceable(out_dir)
+    previous = [p for p in (root, out_dir / "logs", out_dir / "final") if p.exists()] if overwrite else []
+    for p in previous:
+        check_replaceable(p)  # all of them before any is deleted
+    if not resume and not overwrite and (step_dirs(out_dir) or (root / LATEST_NAME).exists()):
+        held = ", ".join(p.name for p in step_dirs(out_dir)) or f"only {LATEST_NAME}"
+        raise FileExistsError(f"{out_dir} already holds checkpoints ({held}); pass resume=True to continue the run, "
+                              "overwrite=True to delete it and start over, or choose another out_dir.")
+    accelerator.wait_for_everyone()  # every process has checked before the main process changes anything
+    if is_main:
+        for p in previous:
+            remove_output(p)
+        if previous:
+            print(f"overwrite: deleted {', '.join(p.name + '/' for p in previous)} of the previous run in {out_dir}")
+        claim_output_dir(out_dir, kind="run")
+        for folder in (out_dir, root, out_dir / "logs"):  # what killed writes and deletes left behind
+            clean_stale_temps(folder)
+    accelerator.wait_for_everyone()
+    if not resume:
+        return None
+    found: ResumePoint = broadcast_object_list([find_resume_checkpoint(out_dir) if is_main else None])[0]
+    if found.path is None and found.skipped:
+        raise BadCheckpointError(f"cannot resume {out_dir}: no checkpoint verifies ({found.notes()}). Move the damaged "
+                                 "ones out of checkpoints/ to look at them, or pass overwrite=True to start over.")
+    if found.path is None:
+        accelerator.print(f"note: resume=True but {root} has no checkpoint; starting from step 0.")
+    return found
+
+
 def train(
     task: Task,
     dataset: torch.utils.data.Dataset,
     config: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     task_config: dict[str, Any] | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     on_batch_meta: Callable[[Any], None] | None = None,
@@ -314,10 +390,16 @@ def train(
     config), `checkpoints/step_XXXXXXXX/` + `checkpoints/latest`, `logs/metrics.csv`, `logs/eval.csv`,
     `logs/tensorboard/`, and `final/` (whatever `task.save_artifacts` writes).
 
-    resume: continue from `checkpoints/latest` bit-exactly (weights, optimizer, LR schedule, EMA, RNG, data
-        position). With no checkpoint it prints a note and starts fresh. A changed config (other than
-        RESUMABLE_CHANGES), task_config or process count raises ResumeMismatchError naming the keys. Without
-        resume, an out_dir that already holds a checkpoint is an error (nothing is overwritten).
+    The out_dir is claimed as an argen output (OUTPUT_MARKER): a non-empty folder argen did not write is refused.
+
+    resume: continue bit-exactly (weights, optimizer, LR schedule, EMA, RNG, data position) from the newest checkpoint
+        whose files match the sha256 its state.json records; damaged newer ones (and a missing or wrong `latest`
+        pointer) are named in the one line that says where the run resumed. Step dirs of which none verifies raise
+        BadCheckpointError naming the files; no checkpoint at all prints a note and starts fresh. A changed config
+        (other than RESUMABLE_CHANGES), task_config or process count raises ResumeMismatchError naming the keys;
+        paths under out_dir compare relative to it, so a moved or copied run resumes.
+    overwrite: delete the previous run's `checkpoints/`, `logs/` and `final/` (only if argen wrote them) and start
+        from step 0. Without resume or overwrite, an out_dir that already holds checkpoints is an error.
     collate_fn: the DataLoader collate function (default: torch's).
     on_batch_meta: called on every process with each raw (collated, not yet on the device) batch before the
         step, e.g. `SkipReport.update`.
@@ -403,16 +485,14 @@ def train(
     compared = {k: v for k, v in config_dict.items() if k not in RESUMABLE_CHANGES}
     task_config = task_config or {}
     step, nan_skipped = 0, 0
-    ckpt_path = latest_checkpoint(out_dir)
-    if ckpt_path is not None and not resume:
-        raise FileExistsError(f"{out_dir} already holds checkpoint {ckpt_path.name}; pass resume=True to continue it, "
-                              "or choose another out_dir.")
-    if resume and ckpt_path is None:
-        accelerator.print(f"note: resume=True but {checkpoints_dir(out_dir)} has no checkpoint; starting from step 0.")
-    if resume and ckpt_path is not None:
-        saved = json.loads((ckpt_path / "state.json").read_text())
-        bad = _config_mismatches({k: v for k, v in saved["train_config"].items() if k not in RESUMABLE_CHANGES}, compared)
-        bad += _config_mismatches({"task": saved["task_config"]}, {"task": json.loads(json.dumps(task_config))})
+    found = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, accelerator=accelerator)
+    ckpt_path = found.path if found is not None else None
+    if found is not None and found.path is not None:
+        saved, saved_train = found.state, found.state["train_config"]
+        bad = _config_mismatches({k: v for k, v in saved_train.items() if k not in RESUMABLE_CHANGES}, compared)
+        bad += _config_mismatches(
+            {"task": _portable(saved["task_config"], train_config=saved_train, out_dir=saved_train["out_dir"])},
+            {"task": _portable(task_config, train_config=json.loads(json.dumps(config_dict)), out_dir=config.out_dir)})
         if saved["num_processes"] != world:
             bad.append(f"num_processes (checkpoint: {saved['num_processes']}, now: {world})")
         if bad:
@@ -425,14 +505,14 @@ def train(
             accelerator.scaler.load_state_dict(loaded.scaler)
         restore_rng(loaded.rng[rank])
         step, nan_skipped = loaded.state["step"], loaded.state["nan_skipped"]
-        accelerator.print(f"resumed from {ckpt_path} at step {step}")
+        accelerator.print(f"resumed from {ckpt_path} at step {step}" + (f" ({found.notes()})" if found.notes() else ""))
 
     logs_dir = out_dir / "logs"
     metrics_csv, eval_csv, writer = MetricsCsv(logs_dir / "metrics.csv"), MetricsCsv(logs_dir / "eval.csv"), None
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(logs_dir, kind="logs")
         save_config(config, out_dir / "train_config.yaml")
-        (out_dir / "task_config.json").write_text(json.dumps(task_config, indent=2, sort_keys=True))
+        atomic_write_bytes(out_dir / "task_config.json", json.dumps(task_config, indent=2, sort_keys=True).encode())
         metrics_csv.truncate_after(step)
         eval_csv.truncate_after(step)
         writer = tensorboard_writer(logs_dir / "tensorboard", purge_step=step + 1 if step else None)
@@ -595,7 +675,7 @@ def train(
     final_eval = evaluate(step)
     artifacts = out_dir / "final"
     if is_main:
-        artifacts.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(artifacts, kind="final")
         with torch.no_grad(), (ema.swapped() if ema is not None else contextlib.nullcontext()):
             task.save_artifacts(modules=modules, out_dir=artifacts)
         if writer is not None:
