@@ -22,7 +22,7 @@ from argen.eval.generation import judge_images, prompt_kind
 from argen.eval.judge import ATTRIBUTES
 from argen.eval.stats import Interval, PromptBootstrap
 from argen.unclip.clip import ClipEncoder
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -448,8 +448,7 @@ def run_compare(out: str | Path, *, judge_clip: str | Path, gpt_pipeline: str | 
     from argen.sample import SamplingConfig
     from argen.unclip.pipeline import UnclipPipeline, UnclipSampling
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out, kind="compare")
     settings = settings or CompareSettings()
     gpt_sampling = gpt_sampling or SamplingConfig(top_k=4)
     base = unclip_sampling or UnclipSampling()

@@ -19,7 +19,7 @@ from argen.tasks.tokenizer import TOKENIZER_DIR, TokenizerExperiment, train_toke
 from argen.text import TOKENIZER_FILE, TextTokenizer, dataset_captions, train_text_tokenizer
 from argen.viz import contact_sheet, reconstruction_sheet, save_png
 from tokenizers_img.config import load_config
-from tokenizers_img.serialization import atomic_write_bytes, pretrained_hash
+from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir, pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -74,7 +74,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
 
     `tokenizer_overrides` / `gpt_overrides` are `key.path=value` settings for the two YAML experiments.
     """
-    out = Path(out)
+    out = claim_output_dir(out, kind="demo")
     settings = settings or DemoSettings()
     timings: dict[str, float] = {}
     # eval_every 0: stage 2 scores the whole val and held-out splits anyway (saves two whole-val passes, ~25 s)

@@ -23,7 +23,9 @@ from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import (
     atomic_write_bytes,
     atomic_write_dir,
+    path_inside,
     pretrained_hash,
+    read_json_object,
     read_pretrained_config,
 )
 from tokenizers_img.vq_model import VQModel
@@ -68,6 +70,24 @@ def check_pairing(*, gpt_dir: Path, record: dict[str, Any], vq_dir: Path, vq_has
         raise PipelineError(f"GPT {str(gpt_dir)!r} does not belong with these tokenizers: " + "; ".join(problems) +
                             ". Pair the GPT with the tokenizers it was trained with, or retrain it on codes and "
                             "captions made by these.")
+
+
+def manifest_parts(manifest: dict[str, Any], file: Path, *, required: tuple[str, ...],
+                   error: type[ValueError] = PipelineError) -> dict[str, dict[str, Any]]:
+    """`manifest["parts"]`, checked to hold every `required` part and each part to give a string "path" and a string
+    hash ("hash" or "sha256"); `error` naming `file` and what is wrong otherwise."""
+    parts = manifest.get("parts")
+    if not isinstance(parts, dict):
+        raise error(f"{file} has no 'parts' table: the file is damaged; rebuild the pipeline.")
+    missing = [name for name in required if name not in parts]
+    if missing:
+        raise error(f"{file} lists no {', '.join(map(repr, missing))} part: the file is damaged; rebuild the pipeline.")
+    for name, part in parts.items():
+        ok = isinstance(part, dict) and isinstance(part.get("path"), str)
+        if not ok or not isinstance(part.get("hash", part.get("sha256")), str):
+            raise error(f"{file}: part {name!r} needs a 'path' and a hash, got {part!r}: the file is damaged; rebuild "
+                        "the pipeline.")
+    return parts
 
 
 def part_hashes(manifest: dict[str, Any]) -> dict[str, str]:
@@ -187,13 +207,12 @@ class Pipeline:
         if not file.is_file():
             raise PipelineError(f"{str(path)!r} is not a pipeline directory: {PIPELINE_FILE} is missing. A pipeline is "
                                 f"made by `argen train gpt` (with data.vq_tokenizer set) or argen.pipeline.build_pipeline.")
-        manifest = json.loads(file.read_text())
+        manifest = read_json_object(file)
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise PipelineError(f"{file} has format {manifest.get('format')!r} v{manifest.get('format_version')}, this argen "
                                 f"reads {FORMAT!r} v{FORMAT_VERSION}.")
-        parts = manifest["parts"]
-        vq_dir, gpt_dir = path / parts["vq"]["path"], path / parts["gpt"]["path"]
-        tok_file = path / parts["text_tokenizer"]["path"]
+        parts = manifest_parts(manifest, file, required=("vq", "gpt", "text_tokenizer"))
+        vq_dir, gpt_dir, tok_file = (path_inside(path, parts[name]["path"], named_in=file) for name in ("vq", "gpt", "text_tokenizer"))
         for what, where in (("VQ tokenizer", vq_dir), ("GPT", gpt_dir), ("text tokenizer", tok_file)):
             if not where.exists():
                 raise PipelineError(f"pipeline {str(path)!r} is missing its {what} at {str(where)!r}.")
@@ -204,7 +223,7 @@ class Pipeline:
             actual = {"vq": pretrained_hash(vq_dir), "gpt": pretrained_hash(gpt_dir), "text_tokenizer": tokenizer_file_hash(tok_file)}
             for name, have in actual.items():
                 if have != recorded[name]:
-                    where = path / parts[name]["path"]
+                    where = {"vq": vq_dir, "gpt": gpt_dir, "text_tokenizer": tok_file}[name]
                     raise PipelineError(f"{name} {str(where)!r} has hash {_short(have)}, but {file} records "
                                         f"{_short(recorded[name])}: the part was replaced after the pipeline was built. "
                                         "Restore it, or rebuild the pipeline with build_pipeline (which checks that the "

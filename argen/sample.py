@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -12,6 +11,15 @@ import torch
 from argen.model.gpt import GPT, KVCache
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+# Bounds on the sampler's settings: outside them the result is greedy or overflows in all but name.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
+MAX_CFG_SCALE = 1000.0
+
+
+class NonFiniteSamplingError(ValueError):
+    """The model or the settings produced NaN token probabilities; no image is made from them."""
 
 
 @dataclass(frozen=True)
@@ -36,14 +44,15 @@ class SamplingConfig:
     cfg_schedule: Literal["constant", "linear"] = "constant"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}.")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                             f"got {self.temperature}.")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}.")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}.")
-        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
-            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}.")
+        if not 0 <= self.cfg_scale <= MAX_CFG_SCALE:
+            raise ValueError(f"cfg_scale must be in [0, {MAX_CFG_SCALE:g}] (1 = no guidance), got {self.cfg_scale}.")
         if self.cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}.")
 
@@ -105,16 +114,20 @@ class TokenPicker:
                 raise ValueError(f"got {len(generator)} generators for {batch_size} prompts; pass one per prompt or a single one.")
         self.generator = generator
         self.noise = torch.empty(batch_size, vocab, device=device)  # (B, V), refilled each step
+        # (B,) rows that met NaN logits or probabilities at any step; read once at the end (no per-step device sync)
+        self.nonfinite = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> int64 (B,) in [0, V)."""
         cfg = self.config
         if cfg.temperature == 0:
+            self.nonfinite |= logits.isnan().any(dim=-1)
             return logits.argmax(dim=-1)
         if cfg.temperature != 1.0:
             logits = logits / cfg.temperature
         logits = filter_logits(logits, top_k=cfg.top_k, top_p=cfg.top_p)
         probs = torch.softmax(logits.float(), dim=-1)
+        self.nonfinite |= probs.isnan().any(dim=-1)
         if isinstance(self.generator, list):
             for row, gen in zip(self.noise, self.generator):
                 row.exponential_(generator=gen)
@@ -226,4 +239,10 @@ def sample_image_tokens(
                     logits = model(seq[:, : P + t + 1])[:, -1, codes_slice]
     finally:
         model.train(was_training)
+    if pick.nonfinite.any():
+        rows_bad = pick.nonfinite.nonzero().flatten().tolist()
+        raise NonFiniteSamplingError(
+            f"NaN token probabilities in {len(rows_bad)} of {B} rows (first: {rows_bad[:8]}) with {config}: the model "
+            "produced non-finite logits, or the guidance scale overflowed them. No image was made; check the weights "
+            "(a NaN in training?) or lower cfg_scale.")
     return codes

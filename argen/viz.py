@@ -9,8 +9,9 @@ from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import PNG_MARK, atomic_write_bytes, check_replaceable, claim_output_dir
 
 CAPTION_LINES = 4  # captions are wrapped to this many lines under each image, then cut with "..."
 MIN_CELL = 128  # images are upscaled (nearest) by an integer factor to at least this many pixels
@@ -46,6 +47,9 @@ def _wrap(text: str, font, width: int) -> list[str]:
     for word in text.split():
         if lines and font.getlength(lines[-1] + " " + word) <= width:
             lines[-1] += " " + word
+        elif len(lines) == CAPTION_LINES:  # one line too many is enough to know the caption is cut
+            lines.append(word)
+            break
         else:
             lines.append(_cut(word, font, width) if font.getlength(word) > width else word)
     if len(lines) > CAPTION_LINES:
@@ -58,9 +62,14 @@ def _cut(line: str, font, width: int, *, force: bool = False) -> str:
     """Trim `line` so that it plus '...' fits `width`; unless `force`, a line that already fits is kept."""
     if not force and font.getlength(line) <= width:
         return line
-    while line and font.getlength(line + "...") > width:
-        line = line[:-1]
-    return line.rstrip() + "..."
+    lo, hi = 0, len(line)  # binary search for the longest prefix that fits with "..." (not one character at a time)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if font.getlength(line[:mid] + "...") <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return line[:lo].rstrip() + "..."
 
 
 def contact_sheet(images: Sequence[torch.Tensor | Image.Image], captions: Sequence[str], *,
@@ -103,8 +112,12 @@ def reconstruction_sheet(vq, images: torch.Tensor, captions: Sequence[str]) -> t
 
 
 def save_png(img: Image.Image, path: Path) -> None:
+    """Write `img` as a PNG carrying argen's mark (a text chunk); a file at `path` that argen did not write is refused."""
+    check_replaceable(path)
+    info = PngInfo()
+    info.add_text(*PNG_MARK)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -116,7 +129,7 @@ def save_image_folder(folder: Path, images: Sequence[torch.Tensor], captions: Se
 
     from argen.data.transforms import tensor_to_pil
 
-    folder.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(folder, kind="images")
     files, lines = [], []
     for image, caption, name in zip(images, captions, names, strict=True):
         save_png(tensor_to_pil(image), folder / name)

@@ -306,3 +306,17 @@ def test_train_decoder_records_its_clip_and_evaluates(clip, tmp_path):
                               clip.tokenizer, text_len=28, seed=1)
     with pytest.raises(DecoderClipMismatchError, match="trained with CLIP"):
         load_decoder(final, clip=other)
+
+
+def test_a_decoder_that_produces_nan_is_an_error_not_an_image(clip):
+    from argen.sample import NonFiniteSamplingError
+    from argen.unclip.pipeline import DecoderSampling, UnclipPipeline, UnclipSampling
+
+    decoder = tiny_decoder()
+    pipe = UnclipPipeline(clip=clip, decoder=decoder)
+    sampling = UnclipSampling(prior="none", decoder=DecoderSampling(steps=2))
+    assert pipe.generate(CAPTIONS[:1], sampling=sampling).images.isfinite().all()
+    with torch.no_grad():
+        next(p for p in decoder.parameters() if p.ndim == 4).fill_(float("nan"))
+    with pytest.raises(NonFiniteSamplingError, match="produced non-finite values .* no image was made"):
+        pipe.generate(CAPTIONS[:1], sampling=sampling)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -124,3 +125,72 @@ def test_sample_cli_writes_grid_images_and_record(trained, tmp_path, capsys):
     assert main(["sample", "--pipeline", str(trained.final), "a red circle", "-n", "2", "--cfg", "3", "--seed", "0",
                  "--top-k", "8", "--compile", "-o", str(tmp_path / "compiled.png")]) == 0
     assert (tmp_path / "compiled_images/p000_s01.png").read_bytes() == files[1].read_bytes()
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda m: m.pop("parts"), "has no 'parts' table"),
+    (lambda m: m["parts"].pop("gpt"), "lists no 'gpt' part"),
+    (lambda m: m["parts"]["vq"].pop("path"), "part 'vq' needs a 'path' and a hash"),
+    (lambda m: m["parts"]["vq"].update(path="../elsewhere"), "names the path '../elsewhere': parts must be relative"),
+    (lambda m: m["parts"]["vq"].update(path="/abs/vq"), "names the path '/abs/vq'"),
+])
+def test_a_damaged_pipeline_json_is_named_not_a_traceback(trained, tmp_path, damage, match):
+    pipe = tmp_path / "copy"
+    shutil.copytree(trained.final, pipe)
+    manifest = json.loads((pipe / "pipeline.json").read_text())
+    damage(manifest)
+    (pipe / "pipeline.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=match) as err:
+        Pipeline.load(pipe)
+    assert str(pipe / "pipeline.json") in str(err.value)
+
+
+def test_pipeline_parts_cannot_lead_outside_it(trained, tmp_path):
+    pipe = tmp_path / "copy"
+    shutil.copytree(trained.final, pipe)
+    shutil.copytree(pipe / "vq", tmp_path / "outside_vq")
+    shutil.rmtree(pipe / "vq")
+    (pipe / "vq").symlink_to(tmp_path / "outside_vq")  # same bytes, but outside the directory
+    with pytest.raises(ValueError, match="which leads outside .* refusing to load it"):
+        Pipeline.load(pipe)
+    (pipe / "pipeline.json").write_text('{"format": "argen-pipeline", "format_version": 1, "parts": {')
+    with pytest.raises(ValueError, match=r"pipeline.json is not valid JSON \(.* line 1 column"):
+        Pipeline.load(pipe)
+
+
+def test_sample_cli_never_replaces_what_argen_did_not_write(trained, tmp_path, capsys):
+    mine = tmp_path / "holiday.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(mine)
+    notes = tmp_path / "holiday.json"
+    notes.write_text('{"my": "notes"}')
+    before = mine.read_bytes()
+    args = ["sample", "--pipeline", str(trained.final), "a red circle", "-n", "1", "-o", str(mine)]
+    assert main(args) == 2
+    assert "holiday.png is a file that argen did not write" in capsys.readouterr().err
+    assert mine.read_bytes() == before and notes.read_text() == '{"my": "notes"}'
+    assert not (tmp_path / "holiday_images").exists()
+    # its own outputs it replaces: a second run to the same path works
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--pipeline", str(trained.final), "a red circle", "-n", "1", "-o", str(out)]) == 0
+    assert main(["sample", "--pipeline", str(trained.final), "a red circle", "-n", "1", "-o", str(out)]) == 0
+    assert json.loads((tmp_path / "grid.json").read_text())["written_by"] == "argen"
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--batch-size", "-1"], "argument --batch-size: must be an integer >= 1, got -1"),
+    (["--device", "tpu"], "argument --device: unknown device 'tpu'"),
+    (["--cfg", "1e38"], r"argument --cfg: must be a number in \[0, 1000\], got 1e\+38"),
+    (["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in"),
+    (["--temperature", "1e-45"], r"temperature must be 0 \(greedy\) or in \[0.0001, 100\], got 1e-45"),
+    (["-n", "0"], "argument -n/--num: must be an integer >= 1, got 0"),
+])
+def test_sample_cli_refuses_out_of_range_options_in_one_line(trained, tmp_path, capsys, option, message):
+    try:  # argparse's own range errors exit; the sampler's settings are refused by argen's handler
+        rc = main(["sample", "--pipeline", str(trained.final), "a red circle", *option, "-o", str(tmp_path / "g.png")])
+    except SystemExit as exit_:
+        rc = exit_.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err.strip().splitlines()[-1]) and "Traceback" not in err  # (argparse prints usage above)
+    assert not (tmp_path / "g.png").exists()

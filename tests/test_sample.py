@@ -8,6 +8,7 @@ import torch
 from argen.model import GPT, GPTConfig
 from argen.model.gpt import onednn_available, pack_for_cpu
 from argen.sample import (
+    NonFiniteSamplingError,
     SamplingConfig,
     TokenPicker,
     classifier_free_guidance,
@@ -189,16 +190,30 @@ def test_sampling_restores_the_training_mode():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"temperature": -1.0}, r"temperature must be 0 \(greedy\) or in \[0.0001, 100\], got -1.0"),
+        ({"temperature": 1e-45}, r"temperature must be 0 \(greedy\) or in \[0.0001, 100\], got 1e-45"),
+        ({"temperature": float("nan")}, "temperature must be 0"),
+        ({"temperature": float("inf")}, "temperature must be 0"),
         ({"top_k": 0}, "top_k must be >= 1 or None, got 0"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\] or None, got 1.5"),
-        ({"cfg_scale": -2.0}, "cfg_scale must be a finite number >= 0"),
+        ({"cfg_scale": -2.0}, r"cfg_scale must be in \[0, 1000\] \(1 = no guidance\), got -2.0"),
+        ({"cfg_scale": 1e38}, "cfg_scale must be in .* got 1e\\+38"),
+        ({"cfg_scale": float("nan")}, "cfg_scale must be in"),
         ({"cfg_schedule": "cosine"}, "cfg_schedule must be 'constant' or 'linear', got 'cosine'"),
     ],
 )
 def test_sampling_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**kw)
+
+
+def test_nan_logits_are_an_error_not_an_image():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight[OFFSET + 3, 0] = float("nan")  # one image code's logit is NaN everywhere
+    for config in (SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.0, top_k=4)):
+        with pytest.raises(NonFiniteSamplingError, match=r"NaN token probabilities in 2 of 2 rows"):
+            sample(model, prompts(2), config)
 
 
 def test_bad_sampler_inputs_raise_with_values():

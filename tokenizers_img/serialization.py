@@ -85,6 +85,18 @@ def claim_output_dir(path: str | Path, *, kind: str) -> Path:
     return path
 
 
+def write_marked_json(path: str | Path, obj: dict) -> None:
+    """Write `obj` as JSON (JSON_MARK first) at a path the user named; a file argen did not write there is refused."""
+    check_replaceable(path)
+    atomic_write_bytes(path, (json.dumps({JSON_MARK[0]: JSON_MARK[1], **obj}, indent=2) + "\n").encode("utf-8"))
+
+
+def write_marked_markdown(path: str | Path, text: str) -> None:
+    """Write Markdown (MARKDOWN_MARK as its first line) at a path the user named; a file argen did not write is refused."""
+    check_replaceable(path)
+    atomic_write_bytes(path, f"{MARKDOWN_MARK}\n{text}".encode("utf-8"))
+
+
 def remove_output(path: str | Path) -> None:
     """Delete an argen output (directory or file); anything else raises NotArgenOutputError and is kept.
 
@@ -290,12 +302,41 @@ def _fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def read_json_object(file: str | Path) -> dict:
+    """The JSON object in `file`; a file that is unreadable, not UTF-8, not JSON or not an object raises ValueError
+    (or OSError) naming it."""
+    file = Path(file)
+    try:
+        body = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}): the file is damaged.") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        reason = f"{err.msg} at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else "nested too deeply"
+        raise ValueError(f"{file} is not valid JSON ({reason}): the file is damaged or was edited by hand.") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(body).__name__}: the file is damaged.")
+    return body
+
+
+def path_inside(root: str | Path, relative: object, *, named_in: str | Path) -> Path:
+    """`root / relative` for a path a manifest (`named_in`) gives; one that is not a relative path staying inside
+    `root` (absolute, with .., or through a symlink out) raises ValueError, so a manifest cannot load files from
+    elsewhere."""
+    root = Path(root)
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:
+        raise ValueError(f"{named_in} names the path {relative!r}: parts must be relative paths inside {root}.")
+    path = root / relative
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{named_in} names {relative!r}, which leads outside {root} (a symlink): refusing to load it.")
+    return path
+
+
 def read_pretrained_config(path: str | Path) -> dict:
     """Read a pretrained directory's config.json; raises FileNotFoundError naming the missing file."""
     cfg_path = Path(path) / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {str(path)!r} is not a saved model directory (expected {CONFIG_NAME} + {WEIGHTS_NAME}).")
-    return json.loads(cfg_path.read_text())
+    return read_json_object(cfg_path)
 
 
 class PretrainedMixin:

@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from argen.cli.args import int_in
+
 # Each module defines `register(subparsers)`, adding its commands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
     "argen.cli.data",
@@ -19,14 +21,14 @@ COMMAND_MODULES = (
 )
 
 
-# Errors at the boundary (a missing file, a config typo, a mismatched checkpoint) print one clear line, not a
-# traceback; ARGEN_TRACEBACK=1 shows the traceback too.
-BOUNDARY_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
+# Errors at the boundary (a missing file, a config typo, a mismatched checkpoint, a full disk or a denied permission,
+# which name their path) print one clear line, not a traceback; ARGEN_TRACEBACK=1 shows the traceback too.
+BOUNDARY_ERRORS = (OSError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="argen", description="Autoregressive token-based text-to-image generation.")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_in(1, 1024), default=None,
                         help="CPU threads for torch, before the command: `argen --threads 1 train ...` (default: "
                              "torch's choice; on a CPU shared with other jobs, 1 is often several times faster)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

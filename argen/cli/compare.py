@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from argen.cli.args import float_in, fraction, int_in, positive_int, seed
+from argen.sample import MAX_CFG_SCALE, MAX_TEMPERATURE
+
+cfg_scale = float_in(0.0, MAX_CFG_SCALE)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare the AR token GPT and unCLIP (AR / diffusion / no prior) on one prompt set")
@@ -15,31 +20,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-embeddings", default=None,
                    help="embedding shard of the training set (argen embed), for the trivial-prior rows")
     p.add_argument("-o", "--out", default="compare", help="output directory (default: compare)")
-    p.add_argument("--prompts", type=int, default=200, help="distinct val prompts (default 200)")
-    p.add_argument("--heldout", type=int, default=40, help="distinct held-out prompts (default 40)")
-    p.add_argument("-n", "--num", type=int, default=2, help="images per prompt (default 2; >= 2 for diversity)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--gpt-cfg", type=float, default=1.0)
+    p.add_argument("--prompts", type=positive_int, default=200, help="distinct val prompts (default 200)")
+    p.add_argument("--heldout", type=int_in(0), default=40, help="distinct held-out prompts (default 40)")
+    p.add_argument("-n", "--num", type=positive_int, default=2, help="images per prompt (default 2; >= 2 for diversity)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--gpt-cfg", type=cfg_scale, default=1.0)
     p.add_argument("--gpt-cfg-schedule", choices=("constant", "linear"), default="constant",
                    help="GPT guidance over the image tokens (linear: from 1 at the first to --gpt-cfg at the last)")
-    p.add_argument("--gpt-top-k", type=int, default=4)
-    p.add_argument("--gpt-temperature", type=float, default=1.0, help="GPT sampling temperature (0 is greedy)")
+    p.add_argument("--gpt-top-k", type=positive_int, default=4)
+    p.add_argument("--gpt-temperature", type=float_in(0.0, MAX_TEMPERATURE), default=1.0, help="GPT sampling temperature (0 is greedy)")
     p.add_argument("--prior-sampler", choices=("ddpm", "ddim", "dpm++"), default="ddim")
-    p.add_argument("--prior-steps", type=int, default=10, help="diffusion prior steps (default 10: DDIM 10 matched 25 on val)")
-    p.add_argument("--prior-cfg", type=float, default=1.0, help="guidance of both priors")
-    p.add_argument("--best-of", type=int, default=1, help="diffusion prior: best of N by similarity to the text (DALL-E 2: 2)")
-    p.add_argument("--dot-quantile", type=float, default=0.5, help="AR prior: draw the dot-product token at or above "
+    p.add_argument("--prior-steps", type=positive_int, default=10, help="diffusion prior steps (default 10: DDIM 10 matched 25 on val)")
+    p.add_argument("--prior-cfg", type=cfg_scale, default=1.0, help="guidance of both priors")
+    p.add_argument("--best-of", type=positive_int, default=1, help="diffusion prior: best of N by similarity to the text (DALL-E 2: 2)")
+    p.add_argument("--dot-quantile", type=fraction, default=0.5, help="AR prior: draw the dot-product token at or above "
                    "this quantile (0.5 = DALL-E 2's top half)")
     p.add_argument("--decoder-sampler", choices=("ddpm", "ddim", "dpm++"), default="dpm++")
-    p.add_argument("--decoder-steps", type=int, default=10, help="decoder steps (default 10, as DecoderSampling)")
-    p.add_argument("--decoder-cfg", type=float, default=2.0, help="decoder guidance (default 2, as DecoderSampling)")
-    p.add_argument("--sweep-prompts", type=int, default=48, help="prompts used by the sweeps")
-    p.add_argument("--sweep-gpt-cfg", type=float, nargs="*", default=())
-    p.add_argument("--sweep-prior-cfg", type=float, nargs="*", default=())
-    p.add_argument("--sweep-decoder-cfg", type=float, nargs="*", default=())
-    p.add_argument("--sweep-prior-steps", type=int, nargs="*", default=())
-    p.add_argument("--sweep-decoder-steps", type=int, nargs="*", default=())
+    p.add_argument("--decoder-steps", type=positive_int, default=10, help="decoder steps (default 10, as DecoderSampling)")
+    p.add_argument("--decoder-cfg", type=cfg_scale, default=2.0, help="decoder guidance (default 2, as DecoderSampling)")
+    p.add_argument("--sweep-prompts", type=positive_int, default=48, help="prompts used by the sweeps")
+    p.add_argument("--sweep-gpt-cfg", type=cfg_scale, nargs="*", default=())
+    p.add_argument("--sweep-prior-cfg", type=cfg_scale, nargs="*", default=())
+    p.add_argument("--sweep-decoder-cfg", type=cfg_scale, nargs="*", default=())
+    p.add_argument("--sweep-prior-steps", type=positive_int, nargs="*", default=())
+    p.add_argument("--sweep-decoder-steps", type=positive_int, nargs="*", default=())
     p.set_defaults(func=run_compare_cli)
 
 

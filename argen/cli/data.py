@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from argen.cli.args import add_dataset_options, dataset_options, float_in, int_in, seed
+from argen.data.skips import printable
 from argen.viz import contact_sheet, save_png
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import write_marked_json, write_marked_markdown
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,11 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preview", help="write a captioned contact sheet PNG of a dataset")
     p.add_argument("--dataset", required=True, help="shapes | imagefolder:PATH | webdataset:PATTERN")
     p.add_argument("--split", default="train", help="train | val (| heldout for shapes, | all for real data)")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("-n", type=int, default=16, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="shapes seed, and which items a folder preview shows")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--resolution", type=int_in(8, 4096), default=64)
+    p.add_argument("-n", type=int_in(1, 4096), default=16, help="number of images")
+    p.add_argument("--seed", type=seed, default=0, help="shapes seed, and which items a folder preview shows")
+    p.add_argument("--val-fraction", type=float_in(0.0, 0.99), default=0.05)
     p.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
+    add_dataset_options(p)
     p.set_defaults(func=preview_main)
 
     j = sub.add_parser("judge", help="score a folder of images against their captions with the shapes judge")
@@ -42,12 +44,9 @@ def preview_main(args: argparse.Namespace) -> int:
     from argen.data.registry import build_dataset
     from argen.data.skips import DatasetError, SkipReport
 
-    if args.n <= 0:
-        print(f"error: -n must be positive, got {args.n}", file=sys.stderr)
-        return 2
     try:
         ds = build_dataset(args.dataset, split=args.split, resolution=args.resolution, seed=args.seed,
-                           val_fraction=args.val_fraction)
+                           val_fraction=args.val_fraction, **dataset_options(args))
     except (ValueError, ImportError) as err:  # DatasetError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -139,7 +138,7 @@ def judge_markdown(res: dict[str, Any]) -> str:
     t = res["totals"]
     acc = "n/a" if t["accuracy"] is None else f"{t['accuracy']:.3f}"
     lines = [
-        f"# Judge: {res['folder']}", "",
+        f"# Judge: {printable(res['folder'])}", "",
         f"{t['scored']} images scored, {t['errors']} errors, {t['skipped']} skipped.", "",
         "| measure | accuracy | correct | total |", "| --- | ---: | ---: | ---: |",
         f"| whole prompt | {acc} | {t['correct']} | {t['scored']} |",
@@ -147,9 +146,9 @@ def judge_markdown(res: dict[str, Any]) -> str:
     lines += [f"| {k} | {v['accuracy']:.3f} | {v['correct']} | {v['total']} |" for k, v in t["attributes"].items()]
     errors = [r for r in res["images"] if "error" in r]
     if errors:
-        lines += ["", "## Errors", ""] + [f"- `{r['file']}`: {r['error']}" for r in errors]
+        lines += ["", "## Errors", ""] + [f"- `{printable(r['file'])}`: {r['error']}" for r in errors]
     if res["skipped"]:
-        lines += ["", "## Skipped", ""] + [f"- `{s['file']}`: {s['reason']}" for s in res["skipped"]]
+        lines += ["", "## Skipped", ""] + [f"- `{printable(s['file'])}`: {s['reason']}" for s in res["skipped"]]
     return "\n".join(lines) + "\n"
 
 
@@ -163,8 +162,9 @@ def judge_main(args: argparse.Namespace) -> int:
         return 2
     out = args.output or args.images
     md = judge_markdown(res)
-    atomic_write_bytes(out / "judge.json", (json.dumps(res, indent=2) + "\n").encode("utf-8"))
-    atomic_write_bytes(out / "judge.md", md.encode("utf-8"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_marked_json(out / "judge.json", res)  # beside the user's images: never over a file argen did not write
+    write_marked_markdown(out / "judge.md", md)
     print(md, end="")
     print(f"wrote {out / 'judge.json'} and {out / 'judge.md'}")
     return 0

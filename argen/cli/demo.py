@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from argen.cli.args import positive_int
+
 PREFIXES = ("tokenizer.", "gpt.")
 
 
@@ -11,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the tokenizer, BPE and GPT on the built-in shapes world, sample, judge; "
                                     "writes demo/report.md")
     p.add_argument("-o", "--out", default="demo", help="output directory (finished stages in it are reused)")
-    p.add_argument("--train-scenes", type=int, default=None,
+    p.add_argument("--train-scenes", type=positive_int, default=None,
                    help="training scenes to encode for the GPT (default: DemoSettings.num_train_codes, a little more "
                         "than the GPT draws); raise it with gpt.train.max_steps")
     p.add_argument("--extra-scenes", nargs="*", default=None, metavar="TEMPLATES=N",
@@ -27,8 +29,6 @@ def run(args: argparse.Namespace) -> int:
     bad = [o for o in args.overrides if not o.startswith(PREFIXES) or "=" not in o]
     if bad:
         raise SystemExit(f"argen demo: overrides must look like tokenizer.KEY=VALUE or gpt.KEY=VALUE, got {bad}")
-    if args.train_scenes is not None and args.train_scenes < 1:
-        raise SystemExit(f"argen demo: --train-scenes must be >= 1, got {args.train_scenes}")
     from argen.demo import DemoSettings, run_demo
 
     split = {p: tuple(o[len(p):] for o in args.overrides if o.startswith(p)) for p in PREFIXES}

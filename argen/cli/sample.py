@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
+
+from argen.cli.args import device, float_in, positive_int, seed
+from argen.sample import MAX_CFG_SCALE, MAX_TEMPERATURE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,16 +19,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", required=True, help="pipeline directory: the GPT's (pipeline.json) or unCLIP's (unclip.json)")
     p.add_argument("prompts", nargs="*", help='prompts, e.g. "a red circle above a blue square"; "" is unconditional')
     p.add_argument("--prompts-file", help="more prompts, one per line (blank lines are unconditional prompts)")
-    p.add_argument("-n", "--num", type=int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale of the GPT (unCLIP: of the "
+    p.add_argument("-n", "--num", type=positive_int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--cfg", type=float_in(0.0, MAX_CFG_SCALE), default=3.0, help="classifier-free guidance scale of the GPT (unCLIP: of the "
                    "decoder); 1 turns it off (default 3)")
     p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="rows per GPT batch")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=float_in(0.0, 1.0), default=None)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per GPT batch")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-verify", action="store_true", help="skip re-hashing the parts (faster start for big models)")
     p.add_argument("--compile", action="store_true",
                    help="CPU: compile the GPT's decode step with torch.compile (needs a C++ compiler; about 30 s once "
@@ -35,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--prior", choices=("diffusion", "ar", "none"), default=None,
                    help="which prior (default: diffusion when the pipeline has one, else ar); none feeds the decoder the "
                    "text embedding")
-    u.add_argument("--prior-cfg", type=float, default=1.0, help="guidance scale of the prior (default 1)")
-    u.add_argument("--prior-steps", type=int, default=25, help="diffusion prior sampler steps (default 25)")
-    u.add_argument("--decoder-steps", type=int, default=10, help="decoder sampler steps (default 10)")
+    u.add_argument("--prior-cfg", type=float_in(0.0, MAX_CFG_SCALE), default=1.0, help="guidance scale of the prior (default 1)")
+    u.add_argument("--prior-steps", type=positive_int, default=25, help="diffusion prior sampler steps (default 25)")
+    u.add_argument("--decoder-steps", type=positive_int, default=10, help="decoder sampler steps (default 10)")
     p.add_argument("-o", "--out", default="samples.png", help="grid PNG; images go to OUT_images/, the record to OUT.json")
     p.set_defaults(func=run_sample)
 
@@ -47,16 +49,14 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from argen.pipeline import Pipeline, part_hashes
     from argen.sample import SamplingConfig
-    from tokenizers_img.serialization import atomic_write_bytes
+    from tokenizers_img.serialization import write_marked_json
 
-    prompts = list(args.prompts)
+    prompts = [_check_utf8(p, "the command line") for p in args.prompts]
     if args.prompts_file:
-        prompts += Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts += _read_prompts(Path(args.prompts_file))
+    _check_outputs(Path(args.out))
     if not prompts:
         print("error: give at least one prompt (\"\" samples unconditionally).", file=sys.stderr)
-        return 2
-    if args.num < 1:
-        print(f"error: -n must be >= 1, got {args.num}.", file=sys.stderr)
         return 2
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -101,11 +101,45 @@ def run_sample(args: argparse.Namespace) -> int:
         "images_per_s": round(len(files) / max(seconds, 1e-9), 3),
     }
     record_file = out.with_suffix(".json")
-    atomic_write_bytes(record_file, json.dumps(record, indent=2).encode())
+    write_marked_json(record_file, record)
     print(f"wrote {out} ({len(files)} images, {len(prompts)} prompt(s) x {args.num}), {out.stem}_images/ and {record_file}; "
           f"sampling took {seconds:.1f} s on {device}")
     return 0
 
+
+
+def _check_utf8(prompt: str, where: str) -> str:
+    """The prompt, or a ValueError naming it when it holds bytes that are not UTF-8 (argv arrives surrogate-escaped)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = prompt.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise ValueError(f"prompt '{shown}' from {where} is not valid UTF-8; write prompts in UTF-8.") from None
+    return prompt
+
+
+def _read_prompts(file: Path) -> list[str]:
+    """One prompt per line of `file` (blank lines are unconditional); a line that is not UTF-8 is named."""
+    prompts = []
+    for lineno, raw in enumerate(file.read_bytes().splitlines(), 1):
+        try:
+            prompts.append(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start}); write prompts "
+                             "in UTF-8.") from None
+    return prompts
+
+
+def _check_outputs(out: Path) -> None:
+    """Refuse, before any sampling, to replace a grid, record or image folder at OUT that argen did not write."""
+    from tokenizers_img.serialization import check_replaceable
+
+    for path in (out, out.with_suffix(".json"), _images_dir(out)):
+        check_replaceable(path)
+
+
+def _images_dir(out: Path) -> Path:
+    return out.with_name(out.stem + "_images")
 
 
 def _write_images(out: Path, images, prompts: list[str], sample_index: list[int], *, num: int) -> list[str]:
@@ -113,7 +147,7 @@ def _write_images(out: Path, images, prompts: list[str], sample_index: list[int]
     from argen.viz import contact_sheet, save_image_folder, save_png
 
     names = [f"p{r // num:03d}_s{k:02d}.png" for r, k in enumerate(sample_index)]
-    files = save_image_folder(out.with_name(out.stem + "_images"), images, prompts, names)
+    files = save_image_folder(_images_dir(out), images, prompts, names)
     captions = [p if p.strip() else "(unconditional)" for p in prompts]
     save_png(contact_sheet(list(images), captions, columns=num), out)
     return [str(f) for f in files]
@@ -123,7 +157,7 @@ def _run_sample_unclip(args: argparse.Namespace, prompts: list[str], device: str
     from argen.sample import SamplingConfig
     from argen.unclip.ar_prior_sampling import ARPriorSamplingConfig
     from argen.unclip.pipeline import DecoderSampling, DiffusionPriorSampling, UnclipPipeline, UnclipSampling
-    from tokenizers_img.serialization import atomic_write_bytes
+    from tokenizers_img.serialization import write_marked_json
 
     if any(not p.strip() for p in prompts):
         raise ValueError("a unCLIP pipeline needs non-empty prompts (its CLIP embeds the caption).")
@@ -145,7 +179,7 @@ def _run_sample_unclip(args: argparse.Namespace, prompts: list[str], device: str
                    for f, p, k, s in zip(files, result.prompts, result.sample_index, result.row_seeds)],
         "grid": str(out), "device": device, "seconds": round(seconds, 3),
     }
-    atomic_write_bytes(out.with_suffix(".json"), json.dumps(record, indent=2).encode())
+    write_marked_json(out.with_suffix(".json"), record)
     print(f"wrote {out} ({len(files)} images with the {prior} prior) and {out.with_suffix('.json')}; "
           f"sampling took {seconds:.1f} s on {device}")
     return 0

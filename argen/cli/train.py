@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from argen.cli.args import add_dataset_options, dataset_options, int_in, positive_int, seed
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -53,12 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--dataset", default="shapes",
                    help="shapes | imagefolder:PATH | webdataset:PATTERN | codes:DIR (a code shard's captions)")
     b.add_argument("--split", default="train")
-    b.add_argument("--limit", type=int, default=100_000, help="train on at most this many captions (default 100000)")
-    b.add_argument("--vocab-size", type=int, default=512, help="upper bound on the vocabulary, specials included")
-    b.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
+    b.add_argument("--limit", type=positive_int, default=100_000, help="train on at most this many captions (default 100000)")
+    b.add_argument("--vocab-size", type=int_in(16, 1 << 20), default=512, help="upper bound on the vocabulary, specials included")
+    b.add_argument("--min-frequency", type=positive_int, default=2, help="a merge must occur at least this often")
     b.add_argument("--keep-case", action="store_true", help="do not lowercase captions (the default lowercases)")
-    b.add_argument("--seed", type=int, default=0, help="shapes scene seed")
+    b.add_argument("--seed", type=seed, default=0, help="shapes scene seed")
     b.add_argument("-o", "--out", required=True, help="output directory")
+    add_dataset_options(b)
     b.set_defaults(func=run_train_text_tokenizer)
 
 
@@ -176,12 +179,14 @@ def run_train_unclip(args: argparse.Namespace) -> int:
 def run_train_text_tokenizer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from argen.text import dataset_captions, train_text_tokenizer
+    from argen.text import TOKENIZER_FILE, dataset_captions, train_text_tokenizer
+    from tokenizers_img.serialization import claim_output_dir
 
-    captions = dataset_captions(args.dataset, split=args.split, limit=args.limit, seed=args.seed)
+    out = claim_output_dir(args.out, kind="text-tokenizer")  # checked before the captions are read, not after
+    captions = dataset_captions(args.dataset, split=args.split, limit=args.limit, seed=args.seed, **dataset_options(args))
     tok = train_text_tokenizer(captions, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                                lowercase=not args.keep_case)
-    file = tok.save(args.out)
+    file = tok.save(out / TOKENIZER_FILE)
     lengths = np.array([len(tok.tokenize(c)) for c in captions[:20_000]])
     print(f"trained on {len(captions)} captions of {args.dataset} ({args.split}): vocab {tok.vocab_size} "
           f"(asked <= {args.vocab_size}), pad {tok.pad_token!r} = id {tok.pad_id}")

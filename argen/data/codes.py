@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from argen.data.skips import SkipReport, collate
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir, remove_output
 
 CODES_NAME = "codes.npy"
 CAPTIONS_NAME = "captions.jsonl"
@@ -59,8 +58,7 @@ class CodeShardWriter:
     """
 
     def __init__(self, path: str | Path, meta: CodeShardMeta, *, resume: bool) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = claim_output_dir(path, kind="code-shard")  # a folder of the user's own is refused, never written into
         existing = self.path / META_NAME
         dtype = _dtype_for(meta.num_codes)
         if resume and existing.is_file():
@@ -141,15 +139,16 @@ def encode_to_shard(model, dataset, out: str | Path, *, dataset_spec: str, split
                     overwrite: bool = False, tokenizer_hash: str) -> CodeShardMeta:
     """Encode the first `limit` items of `dataset` with the VQ `model` into a code shard at `out`.
 
-    `resume` continues an interrupted shard (nothing lost or duplicated); `overwrite` replaces an existing one.
+    `resume` continues an interrupted shard (nothing lost or duplicated); `overwrite` replaces an existing one
+    that argen wrote (a directory without argen's marker is refused, never deleted).
     Skipped items (corrupt, caption-less) are counted and named at the end. Returns the finished shard's meta.
     """
     from torch.utils.data import DataLoader, Subset
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     out = Path(out)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if overwrite:
+        remove_output(out)  # only a directory argen wrote; anything else is refused and kept
     grid = (model.config.grid_size, model.config.grid_size)
     meta = CodeShardMeta(num_items=n, done=0, grid=grid, num_codes=model.num_codes, tokenizer_hash=tokenizer_hash,
                          dataset=dataset_spec, split=split, resolution=model.config.resolution)

@@ -184,7 +184,8 @@ def clip_text_tokenizer(experiment: CLIPExperiment, *, resume: bool = False, ove
         return TextTokenizer.load(saved)
     data = experiment.data
     print(f"training a byte-level BPE on up to {BPE_CAPTIONS} {data.spec} train captions (set text_tokenizer to reuse one)")
-    tokenizer = train_text_tokenizer(dataset_captions(data.spec, split="train", limit=BPE_CAPTIONS, seed=data.seed))
+    tokenizer = train_text_tokenizer(dataset_captions(data.spec, split="train", limit=BPE_CAPTIONS, seed=data.seed,
+                                                          follow_symlinks=data.follow_symlinks, strict=data.strict))
     if int(os.environ.get("RANK", "0")) == 0 and (overwrite or latest_checkpoint(saved.parent) is None):  # never under a run's checkpoints
         claim_output_dir(saved.parent, kind="run")  # the run's folder: `train` refuses one argen did not write
         tokenizer.save(saved)

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from argen.pipeline import row_seed
+from argen.pipeline import manifest_parts, row_seed
+from argen.sample import NonFiniteSamplingError
 from argen.unclip.ar_prior_sampling import ARPrior, ARPriorSamplingConfig, sample_ar_prior
 from argen.unclip.clip import ClipEncoder, TextEncoding
 from argen.unclip.decoder_sampling import sample_decoder
 from argen.unclip.prior_sampling import sample_diffusion_prior
 from argen.unclip.schedulers import SAMPLERS
-from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir
+from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir, path_inside, read_json_object
 
 UNCLIP_FILE = "unclip.json"
 FORMAT = "argen-unclip"
@@ -188,29 +189,29 @@ class UnclipPipeline:
         if not file.is_file():
             raise UnclipPipelineError(f"{str(path)!r} is not a unCLIP pipeline directory: {UNCLIP_FILE} is missing. "
                                       "Make one with argen.unclip.pipeline.build_unclip_pipeline.")
-        manifest = json.loads(file.read_text())
+        manifest = read_json_object(file)
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise UnclipPipelineError(f"{file} has format {manifest.get('format')!r} v{manifest.get('format_version')}; "
                                       f"this argen reads {FORMAT!r} v{FORMAT_VERSION}.")
-        parts = manifest["parts"]
+        parts = manifest_parts(manifest, file, required=("clip", "decoder"), error=UnclipPipelineError)
         for name, part in parts.items():
-            where = path / part["path"]
+            where = path_inside(path, part.get("path"), named_in=file)
             if not where.is_dir():
                 raise UnclipPipelineError(f"unCLIP pipeline {str(path)!r} is missing its {name} at {str(where)!r}.")
-            if verify and (have := directory_hash(where)) != part["sha256"]:
+            if verify and (have := directory_hash(where)) != (recorded := str(part.get("sha256"))):
                 raise UnclipPipelineError(f"{name} {str(where)!r} has hash {have[:12]}, but {file} records "
-                                          f"{part['sha256'][:12]}: the part was replaced after the pipeline was built. "
+                                          f"{recorded[:12]}: the part was replaced after the pipeline was built. "
                                           "Restore it or rebuild the pipeline.")
-        clip = ClipEncoder.load(path / parts["clip"]["path"], device=device)
-        if clip.sha256 != manifest["clip_sha256"]:
+        clip = ClipEncoder.load(path_inside(path, parts["clip"]["path"], named_in=file), device=device)
+        if clip.sha256 != manifest.get("clip_sha256"):
             raise UnclipPipelineError(f"{path}: the CLIP is {clip.sha256[:12]} but {file} records "
-                                      f"{manifest['clip_sha256'][:12]}.")
-        decoder = load_decoder(path / parts["decoder"]["path"], clip=clip, device=device)
+                                      f"{str(manifest.get('clip_sha256'))[:12]}.")
+        decoder = load_decoder(path_inside(path, parts["decoder"]["path"], named_in=file), clip=clip, device=device)
         diffusion = ar = None
         if "diffusion" in parts:
-            diffusion = load_diffusion_prior(path / parts["diffusion"]["path"], clip=clip, device=device)
+            diffusion = load_diffusion_prior(path_inside(path, parts["diffusion"]["path"], named_in=file), clip=clip, device=device)
         if "ar" in parts:
-            ar = ARPrior.load(path / parts["ar"]["path"], device=device)
+            ar = ARPrior.load(path_inside(path, parts["ar"]["path"], named_in=file), device=device)
             if ar.clip_sha256 != clip.sha256:
                 raise UnclipPipelineError(f"the AR prior in {path} was trained with CLIP {ar.clip_sha256[:12]}, but the "
                                           f"pipeline's CLIP is {clip.sha256[:12]}.")
@@ -262,6 +263,10 @@ class UnclipPipeline:
             gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in batch_seeds]
             x = sample_decoder(self.decoder, e, text=text if uses_text else None, sampler=dec.sampler, steps=dec.steps,
                                cfg_scale=dec.cfg_scale, thresholding=dec.thresholding, generator=gens)
+            if not (torch.isfinite(x).all() and torch.isfinite(e).all()):
+                raise NonFiniteSamplingError(f"the unCLIP {sampling.prior} prior or the decoder produced non-finite values "
+                                             f"for prompts {batch[:4]} with {sampling}: no image was made. Check the "
+                                             "weights (a NaN in training?) or lower the guidance scales.")
             images.append(x.float().cpu())
             embeds.append(e.float().cpu())
         return UnclipGeneration(images=torch.cat(images), image_embeds=torch.cat(embeds), prompts=rows, sample_index=ks,

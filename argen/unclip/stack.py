@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from tokenizers_img.config import load_config
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "unclip"
 NUM_TRAIN_EMBEDDINGS = 50_000  # training scenes the priors learn from (the shapes train split is a 1M-scene stream)
@@ -128,7 +128,7 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
     from argen.unclip.embeddings import encode_embedding_shard
     from argen.unclip.pipeline import UNCLIP_FILE, build_unclip_pipeline
 
-    out = Path(out)
+    out = claim_output_dir(out, kind="unclip-stack")
     overrides = overrides or {}
     timings: dict[str, float] = {}
     side_by_side: dict[str, float] = {}  # each prior's own seconds when they train at once
