@@ -185,3 +185,17 @@ def test_sample_record_and_grid_carry_the_mark(tmp_path):
     files = save_image_folder(tmp_path / "imgs", images, ["a", "b"], ["0.png", "1.png"])
     assert is_argen_output(tmp_path / "imgs") and all(is_argen_output(f) for f in files)
     np.testing.assert_array_equal(np.asarray(Image.open(files[0])), np.full((8, 8, 3), 128, dtype=np.uint8))
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import os
+
+    from tokenizers_img.serialization import atomic_write_bytes
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'r.json'}: No space left on device") as err:
+        atomic_write_bytes(tmp_path / "r.json", b"{}")
+    assert err.value.filename == str(tmp_path / "r.json") and list(tmp_path.iterdir()) == []

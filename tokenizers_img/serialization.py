@@ -159,8 +159,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # a full disk names no file
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror}", str(path)) from err
         raise
     _fsync_dir(path.parent)
 
