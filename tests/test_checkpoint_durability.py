@@ -19,6 +19,7 @@ import pytest
 import torch
 from checkpoint_crash_points import CrashPoints
 from safetensors.torch import load_file
+from test_train_loop import Interrupted, StopAt
 from train_toy_script import ToyData, ToyTask, toy_config
 
 from argen.cli import main as cli_main
@@ -39,21 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 FILES = ["module.gen.safetensors", "module.disc.safetensors", "ema.gen.safetensors", "optimizer.generator.pt",
          "optimizer.discriminator.pt", "scheduler.generator.pt", "scheduler.discriminator.pt", "rng.pt", "state.json"]
 TASK_CONFIG = {"toy": 1}
-
-
-class Crash(Exception):
-    pass
-
-
-class StopAt(ToyTask):
-    def __init__(self, stop_at: int, **kw) -> None:
-        super().__init__(**kw)
-        self.stop_at = stop_at
-
-    def training_step(self, batch, *, modules, step):
-        if step == self.stop_at:
-            raise Crash(f"interrupted at step {step}")
-        return super().training_step(batch, modules=modules, step=step)
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +103,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 def interrupted(tmp_path_factory) -> Path:
     """A toy run stopped at step 9: checkpoints step_4 and step_8, `latest` -> step_8."""
     out = tmp_path_factory.mktemp("interrupted")
-    with pytest.raises(Crash):
+    with pytest.raises(Interrupted):
         train(StopAt(9, noise=True), ToyData(), toy_config(out), task_config=TASK_CONFIG)
     assert [p.name for p in step_dirs(out)] == ["step_00000004", "step_00000008"]
     return out
@@ -161,7 +147,7 @@ def test_altered_state_json_fails_its_checksum(run, reference):
 
 @pytest.mark.parametrize("name", FILES)
 def test_no_checkpoint_verifies_is_an_error_naming_the_file(tmp_path, name):
-    with pytest.raises(Crash):
+    with pytest.raises(Interrupted):
         train(StopAt(6, noise=True), ToyData(), toy_config(tmp_path), task_config=TASK_CONFIG)
     damage(tmp_path / "checkpoints" / "step_00000004" / name, "flip")
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -205,11 +191,11 @@ def test_crash_at_every_stage_of_a_save_resumes_exactly(tmp_path, reference, mon
         out = tmp_path / f"crash_{at}"
 
         def crash(label: str) -> None:
-            raise Crash(label)
+            raise Interrupted(label)
 
         with monkeypatch.context() as m:
             CrashPoints(save=2, at=at, crash=crash).install(m.setattr)
-            with pytest.raises(Crash, match=re.escape(label)):
+            with pytest.raises(Interrupted, match=re.escape(label)):
                 train(ToyTask(noise=True), ToyData(), toy_config(out), task_config=TASK_CONFIG)
         assert not temporaries(out / "checkpoints"), label
         visible = at >= counter.events.index("after serialization._move_into_place #1")
@@ -244,7 +230,7 @@ def test_moved_and_copied_runs_resume(tmp_path, reference, capsys):
         return {"train": train_section, "data": {"train": [str(out / "codes" / "train")]}, "toy": 1}
 
     first = tmp_path / "first"
-    with pytest.raises(Crash):
+    with pytest.raises(Interrupted):
         train(StopAt(6, noise=True), ToyData(), toy_config(first), task_config=task_config(first))
     copied, moved = tmp_path / "elsewhere" / "copied", tmp_path / "moved"
     shutil.copytree(first, copied)
