@@ -17,7 +17,7 @@ from torch import Tensor
 import argen
 from argen.layout import SequenceLayout
 from argen.model.gpt import GPT, CompiledDecoding, onednn_available, pack_for_cpu
-from argen.sample import SamplingConfig, sample_image_tokens
+from argen.sample import SamplingConfig, decode_image_tokens
 from argen.text import TOKENIZER_FILE, TextTokenizer, tokenizer_file_hash
 from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import (
@@ -154,6 +154,7 @@ class GenerationResult:
     sample_index: list[int]  # (N,) k for the k-th sample of its prompt
     row_seeds: list[int]  # (N,) the seed of each row's generator (see Pipeline.generate)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    forward_passes: int = 0  # GPT forward passes over all batches (one per image token without parallel decoding)
 
 
 def row_seed(seed: int, prompt: str, k: int) -> int:
@@ -270,13 +271,15 @@ class Pipeline:
         prefix = self.layout.prefix(text_ids.repeat_interleave(n_per_prompt, dim=0)).to(device)  # (N, prefix_len)
         uncond = self.layout.uncond_prefix(device=device) if sampling.uses_cfg else None
         step = batch_size or len(rows)
-        codes, images = [], []
+        codes, images, passes = [], [], 0
         for start in range(0, len(rows), step):
             gens = [torch.Generator(device=device).manual_seed(s) for s in seeds[start:start + step]]
-            c = sample_image_tokens(self.sampler_gpt(), prefix[start:start + step], image_offset=self.layout.image_offset,
-                                    num_codes=self.layout.num_codes, uncond_prefix=uncond, config=sampling, generator=gens)
-            c = c.clone()  # the sampler returns inference-mode tensors; a clone is an ordinary one
+            decoded = decode_image_tokens(self.sampler_gpt(), prefix[start:start + step],
+                                          image_offset=self.layout.image_offset, num_codes=self.layout.num_codes,
+                                          uncond_prefix=uncond, config=sampling, generator=gens)
+            passes += decoded.forward_passes
+            c = decoded.codes.clone()  # the sampler returns inference-mode tensors; a clone is an ordinary one
             codes.append(c.cpu())
             images.append(self.vq.decode(c).clamp(-1, 1).float().cpu())
         return GenerationResult(images=torch.cat(images), codes=torch.cat(codes), prompts=rows, sample_index=ks,
-                                row_seeds=seeds, sampling=sampling)
+                                row_seeds=seeds, sampling=sampling, forward_passes=passes)

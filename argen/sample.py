@@ -16,6 +16,8 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 # Bounds on the sampler's settings: outside them the result is greedy or overflows in all but name.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 MAX_CFG_SCALE = 1000.0
+DECODINGS = ("token", "jacobi", "spatial")
+MAX_WINDOW = 256
 
 
 class NonFiniteSamplingError(ValueError):
@@ -35,6 +37,11 @@ class SamplingConfig:
     cfg_schedule: "constant" uses cfg_scale at every token; "linear" ramps the scale from 1 at the first image
         token to cfg_scale at the last (s_t = 1 + (cfg_scale - 1) * t / (N - 1)), so the coarse early tokens
         are guided less.
+    decoding: "token" runs one forward pass per image token. "jacobi" and "spatial" are speculative Jacobi
+        decoding (argen.speculative): each forward checks a window of draft tokens and keeps what passes the
+        speculative-sampling test, so they draw from exactly the same distribution as "token" (the same tokens
+        when greedy) with fewer forward passes. "jacobi" starts new drafts uniform, "spatial" as the code above.
+    window: draft tokens checked per forward pass and row by "jacobi" and "spatial" (at most the image's tokens).
     """
 
     temperature: float = 1.0
@@ -42,6 +49,8 @@ class SamplingConfig:
     top_p: float | None = None
     cfg_scale: float = 1.0
     cfg_schedule: Literal["constant", "linear"] = "constant"
+    decoding: Literal["token", "jacobi", "spatial"] = "token"
+    window: int = 16
 
     def __post_init__(self) -> None:
         if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
@@ -55,6 +64,10 @@ class SamplingConfig:
             raise ValueError(f"cfg_scale must be in [0, {MAX_CFG_SCALE:g}] (1 = no guidance), got {self.cfg_scale}.")
         if self.cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {self.cfg_schedule!r}.")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {', '.join(map(repr, DECODINGS))}, got {self.decoding!r}.")
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"window must be in [1, {MAX_WINDOW}], got {self.window}.")
 
     @property
     def uses_cfg(self) -> bool:
@@ -97,22 +110,49 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
     return logits
 
 
-class TokenPicker:
-    """Draws one token per row from logits (B, V) with a SamplingConfig and reusable buffers.
+class RowNoise:
+    """Uniform and exponential noise from one generator for the batch, or one per row: with one per row, a row's
+    draws do not depend on the rest of the batch.
 
-    Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is a draw from p (the
-    Gumbel-max trick in another form). It needs one noise tensor per step, which lets each row own a
-    generator: with one generator per row, a row's tokens do not depend on the rest of the batch.
-    """
+    Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is a draw from p (the Gumbel-max trick
+    in another form), one noise tensor per draw."""
 
-    def __init__(self, config: SamplingConfig, *, batch_size: int, vocab: int, device: torch.device,
-                 generator: Generators = None):
-        self.config = config
+    def __init__(self, generator: Generators, batch_size: int) -> None:
         if generator is not None and not isinstance(generator, torch.Generator):
             generator = list(generator)
             if len(generator) != batch_size:
                 raise ValueError(f"got {len(generator)} generators for {batch_size} prompts; pass one per prompt or a single one.")
-        self.generator = generator
+        self.generator, self.batch_size = generator, batch_size
+
+    def _fill(self, out: torch.Tensor, draw) -> torch.Tensor:
+        if isinstance(self.generator, list):
+            for row, gen in zip(out, self.generator):
+                draw(row, gen)
+        else:
+            draw(out, self.generator)
+        return out
+
+    def exponential_(self, out: torch.Tensor) -> torch.Tensor:
+        """Fill out (B, ...) with Exp(1) noise, clamped above 0 (an exact 0 would make 0 / 0 = nan win an argmax)."""
+        self._fill(out, lambda t, g: t.exponential_(generator=g))
+        return out.clamp_(min=torch.finfo(out.dtype).tiny)
+
+    def uniform(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """(B, *shape) float32 in [0, 1)."""
+        return self._fill(torch.empty(self.batch_size, *shape, device=device), lambda t, g: t.uniform_(generator=g))
+
+    def categorical(self, probs: torch.Tensor) -> torch.Tensor:
+        """One draw from each distribution in probs (B, ..., K) -> int64 (B, ...)."""
+        return (probs / self.exponential_(torch.empty(probs.shape, device=probs.device))).argmax(dim=-1)
+
+
+class TokenPicker:
+    """Draws one token per row from logits (B, V) with a SamplingConfig and a reusable noise buffer (see RowNoise)."""
+
+    def __init__(self, config: SamplingConfig, *, batch_size: int, vocab: int, device: torch.device,
+                 generator: Generators = None):
+        self.config = config
+        self.rng = RowNoise(generator, batch_size)
         self.noise = torch.empty(batch_size, vocab, device=device)  # (B, V), refilled each step
         # (B,) rows that met NaN logits or probabilities at any step; read once at the end (no per-step device sync)
         self.nonfinite = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -128,16 +168,24 @@ class TokenPicker:
         logits = filter_logits(logits, top_k=cfg.top_k, top_p=cfg.top_p)
         probs = torch.softmax(logits.float(), dim=-1)
         self.nonfinite |= probs.isnan().any(dim=-1)
-        if isinstance(self.generator, list):
-            for row, gen in zip(self.noise, self.generator):
-                row.exponential_(generator=gen)
-        else:
-            self.noise.exponential_(generator=self.generator)
-        self.noise.clamp_(min=torch.finfo(self.noise.dtype).tiny)  # an exact 0 would make 0 / 0 = nan win the argmax
-        return (probs / self.noise).argmax(dim=-1)
+        return (probs / self.rng.exponential_(self.noise)).argmax(dim=-1)
 
 
-def sample_image_tokens(
+@dataclass
+class Decoded:
+    """Image codes and what they cost."""
+
+    codes: torch.Tensor      # (B, N) int64 in [0, num_codes)
+    forward_passes: int      # model calls, the prefill included
+    nonfinite: torch.Tensor  # (B,) bool: rows that met NaN logits or probabilities
+
+
+def sample_image_tokens(model: GPT, prefix: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The codes (B, h*w) of `decode_image_tokens` (same arguments)."""
+    return decode_image_tokens(model, prefix, **kwargs).codes
+
+
+def decode_image_tokens(
     model: GPT,
     prefix: torch.Tensor,
     *,
@@ -149,8 +197,8 @@ def sample_image_tokens(
     use_cache: bool = True,
     allowed_codes: torch.Tensor | None = None,
     cache_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Sample h*w image codes for each prompt prefix.
+) -> Decoded:
+    """Sample h*w image codes for each prompt prefix; returns them with the number of forward passes.
 
     prefix: int64 (B, prefix_len), text ids then BOI. uncond_prefix: int64 (prefix_len,), the empty-caption
     prefix, required when config.cfg_scale != 1; the model then runs [cond; uncond] as one batch of 2B rows
@@ -170,6 +218,9 @@ def sample_image_tokens(
     among the codes allowed at t (after CFG, before temperature/top-k/top-p); each position must allow at least
     one code, and one allowed code forces it. The AR prior uses it to give its text-embedding tokens and to draw
     its dot-product token from the top half of the buckets.
+
+    config.decoding "jacobi" or "spatial" decodes several tokens per forward pass (argen.speculative), from the
+    same distribution; it needs the cache. NaN logits or probabilities raise NonFiniteSamplingError.
     """
     cfg = model.config
     if prefix.ndim != 2 or prefix.shape[1] != cfg.prefix_len or prefix.dtype != torch.long:
@@ -200,6 +251,22 @@ def sample_image_tokens(
         rows = torch.cat([prefix, uncond_prefix.to(prefix.device).expand(B, P)])  # (2B, P): [cond; uncond]
     R = rows.shape[0]
     device = prefix.device
+    if config.decoding != "token":
+        if not use_cache:
+            raise ValueError(f"decoding={config.decoding!r} writes drafts into the KV cache; it needs use_cache=True.")
+        from argen.speculative import SpeculativeDecoder
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                decoded = SpeculativeDecoder(
+                    model, rows, batch_size=B, image_offset=image_offset, num_codes=num_codes, config=config,
+                    banned=banned if allowed_codes is not None else None, noise=RowNoise(generator, B),
+                    cache_dtype=cache_dtype or next(model.parameters()).dtype).run()
+        finally:
+            model.train(was_training)
+        return _checked(decoded, config)
     pick = TokenPicker(config, batch_size=B, vocab=num_codes, device=device, generator=generator)
     scales = [config.scale_at(t, N) for t in range(N)]
     codes_slice = slice(image_offset, image_offset + num_codes)
@@ -239,10 +306,15 @@ def sample_image_tokens(
                     logits = model(seq[:, : P + t + 1])[:, -1, codes_slice]
     finally:
         model.train(was_training)
-    if pick.nonfinite.any():
-        rows_bad = pick.nonfinite.nonzero().flatten().tolist()
+    return _checked(Decoded(codes=codes, forward_passes=N, nonfinite=pick.nonfinite), config)
+
+
+def _checked(decoded: Decoded, config: SamplingConfig) -> Decoded:
+    """`decoded`, or NonFiniteSamplingError when a row met NaN logits or probabilities."""
+    if decoded.nonfinite.any():
+        bad = decoded.nonfinite.nonzero().flatten().tolist()
         raise NonFiniteSamplingError(
-            f"NaN token probabilities in {len(rows_bad)} of {B} rows (first: {rows_bad[:8]}) with {config}: the model "
-            "produced non-finite logits, or the guidance scale overflowed them. No image was made; check the weights "
-            "(a NaN in training?) or lower cfg_scale.")
-    return codes
+            f"NaN token probabilities in {len(bad)} of {len(decoded.nonfinite)} rows (first: {bad[:8]}) with {config}: "
+            "the model produced non-finite logits, or the guidance scale overflowed them. No image was made; check the "
+            "weights (a NaN in training?) or lower cfg_scale.")
+    return decoded

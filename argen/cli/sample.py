@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from argen.cli.args import device, float_in, positive_int, seed
-from argen.sample import MAX_CFG_SCALE, MAX_TEMPERATURE
+from argen.cli.args import device, float_in, int_in, positive_int, seed
+from argen.sample import DECODINGS, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float_in(0.0, 1.0), default=None)
+    p.add_argument("--decoding", choices=DECODINGS, default="token",
+                   help="token: one image token per forward pass; jacobi / spatial: speculative Jacobi decoding, several "
+                        "tokens per pass from the same distribution (new drafts uniform / copied from the code above)")
+    p.add_argument("--window", type=int_in(1, MAX_WINDOW), default=16,
+                   help="draft tokens checked per forward pass with --decoding jacobi or spatial (default 16)")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per GPT batch")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
@@ -60,7 +65,8 @@ def run_sample(args: argparse.Namespace) -> int:
         return 2
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule)
+                                  cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, decoding=args.decoding,
+                                  window=args.window)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -68,10 +74,11 @@ def run_sample(args: argparse.Namespace) -> int:
     from argen.unclip.pipeline import UNCLIP_FILE
 
     if (Path(args.pipeline) / UNCLIP_FILE).is_file():
-        if args.compile:
-            print("error: --compile compiles the GPT of a token pipeline (pipeline.json); this is a unCLIP pipeline, "
-                  "drop --compile.", file=sys.stderr)
-            return 2
+        for flag, used in (("--compile", args.compile), ("--decoding", args.decoding != "token")):
+            if used:
+                print(f"error: {flag} applies to the GPT of a token pipeline (pipeline.json); this is a unCLIP "
+                      f"pipeline, drop {flag}.", file=sys.stderr)
+                return 2
         return _run_sample_unclip(args, prompts, device)
     if args.compile and device != "cpu":
         print(f"note: --compile applies to CPU sampling; on {device} the GPT runs eagerly.")

@@ -83,6 +83,7 @@ def attention(
     *,
     backend: str = "auto",
     causal: bool = True,
+    mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention, softmax(q k^T / sqrt(D)) v, over heads.
@@ -94,6 +95,10 @@ def attention(
     Tk - Tq + i and sees keys [0, Tk - Tq + i]. So training (Tq == Tk), prefill and one-token decode
     against a KV cache holding positions [0, Tk) all use the same call. Note that PyTorch's
     `is_causal=True` aligns top-left, which is only the same when Tq == Tk; this function handles it.
+
+    mask: bool (B, 1, Tq, Tk), True where query i of row b may attend key j, in place of `causal` (which must then
+    be False): rows at different positions against one KV cache (parallel decoding) each see their own keys. Every
+    query must see at least one key. The sdpa and math backends take it; xformers does not.
 
     dropout_p > 0 applies attention dropout (global RNG); pass 0 in eval.
     """
@@ -108,20 +113,31 @@ def attention(
         )
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs at least as many keys as queries, got Tq={Tq} > Tk={Tk}.")
+    if mask is not None:
+        if causal:
+            raise ValueError("give causal=False with an explicit mask: the mask says which keys each query sees.")
+        if mask.dtype != torch.bool or mask.shape != (B, 1, Tq, Tk):
+            raise ValueError(f"mask must be bool (B, 1, Tq, Tk) = ({B}, 1, {Tq}, {Tk}), got {mask.dtype} {tuple(mask.shape)}.")
     # under autocast the matmuls (and sdpa) run in the autocast dtype, whatever q's dtype (RoPE leaves q in fp32)
     device_type = q.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
     name = resolve_backend(backend, q.device, q_len=Tq, k_len=Tk, dtype=dtype)
     if name == "sdpa":
-        return _sdpa(q, k, v, causal=causal, dropout_p=dropout_p)
+        return _sdpa(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p)
     if name == "xformers":
+        if mask is not None:
+            raise BackendUnavailableError("attention backend 'xformers' takes no per-row mask (parallel decoding); "
+                                          "use attn_backend 'sdpa' or 'auto'.")
         return _xformers(q, k, v, causal=causal, dropout_p=dropout_p)
-    return _math(q, k, v, causal=causal, dropout_p=dropout_p)
+    return _math(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, dropout_p: float) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, mask: torch.Tensor | None,
+          dropout_p: float) -> torch.Tensor:
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     if not causal or Tq == 1:  # one query at the end of the keys sees all of them: no mask
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
     if Tq == Tk:
@@ -147,17 +163,20 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return out.reshape(B, Tq, H, D).transpose(1, 2)
 
 
-def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, dropout_p: float) -> torch.Tensor:
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, mask: torch.Tensor | None,
+          dropout_p: float) -> torch.Tensor:
     """The reference: explicit scores and softmax (in at least fp32). The G = H / Hkv query heads that share a
     key/value head are folded into the query axis, so k and v are never copied."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
     q = (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, G * Tq, D)  # head h reads key/value head h // G
-    if Tq == 1:  # decode: the keys as the left operand, (Tk, D) @ (D, G), streamed row by row (see _decode_math)
+    if Tq == 1 and mask is None:  # decode: the keys as the left operand, (Tk, D) @ (D, G), streamed row by row
         return _decode_math(q, k, v, dropout_p=dropout_p).view(B, H, Tq, D)
     scores = q @ k.transpose(-2, -1)  # (B, Hkv, G*Tq, Tk)
-    if causal and Tq > 1:  # one query at the end of the keys sees all of them
+    if mask is not None:
+        scores = scores.view(B, Hkv, G, Tq, Tk).masked_fill(~mask[:, :, None], float("-inf")).view(B, Hkv, G * Tq, Tk)
+    elif causal and Tq > 1:  # one query at the end of the keys sees all of them
         scores = scores.view(B, Hkv, G, Tq, Tk).masked_fill(~causal_mask(Tq, Tk, device=q.device), float("-inf"))
         scores = scores.view(B, Hkv, G * Tq, Tk)
     weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)

@@ -177,6 +177,25 @@ class KVCache:
         return self.k[0].shape[0]
 
 
+@dataclass(frozen=True)
+class RowPositions:
+    """Where each row's tokens sit in a forward against a KV cache when rows are at different positions (parallel
+    decoding): row b's T tokens are at positions `index[b]`, consecutive, and each sees the cache's keys up to its own
+    position. Made by `RowPositions.at(start, T)`; pass it as `start=` to `GPT.forward`."""
+
+    index: torch.Tensor  # (B, T) int64 positions
+    end: int             # keys [0, end) are read: the largest position + 1
+    mask: torch.Tensor   # (B, 1, T, end) bool: key j is visible to token t of row b when j <= index[b, t]
+
+    @classmethod
+    def at(cls, start: torch.Tensor, length: int) -> RowPositions:
+        """Row b's `length` tokens at positions start[b] + [0, length); start: (B,) int64."""
+        index = start[:, None] + torch.arange(length, device=start.device)  # (B, T)
+        end = int(index.max()) + 1
+        mask = torch.arange(end, device=start.device) <= index[:, None, :, None]  # (B, 1, T, end)
+        return cls(index=index, end=end, mask=mask)
+
+
 def onednn_available() -> bool:
     """Whether CPU float32 linears can run on oneDNN: an x86-64 build of PyTorch with mkldnn and its linear ops.
 
@@ -322,8 +341,9 @@ class CompiledDecoding(nn.Module):
         self.config = gpt.config
         self.step = torch.compile(self.gpt, dynamic=True)
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        if cache is None or idx.ndim != 2 or idx.shape[1] != 1 or torch.is_grad_enabled():
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0) -> torch.Tensor:
+        if (cache is None or idx.ndim != 2 or idx.shape[1] != 1 or torch.is_grad_enabled()
+                or isinstance(start, RowPositions)):
             return self.gpt(idx, cache=cache, start=start)
         import torch._inductor.config as inductor_config
 
@@ -382,7 +402,7 @@ class SelfAttention(nn.Module):
         sin: torch.Tensor,
         *,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start: int = 0,
+        start: int | RowPositions = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -391,13 +411,22 @@ class SelfAttention(nn.Module):
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
-        if cache is not None:
+        mask = None
+        if isinstance(start, RowPositions):  # rows at different positions: written by index, each sees its own keys
+            cache_k, cache_v = cache
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            cache_k[rows, :, start.index] = k.transpose(1, 2).to(cache_k.dtype)  # (B, T, Hkv, D) into (B, Hkv, S, D)
+            cache_v[rows, :, start.index] = v.transpose(1, 2).to(cache_v.dtype)
+            k, v, mask = cache_k[:, :, : start.end], cache_v[:, :, : start.end], start.mask
+            q = q.to(k.dtype)
+        elif cache is not None:
             cache_k, cache_v = cache  # (B, Hkv, block_size + 1, D), possibly in a narrower dtype than x (see KVCache)
             cache_k[:, :, start : start + T] = k
             cache_v[:, :, start : start + T] = v
             k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, Hkv, start + T, D)
             q = q.to(k.dtype)
-        y = attention(q, k, v, backend=self.backend, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, backend=self.backend, causal=mask is None, mask=mask,
+                      dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))  # (B, T, C)
 
 
@@ -432,7 +461,7 @@ class Block(nn.Module):
         sin: torch.Tensor,
         *,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-        start: int = 0,
+        start: int | RowPositions = 0,
     ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache=cache, start=start))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
@@ -444,7 +473,8 @@ class GPT(PretrainedMixin, nn.Module):
     `forward(idx, cache=None, start=0)` maps int64 token ids (B, T) to float logits (B, T, vocab_size).
     Without a cache it is plain causal self-attention over idx (start must be 0). With a `KVCache` it
     writes the keys/values of positions [start, start + T) and attends to [0, start + T): prefill is
-    start=0 with the whole prefix, decode is T=1 at start = number of tokens already in the cache.
+    start=0 with the whole prefix, decode is T=1 at start = number of tokens already in the cache. With
+    `start=RowPositions.at(starts, T)` each row writes and reads at its own positions (parallel decoding).
     """
 
     config_class = GPTConfig
@@ -490,10 +520,12 @@ class GPT(PretrainedMixin, nn.Module):
             n -= self.tok_emb.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0) -> torch.Tensor:
         if idx.ndim != 2:
             raise ValueError(f"idx must be int64 token ids (B, T), got shape {tuple(idx.shape)}.")
         B, T = idx.shape
+        if isinstance(start, RowPositions):
+            return self._forward_rows(idx, cache=cache, rows=start)
         if start < 0 or start + T > self.config.block_size:
             raise ValueError(
                 f"positions [start, start + T) = [{start}, {start + T}) must lie in [0, block_size={self.config.block_size})."
@@ -504,11 +536,29 @@ class GPT(PretrainedMixin, nn.Module):
             raise ValueError(f"the KVCache holds {cache.batch_size} rows but idx has {B}.")
         cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
         sin = self.rope_sin[start : start + T].unsqueeze(1)
+        pos = self.pos_emb.weight[start : start + T] if self.pos_emb is not None else None
+        return self._run(idx, cos, sin, pos, cache=cache, start=start)
+
+    def _forward_rows(self, idx: torch.Tensor, *, cache: KVCache | None, rows: RowPositions) -> torch.Tensor:
+        """forward with each row at its own positions `rows.index` (B, T) against `cache`."""
+        if cache is None or cache.batch_size != idx.shape[0]:
+            raise ValueError("per-row positions (RowPositions) need a KVCache with one row per idx row.")
+        if rows.index.shape != idx.shape or int(rows.index.min()) < 0 or rows.end > self.config.block_size:
+            raise ValueError(f"RowPositions {tuple(rows.index.shape)} must match idx {tuple(idx.shape)} and lie in "
+                             f"[0, block_size={self.config.block_size}), got [{int(rows.index.min())}, {rows.end}).")
+        cos = self.rope_cos[rows.index].unsqueeze(2)  # (B, T, 1, D/2), broadcast over heads
+        sin = self.rope_sin[rows.index].unsqueeze(2)
+        pos = self.pos_emb(rows.index) if self.pos_emb is not None else None
+        return self._run(idx, cos, sin, pos, cache=cache, start=rows)
+
+    def _run(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None, *,
+             cache: KVCache | None, start: int | RowPositions) -> torch.Tensor:
+        """Embeddings (plus the absolute position rows `pos`), the blocks, the head: logits (B, T, vocab_size)."""
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.code_features:
             x = x + self.feat_in(self.code_feat[idx])
-        if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[start : start + T]
+        if pos is not None:
+            x = x + pos
         x = self.drop(x)
         recompute = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
