@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "argen.cli.sample",
     "argen.cli.embed",
     "argen.cli.compare",
+    "argen.cli.serve",
 )
 
 
