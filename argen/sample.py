@@ -124,6 +124,12 @@ class RowNoise:
                 raise ValueError(f"got {len(generator)} generators for {batch_size} prompts; pass one per prompt or a single one.")
         self.generator, self.batch_size = generator, batch_size
 
+    def subset(self, rows: list[int]) -> RowNoise:
+        """The noise of these rows only (a single generator stays shared)."""
+        if isinstance(self.generator, list):
+            return RowNoise([self.generator[r] for r in rows], len(rows))
+        return RowNoise(self.generator, len(rows))
+
     def _fill(self, out: torch.Tensor, draw) -> torch.Tensor:
         if isinstance(self.generator, list):
             for row, gen in zip(out, self.generator):

@@ -44,12 +44,34 @@ class SpeculativeDecoder:
         self.n = torch.zeros(B, dtype=torch.long, device=device)  # committed tokens per row
         self.s = torch.zeros(B, dtype=torch.long, device=device)  # window start: slot j predicts token s + j
         self.nonfinite = torch.zeros(B, dtype=torch.bool, device=device)
+        self.index = torch.arange(B, device=device)  # each row's place in the batch as given (finished rows leave)
+        self.codes = torch.empty(B, self.N, dtype=torch.long, device=device)  # finished rows' codes, in that order
+        self.finished_nonfinite = torch.zeros(B, dtype=torch.bool, device=device)
         self._draft(torch.ones(B, L, dtype=torch.bool, device=device))
 
     def run(self) -> Decoded:
-        while bool((self.n < self.N).any()):
+        while self.B:
             self.step()
-        return Decoded(codes=self.seq, forward_passes=self.forward_passes, nonfinite=self.nonfinite)
+        return Decoded(codes=self.codes, forward_passes=self.forward_passes, nonfinite=self.finished_nonfinite)
+
+    def _retire_finished(self) -> None:
+        """Move the rows that committed all their tokens out of the batch (and out of the cache), so later forward
+        passes compute only the rows still decoding."""
+        done = self.n >= self.N
+        if not bool(done.any()):
+            return
+        self.codes[self.index[done]] = self.seq[done]
+        self.finished_nonfinite[self.index[done]] = self.nonfinite[done]
+        keep = (~done).nonzero().flatten()
+        keep_rows = torch.cat([keep + i * self.B for i in range(self.R // self.B)])  # the cond rows, then the uncond
+        for name in ("seq", "q", "n", "s", "nonfinite", "index"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.rows = self.rows[keep_rows]
+        self.cache = KVCache(tuple(k[keep_rows] for k in self.cache.k), tuple(v[keep_rows] for v in self.cache.v))
+        self.noise = self.noise.subset(keep.tolist())
+        self.R = self.R // self.B * len(keep)
+        self.B = len(keep)
+        self.at = torch.arange(self.B, device=self.device)
 
     def step(self) -> None:
         """One forward pass: every row's window is predicted, its drafts checked, and 1 to `window` tokens committed.
@@ -59,8 +81,7 @@ class SpeculativeDecoder:
         first rejection the token is drawn from the residual max(p - q, 0) instead, and the row commits its accepted
         drafts plus that token (all of them when none is rejected). So every committed token is a draw from p given
         the tokens before it, whatever q is: the images follow the model's distribution exactly. The drafts after a
-        rejection are drawn again: "jacobi" from this forward's predictions (the Jacobi iteration), "spatial" by
-        copying the (new) token above or to the left. With temperature 0 a draft is
+        rejection are drawn again from this forward's predictions (the Jacobi iteration). With temperature 0 a draft is
         accepted when it is the argmax and a rejected one replaced by the argmax: the same tokens as one per forward.
         The cache keeps what the committed tokens wrote; the positions of rejected drafts are rewritten next step.
         """
@@ -105,22 +126,19 @@ class SpeculativeDecoder:
             fix = self.noise.categorical(torch.where(mass > 1e-12, residual / mass.clamp(min=1e-30), p_r))
         seq[at, t[at, r]] = torch.where(rejected, fix, seq[at, t[at, r]])
         n_new = torch.where(rejected, s + r + 1, s + L)
-        # the slots after a rejection were drafted on a context that changed: draft them again
+        # the Jacobi step: the slots after a rejection get new drafts from this forward's predictions
         later = rejected[:, None] & (slots[None] > r[:, None])
-        if self.config.decoding == "jacobi":  # from this forward's predictions (the Jacobi iteration)
-            redraft = best if p is None else self.noise.categorical(p)
-            seq.scatter_(1, t, torch.where(later, redraft, seq.gather(1, t)))
-            if p is not None:
-                self.q = torch.where(later[..., None], p, self.q)
+        redraft = best if p is None else self.noise.categorical(p)
+        seq.scatter_(1, t, torch.where(later, redraft, seq.gather(1, t)))
+        if p is not None:
+            self.q = torch.where(later[..., None], p, self.q)
         # slide each window to its new start (never past the last token), then draft the slots that entered it
         s_new = n_new.clamp(max=N - L)
         old_slot = (s_new - s)[:, None] + slots  # (B, L) the old slot of each new slot
-        kept = old_slot < L
         self.q = self.q.gather(1, old_slot.clamp(max=L - 1)[..., None].expand(B, L, K))
-        if self.config.decoding == "spatial":  # "spatial" drafts again whatever came after a rejection, by copying
-            kept &= ~(rejected[:, None] & (old_slot > r[:, None]))
         self.n, self.s = n_new, s_new
-        self._draft(~kept)
+        self._draft(old_slot >= L)
+        self._retire_finished()
 
     def _draft(self, fresh: torch.Tensor) -> None:
         """Draft the window slots `fresh` (B, L), in place in seq and q.
