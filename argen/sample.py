@@ -16,6 +16,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 # Bounds on the sampler's settings: outside them the result is greedy or overflows in all but name.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 MAX_CFG_SCALE = 1000.0
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence take non-negative 64-bit seeds
 DECODINGS = ("token", "jacobi", "spatial")
 MAX_WINDOW = 256
 

@@ -92,17 +92,14 @@ def measure_quality(pipe: Pipeline, configs: dict[str, SamplingConfig], *, promp
     grids = {}
     for kind, kind_prompts in prompts.items():
         verdicts: dict[str, np.ndarray] = {}
-        passes: dict[str, float] = {}
         for name, config in configs.items():
             gen = pipe.generate(kind_prompts, n_per_prompt=per_prompt[kind], sampling=config, seed=seed, batch_size=256)
             verdicts[name] = np.array([r.correct for r in judge_images(gen.prompts, gen.images)], dtype=np.float64)
-            passes[name] = gen.forward_passes / len(gen.prompts)
             if kind == "relation":
                 grids[name] = (gen.images[:16], gen.prompts[:16])
         boot = PromptBootstrap([p for p in kind_prompts for _ in range(per_prompt[kind])], n_boot=n_boot, seed=seed)
         results[kind] = {
             "prompts": len(kind_prompts), "images": len(verdicts["token"]),
-            "forward_passes_per_image": passes,
             "accuracy": {n: boot.mean(v).as_dict() for n, v in verdicts.items()},
             "difference_vs_token": {n: boot.difference(v, verdicts["token"]).as_dict() for n, v in verdicts.items()
                                     if n != "token"},
@@ -119,26 +116,26 @@ def markdown(payload: dict) -> str:
     lines = [f"Command: `{payload['command']}`", "", f"Host: {payload['host']}, torch {payload['torch']}.", ""]
     for block in payload["speed"]:
         lines += [f"### {block['model']}", "", block["about"], "",
-                  "| batch | CFG | setting | forward passes / image | images/s | vs token | vs HF `generate` |",
+                  "| batch | CFG | setting | forward passes per batch | images/s | vs token | vs HF `generate` |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in block["rows"]:
             for name, ips in r["images_per_s"].items():
                 vs_hf = r["speedup_vs_hf"].get(name)
                 lines.append(f"| {r['batch']} | {'on' if r['cfg'] else 'off'} | {name} | "
-                             f"{r['forward_passes_per_batch'][name] / r['batch']:.1f} | {ips:.2f} | "
+                             f"{r['forward_passes_per_batch'][name]} | {ips:.2f} | "
                              f"{r['speedup_vs_token'][name]:.2f}x | {f'{vs_hf:.2f}x' if vs_hf else ''} |")
         lines.append("")
     if payload.get("quality"):
         q = payload["quality"]
         lines += ["### Judge whole-prompt accuracy, same prompts and row seeds", "",
                   f"Sampling: {payload['sampling']}. 95% prompt-bootstrap intervals; the difference is paired.", "",
-                  "| prompts | setting | forward passes / image | accuracy | difference vs token |",
-                  "| --- | --- | --- | --- | --- |"]
+                  "| prompts | setting | accuracy | difference vs token |",
+                  "| --- | --- | --- | --- |"]
         for kind, r in q.items():
             for name, acc in r["accuracy"].items():
                 diff = r["difference_vs_token"].get(name)
                 d = f"{diff['estimate'] * 100:+.1f} [{diff['low'] * 100:+.1f}, {diff['high'] * 100:+.1f}]" if diff else ""
-                lines.append(f"| {kind} ({r['images']} images) | {name} | {r['forward_passes_per_image'][name]:.1f} | "
+                lines.append(f"| {kind} ({r['images']} images) | {name} | "
                              f"{acc['estimate'] * 100:.1f}% [{acc['low'] * 100:.1f}, {acc['high'] * 100:.1f}] | {d} |")
         lines += ["", "![relation prompts, one row per setting](relation_side_by_side.png)", ""]
     return "\n".join(lines)

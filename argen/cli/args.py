@@ -7,7 +7,7 @@ import argparse
 import math
 from typing import Callable
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence take non-negative 64-bit seeds
+from argen.sample import MAX_SEED
 
 
 def _parse(kind: type, text: str) -> int | float:

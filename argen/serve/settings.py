@@ -10,8 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from argen.cli.args import MAX_SEED
-from argen.sample import MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW, SamplingConfig
+from argen.sample import MAX_CFG_SCALE, MAX_SEED, MAX_TEMPERATURE, MAX_WINDOW, SamplingConfig
 
 MAX_IMAGES = 64  # images per column and job: 64 demo-GPT images take about 2 s on a laptop CPU, 64 unCLIP ones ~12 s
 MAX_PROMPT_CHARS = 1000
