@@ -12,7 +12,7 @@ from argen.data.shapes import ShapesDataset, parse_templates
 from argen.data.skips import collate
 from argen.eval.generation import PROMPT_KINDS, judge_images, prompt_set, score
 from argen.eval.tokenizer import evaluate_tokenizer
-from argen.pipeline import PIPELINE_FILE, Pipeline
+from argen.pipeline import PIPELINE_FILE, Pipeline, set_recommended_sampling
 from argen.sample import SamplingConfig
 from argen.tasks.gpt import GPTExperiment, train_gpt
 from argen.tasks.tokenizer import TOKENIZER_DIR, TokenizerExperiment, train_tokenizer
@@ -148,6 +148,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
     pipe = Pipeline.load(pipeline_dir)
     sweep, sampling = _sampler_sweep(pipe, settings)
     print(f"sampler sweep (whole-prompt accuracy): {json.dumps(sweep)}; using {_setting_name(sampling)}")
+    set_recommended_sampling(pipeline_dir, sampling)  # `argen sample` and Pipeline calls default to it
     results, sheets = {}, {}
     for kind in PROMPT_KINDS:
         prompts = prompt_set(kind, max_prompts=settings.eval_prompts[kind])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -12,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 import argen
+from argen.data.transforms import tensor_to_pil
 from argen.layout import SequenceLayout
 from argen.model.gpt import GPT, CompiledDecoding, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, decode_image_tokens
@@ -23,6 +26,7 @@ from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import (
     atomic_write_bytes,
     atomic_write_dir,
+    claim_output_dir,
     path_inside,
     pretrained_hash,
     read_json_object,
@@ -36,6 +40,9 @@ GPT_DIR = "gpt"  # the GPT's place in a pipeline directory and in a GPT run's fi
 FORMAT = "argen-pipeline"
 FORMAT_VERSION = 1
 TRAINED_WITH_KEY = "_trained_with"  # the GPT's config.json records what it was trained with (see argen.tasks.gpt)
+SAMPLING_KEY = "sampling"  # pipeline.json's recommended sampler settings (argen demo writes what its sweep chose)
+# What a pipeline samples with when its pipeline.json recommends nothing: guidance 2, plain temperature.
+FALLBACK_SAMPLING = SamplingConfig(cfg_scale=2.0)
 
 
 class PipelineError(ValueError):
@@ -100,9 +107,9 @@ def _layout(text: TextTokenizer, vq_config: Any, gpt_config: Any) -> SequenceLay
 
 
 def build_pipeline(out: str | Path, *, vq_dir: str | Path, tokenizer: str | Path, gpt_dir: str | Path,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, sampling: SamplingConfig | None = None) -> Path:
     """Put a VQ tokenizer, a text tokenizer (tokenizer.json or its directory) and a GPT into one directory with a
-    pipeline.json holding each part's hash; returns `out`.
+    pipeline.json holding each part's hash and, when given, the recommended `sampling`; returns `out`.
 
     Refuses (PipelineError, naming both sides) a GPT trained with another VQ or text tokenizer, and a GPT whose
     sizes do not fit them. Parts already in place (`out/gpt` given as `gpt_dir`) are kept, others copied byte for
@@ -122,7 +129,7 @@ def build_pipeline(out: str | Path, *, vq_dir: str | Path, tokenizer: str | Path
     layout = _layout(text, vq_config, gpt_config)
     layout.check(gpt_config, names=(f"GPT {str(gpt_dir)!r}", f"text tokenizer {str(tok_file)!r} + VQ tokenizer {str(vq_dir)!r}"))
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out, kind="pipeline")
     for src, name in ((vq_dir, VQ_DIR), (gpt_dir, GPT_DIR)):
         if src.resolve() != (out / name).resolve():
             atomic_write_dir(out / name, lambda tmp, src=src: [shutil.copy2(f, tmp / f.name) for f in src.iterdir() if f.is_file()])
@@ -140,8 +147,39 @@ def build_pipeline(out: str | Path, *, vq_dir: str | Path, tokenizer: str | Path
         },
         "gpt_trained_with": {k: v for k, v in record.items() if k != "text_ids_seen"},
     }
+    if sampling is not None:
+        manifest[SAMPLING_KEY] = dataclasses.asdict(sampling)
     atomic_write_bytes(out / PIPELINE_FILE, json.dumps(manifest, indent=2).encode())
     return out
+
+
+def set_recommended_sampling(path: str | Path, sampling: SamplingConfig) -> None:
+    """Record `sampling` in the pipeline directory's pipeline.json as the setting to sample with by default."""
+    file = Path(path) / PIPELINE_FILE
+    manifest = read_json_object(file)
+    manifest[SAMPLING_KEY] = dataclasses.asdict(sampling)
+    atomic_write_bytes(file, json.dumps(manifest, indent=2).encode())
+
+
+def recommended_sampling(manifest: dict[str, Any], *, file: str | Path = PIPELINE_FILE) -> SamplingConfig:
+    """The sampler settings a pipeline.json recommends, or FALLBACK_SAMPLING when it recommends none."""
+    saved = manifest.get(SAMPLING_KEY)
+    if saved is None:
+        return FALLBACK_SAMPLING
+    try:
+        return SamplingConfig(**saved)
+    except (TypeError, ValueError) as err:
+        raise PipelineError(f"{file}: its '{SAMPLING_KEY}' settings {saved!r} are not valid: {err}. Fix or delete "
+                            "them (the pipeline then samples with the defaults).") from None
+
+
+@dataclass
+class PipelineOutput:
+    """What calling a Pipeline returns: PIL images, prompts in order with num_images each, and the tensors behind them."""
+
+    images: list[Image.Image]  # (N,) RGB images
+    prompts: list[str]         # (N,) the prompt of each image
+    result: GenerationResult   # the tensors (images in [-1, 1], codes), row seeds and the settings used
 
 
 @dataclass
@@ -191,6 +229,33 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.gpt.parameters()).device
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The sampler settings this pipeline recommends (pipeline.json), used when a call gives none."""
+        return recommended_sampling(self.manifest, file=(self.path or Path(".")) / PIPELINE_FILE)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = None, **kwargs: Any) -> Pipeline:
+        """Load a pipeline directory onto `device` (default: CUDA when available); see `load` for the keywords."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls.load(path, device=device, **kwargs)
+
+    def __call__(self, prompt: str | Sequence[str], *, num_images: int = 1, seed: int = 0,
+                 sampling: SamplingConfig | None = None, batch_size: int | None = None, **settings: Any) -> PipelineOutput:
+        """Images for `prompt` (one or several): `pipe("a red circle", num_images=4).images` is a list of PIL images.
+
+        Samples with the pipeline's recommended settings (`self.sampling`), or `sampling`, changed by any
+        SamplingConfig field given as a keyword (`pipe("a red circle", cfg_scale=3, decoding="spatial")`).
+        """
+        base = sampling if sampling is not None else self.sampling
+        try:
+            config = dataclasses.replace(base, **settings)
+        except TypeError:
+            known = ", ".join(f.name for f in dataclasses.fields(SamplingConfig))
+            raise ValueError(f"unknown sampler setting(s) {sorted(settings)}; SamplingConfig has {known}.") from None
+        result = self.generate(prompt, n_per_prompt=num_images, sampling=config, seed=seed, batch_size=batch_size)
+        return PipelineOutput(images=[tensor_to_pil(x) for x in result.images], prompts=result.prompts, result=result)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True, pack: bool = True,
@@ -254,10 +319,10 @@ class Pipeline:
 
         The k-th sample of a prompt draws from its own generator seeded by `row_seed(seed, prompt, k)`, so a row's
         image depends only on (prompt, seed, k, sampling), never on the batch it ran in. The empty prompt "" is
-        the unconditional model. `sampling` defaults to SamplingConfig() (plain sampling, no CFG). `batch_size` caps
-        the rows per GPT batch (CFG doubles it internally).
+        the unconditional model. `sampling` defaults to the pipeline's recommended settings (`self.sampling`).
+        `batch_size` caps the rows per GPT batch (CFG doubles it internally).
         """
-        sampling = sampling if sampling is not None else SamplingConfig()
+        sampling = sampling if sampling is not None else self.sampling
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("give at least one prompt (the empty prompt \"\" samples unconditionally).")

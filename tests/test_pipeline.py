@@ -194,3 +194,61 @@ def test_sample_cli_refuses_out_of_range_options_in_one_line(trained, tmp_path, 
     err = capsys.readouterr().err
     assert re.search(message, err.strip().splitlines()[-1]) and "Traceback" not in err  # (argparse prints usage above)
     assert not (tmp_path / "g.png").exists()
+
+
+def test_python_api_returns_pil_images_with_the_recommended_settings(trained, tmp_path):
+    from argen.pipeline import FALLBACK_SAMPLING, set_recommended_sampling
+
+    pipe = Pipeline.from_pretrained(trained.final)
+    assert pipe.sampling == FALLBACK_SAMPLING  # nothing recommended yet
+    out = pipe("a red circle", num_images=3, seed=1)
+    assert len(out.images) == 3 and out.images[0].size == (16, 16) and out.images[0].mode == "RGB"
+    assert out.prompts == ["a red circle"] * 3 and out.result.images.shape == (3, 3, 16, 16)
+    assert out.result.sampling == FALLBACK_SAMPLING
+
+    pipe_dir = tmp_path / "pipe"
+    shutil.copytree(trained.final, pipe_dir)
+    chosen = SamplingConfig(cfg_scale=3.0, temperature=0.5, top_k=8)
+    set_recommended_sampling(pipe_dir, chosen)
+    pipe = Pipeline.from_pretrained(pipe_dir)
+    assert pipe.sampling == chosen
+    a = pipe(["a red circle", "a blue square"], num_images=2, seed=0)
+    assert a.result.sampling == chosen
+    assert torch.equal(a.result.codes, pipe.generate(["a red circle", "a blue square"], n_per_prompt=2, sampling=chosen).codes)
+    b = pipe("a red circle", num_images=2, temperature=0.0)  # one field changed, the rest recommended
+    assert b.result.sampling == SamplingConfig(cfg_scale=3.0, temperature=0.0, top_k=8)
+    with pytest.raises(ValueError, match=r"unknown sampler setting\(s\) \['temprature'\]; SamplingConfig has temperature"):
+        pipe("a red circle", temprature=0.5)
+
+    manifest = json.loads((pipe_dir / "pipeline.json").read_text())
+    manifest["sampling"]["cfg_scale"] = -1
+    (pipe_dir / "pipeline.json").write_text(json.dumps(manifest))
+    with pytest.raises(PipelineError, match=r"pipeline.json: its 'sampling' settings .* are not valid: cfg_scale must be"):
+        Pipeline.from_pretrained(pipe_dir).sampling
+
+
+def test_sample_cli_uses_the_recommended_settings_unless_flags_override(trained, tmp_path, capsys):
+    from argen.pipeline import set_recommended_sampling
+
+    pipe_dir = tmp_path / "pipe"
+    shutil.copytree(trained.final, pipe_dir)
+    set_recommended_sampling(pipe_dir, SamplingConfig(cfg_scale=2.5, temperature=0.5, top_k=8))
+    assert main(["sample", "--pipeline", str(pipe_dir), "a red circle", "-n", "1", "-o", str(tmp_path / "a.png")]) == 0
+    assert "sampling with CFG 2.5 constant, T 0.5, top-k 8 (pipeline.json recommends it)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "a.json").read_text())["sampling"]
+    assert (record["cfg_scale"], record["temperature"], record["top_k"]) == (2.5, 0.5, 8)
+    assert main(["sample", "--pipeline", str(pipe_dir), "a red circle", "-n", "1", "--top-k", "0", "--cfg", "1",
+                 "--decoding", "spatial", "-o", str(tmp_path / "b.png")]) == 0
+    record = json.loads((tmp_path / "b.json").read_text())["sampling"]
+    assert (record["cfg_scale"], record["temperature"], record["top_k"], record["decoding"]) == (1.0, 0.5, None, "spatial")
+
+
+def test_gpt_sampler_flags_on_a_unclip_pipeline_are_refused(tmp_path, capsys):
+    from argen.unclip.pipeline import UNCLIP_FILE
+
+    (tmp_path / "unclip").mkdir()
+    (tmp_path / "unclip" / UNCLIP_FILE).write_text("{}")  # refused before anything is loaded
+    rc = main(["sample", "--pipeline", str(tmp_path / "unclip"), "a red circle", "--temperature", "0.5", "--top-k", "4",
+               "-o", str(tmp_path / "g.png")])
+    assert rc == 2
+    assert "error: --temperature, --top-k set the GPT of a token pipeline" in capsys.readouterr().err

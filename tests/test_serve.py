@@ -26,6 +26,7 @@ from torch import nn
 
 from argen.cli import build_parser, main
 from argen.data.transforms import pil_to_tensor
+from argen.pipeline import recommended_sampling
 from argen.sample import SamplingConfig
 from argen.serve.jobs import JobQueue, QueueFull, load_systems
 from argen.serve.settings import (
@@ -35,7 +36,6 @@ from argen.serve.settings import (
     SettingsError,
     SystemInfo,
     _field_kind,
-    recommended_sampling,
     sample_command,
 )
 

@@ -20,17 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompts", nargs="*", help='prompts, e.g. "a red circle above a blue square"; "" is unconditional')
     p.add_argument("--prompts-file", help="more prompts, one per line (blank lines are unconditional prompts)")
     p.add_argument("-n", "--num", type=positive_int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--cfg", type=float_in(0.0, MAX_CFG_SCALE), default=3.0, help="classifier-free guidance scale of the GPT (unCLIP: of the "
-                   "decoder); 1 turns it off (default 3)")
-    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant")
-    p.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--top-p", type=float_in(0.0, 1.0), default=None)
-    p.add_argument("--decoding", choices=DECODINGS, default="token",
+    g = p.add_argument_group("the GPT's sampler", "each defaults to the pipeline's recommended setting (pipeline.json, "
+                             "which `argen demo` fills with what its sweep chose)")
+    g.add_argument("--cfg", type=float_in(0.0, MAX_CFG_SCALE), default=None,
+                   help="classifier-free guidance scale of the GPT (unCLIP: of the decoder); 1 turns it off")
+    g.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
+    g.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=None, help="0 is greedy")
+    g.add_argument("--top-k", type=int_in(0), default=None, help="keep the k likeliest codes; 0 keeps all")
+    g.add_argument("--top-p", type=float_in(0.0, 1.0), default=None, help="nucleus mass to keep; 1 keeps all")
+    g.add_argument("--decoding", choices=DECODINGS, default=None,
                    help="token: one image token per forward pass; jacobi / spatial: speculative Jacobi decoding, several "
                         "tokens per pass from the same distribution (new drafts uniform / copied from the code above)")
-    p.add_argument("--window", type=int_in(1, MAX_WINDOW), default=16,
-                   help="draft tokens checked per forward pass with --decoding jacobi or spatial (default 16)")
+    g.add_argument("--window", type=int_in(1, MAX_WINDOW), default=None,
+                   help="draft tokens checked per forward pass with --decoding jacobi or spatial")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per GPT batch")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
@@ -53,7 +55,6 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from argen.pipeline import Pipeline, part_hashes
-    from argen.sample import SamplingConfig
     from tokenizers_img.serialization import write_marked_json
 
     prompts = [_check_utf8(p, "the command line") for p in args.prompts]
@@ -63,26 +64,26 @@ def run_sample(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: give at least one prompt (\"\" samples unconditionally).", file=sys.stderr)
         return 2
-    try:
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, decoding=args.decoding,
-                                  window=args.window)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from argen.unclip.pipeline import UNCLIP_FILE
 
+    overrides = _sampler_overrides(args)
     if (Path(args.pipeline) / UNCLIP_FILE).is_file():
-        for flag, used in (("--compile", args.compile), ("--decoding", args.decoding != "token")):
-            if used:
-                print(f"error: {flag} applies to the GPT of a token pipeline (pipeline.json); this is a unCLIP "
-                      f"pipeline, drop {flag}.", file=sys.stderr)
-                return 2
+        gpt_only = [flag for flag, field in GPT_ONLY_FLAGS.items() if field in overrides] + (["--compile"] * args.compile)
+        if gpt_only:
+            print(f"error: {', '.join(gpt_only)} set the GPT of a token pipeline (pipeline.json); this is a unCLIP "
+                  f"pipeline (its CLIP, prior and decoder take --cfg and the unCLIP options): drop them.", file=sys.stderr)
+            return 2
         return _run_sample_unclip(args, prompts, device)
     if args.compile and device != "cpu":
         print(f"note: --compile applies to CPU sampling; on {device} the GPT runs eagerly.")
     pipe = Pipeline.load(args.pipeline, device=device, verify=not args.no_verify, compile=args.compile)
+    try:
+        sampling = dataclasses.replace(pipe.sampling, **overrides)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"sampling with {_describe(sampling)} ({'pipeline.json recommends it' if not overrides else 'flags over pipeline.json'})")
     for prompt in dict.fromkeys(prompts):
         if not prompt.strip():
             print("note: the empty prompt samples the unconditional model (no caption).")
@@ -113,6 +114,33 @@ def run_sample(args: argparse.Namespace) -> int:
           f"sampling took {seconds:.1f} s on {device}")
     return 0
 
+
+
+# Flags of the GPT's sampler and the SamplingConfig field each sets (--cfg also sets a unCLIP decoder's guidance).
+GPT_ONLY_FLAGS = {"--cfg-schedule": "cfg_schedule", "--temperature": "temperature", "--top-k": "top_k",
+                  "--top-p": "top_p", "--decoding": "decoding", "--window": "window"}
+
+
+def _sampler_overrides(args: argparse.Namespace) -> dict:
+    """The SamplingConfig fields given on the command line (--top-k 0 and --top-p 1 mean off)."""
+    given = {field: getattr(args, field) for field in GPT_ONLY_FLAGS.values() if getattr(args, field) is not None}
+    if args.cfg is not None:
+        given["cfg_scale"] = args.cfg
+    if given.get("top_k") == 0:
+        given["top_k"] = None
+    if given.get("top_p") == 1.0:
+        given["top_p"] = None
+    return given
+
+
+def _describe(sampling) -> str:
+    schedule = f" {sampling.cfg_schedule}" if sampling.cfg_scale != 1 else ""
+    parts = [f"CFG {sampling.cfg_scale:g}{schedule}", f"T {sampling.temperature:g}", f"top-k {sampling.top_k or 'all'}"]
+    if sampling.top_p is not None:
+        parts.append(f"top-p {sampling.top_p:g}")
+    if sampling.decoding != "token":
+        parts.append(f"{sampling.decoding} decoding, window {sampling.window}")
+    return ", ".join(parts)
 
 
 def _check_utf8(prompt: str, where: str) -> str:
@@ -173,7 +201,8 @@ def _run_sample_unclip(args: argparse.Namespace, prompts: list[str], device: str
     sampling = UnclipSampling(
         prior=prior, diffusion=DiffusionPriorSampling(steps=args.prior_steps, cfg_scale=args.prior_cfg),
         ar=ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=args.prior_cfg)),
-        decoder=DecoderSampling(steps=args.decoder_steps, cfg_scale=args.cfg))
+        decoder=DecoderSampling(steps=args.decoder_steps,
+                                **({} if args.cfg is None else {"cfg_scale": args.cfg})))
     start = time.perf_counter()
     result = pipe.generate(prompts, n_per_prompt=args.num, seed=args.seed, sampling=sampling, batch_size=args.batch_size)
     seconds = time.perf_counter() - start

@@ -38,9 +38,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from argen.pipeline import recommended_sampling
     from argen.serve.app import create_app
     from argen.serve.jobs import JobQueue, load_systems
-    from argen.serve.settings import Form, recommended_sampling
+    from argen.serve.settings import Form
 
     if args.pipeline is None and args.unclip is None:
         print("argen serve: error: give --pipeline DIR (a GPT pipeline), --unclip DIR, or both.", file=sys.stderr)

@@ -21,15 +21,6 @@ class SettingsError(ValueError):
     """A setting from the page is missing, malformed or out of range; the message names it, its value and the fix."""
 
 
-def recommended_sampling(manifest: dict[str, Any]) -> SamplingConfig:
-    """The GPT sampler settings the page starts from, for a pipeline with this pipeline.json.
-
-    Pipeline directories do not record a recommended setting yet; until they do, this is SamplingConfig's defaults
-    with CFG 2 at temperature 1 (the demo's sweep chose CFG 2). The one place to read the recorded setting from.
-    """
-    return SamplingConfig(cfg_scale=2.0, temperature=1.0)
-
-
 @dataclass(frozen=True)
 class FormField:
     """One input of the settings form: `kind` "int", "float", "bool" or "choice"; `optional` inputs may be left empty
