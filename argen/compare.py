@@ -327,7 +327,8 @@ def attribute_table(results: Sequence[SystemResult]) -> list[str]:
 
 
 def plot_quality_vs_cost(results: Sequence[SystemResult], path: Path) -> None:
-    """Whole-prompt accuracy (with its interval) against FLOPs per image, log x; one point per system/setting."""
+    """Whole-prompt accuracy (with its interval) against FLOPs per image, log x; one point per system, all scored on
+    the same prompts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,7 +536,8 @@ def run_compare(out: str | Path, *, judge_clip: str | Path, gpt_pipeline: str | 
                 prior=main_prior, diffusion=base.diffusion, ar=base.ar,
                 decoder=dataclasses.replace(base.decoder, steps=int(v))), name=f"decoder steps {v}"))
 
-    plot_quality_vs_cost(list(results.values()) + [r for pts in sweeps.values() for _, r in pts], out / "quality_vs_cost.png")
+    # the systems only: they are scored on every prompt, the sweep points on the sweep prompts (sweeps.png shows them)
+    plot_quality_vs_cost(list(results.values()), out / "quality_vs_cost.png")
     if sweeps:
         plot_sweeps(sweeps, out / "sweeps.png")
     seconds = time.perf_counter() - start_all

@@ -317,3 +317,17 @@ def test_embed_cli_writes_a_shard(tmp_path, bpe):
     assert len(shard) == 6 and shard.meta["split"] == "heldout" and shard.meta["resolution"] == 32
     assert main(args) == 2  # exists: refused without --overwrite
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_the_hash_is_computed_once_and_again_after_the_weights_change(monkeypatch, bpe):
+    import argen.unclip.clip as clip_module
+
+    clip = ClipEncoder.build(tiny_config(), bpe, text_len=20, seed=0)
+    calls = []
+    original = clip_module.ClipEncoder._hash_weights
+    monkeypatch.setattr(clip_module.ClipEncoder, "_hash_weights", lambda self: calls.append(1) or original(self))
+    first = clip.sha256
+    assert clip.sha256 == first and len(calls) == 1
+    with torch.no_grad():
+        next(clip.model.parameters()).add_(1.0)  # an in-place change bumps the tensor's version
+    assert clip.sha256 != first and len(calls) == 2

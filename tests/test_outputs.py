@@ -199,3 +199,18 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"cannot write {tmp_path / 'r.json'}: No space left on device") as err:
         atomic_write_bytes(tmp_path / "r.json", b"{}")
     assert err.value.filename == str(tmp_path / "r.json") and list(tmp_path.iterdir()) == []
+
+
+def test_only_errors_argen_raises_on_purpose_are_one_line(monkeypatch, capsys):
+    import argen.cli.data
+
+    def python_bug(args):
+        first, second = [1, 2, 3]  # a ValueError from Python itself: a bug, shown with its traceback
+        return 0
+
+    monkeypatch.setattr(argen.cli.data, "judge_main", python_bug)
+    parser_args = ["data", "judge", "--images", "."]
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        main(parser_args)
+    assert main(["sample", "--pipeline", "/nonexistent", "a red circle"]) == 2  # argen's own: one line
+    assert "Traceback" not in capsys.readouterr().err

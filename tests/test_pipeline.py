@@ -252,3 +252,17 @@ def test_gpt_sampler_flags_on_a_unclip_pipeline_are_refused(tmp_path, capsys):
                "-o", str(tmp_path / "g.png")])
     assert rc == 2
     assert "error: --temperature, --top-k set the GPT of a token pipeline" in capsys.readouterr().err
+
+
+def test_a_large_sample_job_caps_its_grid_and_says_where_the_images_are(trained, tmp_path, capsys):
+    from argen.cli.sample import GRID_PROMPTS
+    from argen.viz import sheet_layout
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a red circle {i}" for i in range(GRID_PROMPTS + 4)) + "\n")
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--pipeline", str(trained.final), "--prompts-file", str(prompts), "-n", "1", "-o", str(out)]) == 0
+    _, rows, _, cell_h, _ = sheet_layout(GRID_PROMPTS, 16, columns=1)
+    assert Image.open(out).size[1] == rows * cell_h == GRID_PROMPTS * cell_h
+    assert len(list((tmp_path / "grid_images").glob("*.png"))) == GRID_PROMPTS + 4
+    assert f"shows the first {GRID_PROMPTS} prompts; all {GRID_PROMPTS + 4} images are in" in capsys.readouterr().out

@@ -156,8 +156,15 @@ def test_only_image_codes_are_sampled_even_when_text_tokens_dominate():
     model = tiny_model()
     with torch.no_grad():
         model.lm_head.weight[:OFFSET] *= 50  # text/BOI logits now dwarf the image-code logits
-    greedy = sample(model, prompts(2), SamplingConfig(temperature=0.0))
+    prefix = prompts(2)
+    greedy = sample(model, prefix, SamplingConfig(temperature=0.0))
     assert greedy.max() < NUM_CODES and greedy.min() >= 0
+    # each code is the argmax over the image-code slice given the codes before it, fed back shifted by the offset
+    # (text ids 0-10 are valid code values too, so a sampler that ignored image_offset would fail here, not above)
+    with torch.no_grad():
+        logits = model(torch.cat([prefix, greedy[:, :-1] + OFFSET], dim=1))[:, prefix.shape[1] - 1:]  # (B, N, V)
+    assert torch.equal(logits[..., OFFSET:OFFSET + NUM_CODES].argmax(dim=-1), greedy)
+    assert not torch.equal(logits.argmax(dim=-1), greedy + OFFSET)  # the unrestricted argmax is a text token
 
 
 @pytest.mark.skipif(not onednn_available(), reason="oneDNN linears need an x86-64 PyTorch with mkldnn")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import linecache
 import os
 import sys
+from pathlib import Path
 
 from argen.cli.args import int_in
 
@@ -23,8 +25,10 @@ COMMAND_MODULES = (
 
 
 # Errors at the boundary (a missing file, a config typo, a mismatched checkpoint, a full disk or a denied permission,
-# which name their path) print one clear line, not a traceback; ARGEN_TRACEBACK=1 shows the traceback too.
+# which name their path) print one clear line, not a traceback; ARGEN_TRACEBACK=1 shows the traceback too. A ValueError
+# counts only when argen raised it on purpose (see _raised_by_argen): one from Python or a library is a bug to report.
 BOUNDARY_ERRORS = (OSError, ValueError)
+PACKAGES = tuple(str(Path(importlib.import_module(name).__file__).parent) for name in ("argen", "tokenizers_img"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,10 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BOUNDARY_ERRORS as err:
-        if os.environ.get("ARGEN_TRACEBACK") == "1":
+        if os.environ.get("ARGEN_TRACEBACK") == "1" or not (isinstance(err, OSError) or _raised_by_argen(err)):
             raise
         print(f"argen {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _raised_by_argen(err: BaseException) -> bool:
+    """Whether `err` comes from a `raise` statement in argen or tokenizers_img (an input error argen names), rather than
+    from Python or a library (an unpacking error, a failed int(), a torch shape check), which deserve a traceback."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not tb.tb_frame.f_code.co_filename.startswith(PACKAGES):
+        return False
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise")
 
 
 if __name__ == "__main__":

@@ -177,14 +177,23 @@ def _images_dir(out: Path) -> Path:
     return out.with_name(out.stem + "_images")
 
 
+# The grid shows at most this many prompts' rows (every image is in OUT_images/ anyway): a few hundred prompts made
+# one PNG tens of thousands of pixels tall.
+GRID_PROMPTS = 16
+
+
 def _write_images(out: Path, images, prompts: list[str], sample_index: list[int], *, num: int) -> list[str]:
-    """The images in OUT_images/ (PNG + metadata.jsonl) and the captioned grid at OUT."""
+    """The images in OUT_images/ (PNG + metadata.jsonl) and the captioned grid of the first GRID_PROMPTS prompts at OUT."""
     from argen.viz import contact_sheet, save_image_folder, save_png
 
     names = [f"p{r // num:03d}_s{k:02d}.png" for r, k in enumerate(sample_index)]
     files = save_image_folder(_images_dir(out), images, prompts, names)
-    captions = [p if p.strip() else "(unconditional)" for p in prompts]
-    save_png(contact_sheet(list(images), captions, columns=num), out)
+    shown = min(len(prompts), GRID_PROMPTS * num)
+    captions = [p if p.strip() else "(unconditional)" for p in prompts[:shown]]
+    save_png(contact_sheet(list(images[:shown]), captions, columns=num), out)
+    if shown < len(prompts):
+        print(f"note: the grid {out} shows the first {GRID_PROMPTS} prompts; all {len(prompts)} images are in "
+              f"{_images_dir(out)}/")
     return [str(f) for f in files]
 
 

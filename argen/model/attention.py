@@ -128,7 +128,9 @@ def attention(
         if mask is not None:
             raise BackendUnavailableError("attention backend 'xformers' takes no per-row mask (parallel decoding); "
                                           "use attn_backend 'sdpa' or 'auto'.")
-        return _xformers(q, k, v, causal=causal, dropout_p=dropout_p)
+        # xformers wants one dtype; under autocast q and k leave RoPE in fp32 while v comes out of the linear in bf16
+        out = _xformers(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, dropout_p=dropout_p)
+        return out.to(q.dtype)
     return _math(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p)
 
 

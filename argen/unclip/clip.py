@@ -168,7 +168,15 @@ class ClipEncoder:
     @property
     def sha256(self) -> str:
         """Identifies the exact CLIP: its weights (names, shapes and bytes) and its tokenizer. The config is left out:
-        a reloaded config gains bookkeeping keys (dtype, architectures) that do not change the model."""
+        a reloaded config gains bookkeeping keys (dtype, architectures) that do not change the model. Hashed once and
+        again only after a weight changed (each tensor's in-place version counter is part of the cache key)."""
+        key = tuple((id(t), t._version) for t in self.model.state_dict(keep_vars=True).values())
+        cached = getattr(self, "_sha256_cache", None)
+        if cached is None or cached[0] != key:
+            self._sha256_cache = (key, self._hash_weights())
+        return self._sha256_cache[1]
+
+    def _hash_weights(self) -> str:
         digest = hashlib.sha256()
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(f"{name}{tuple(tensor.shape)}".encode())
