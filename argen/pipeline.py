@@ -19,7 +19,7 @@ from torch import Tensor
 import argen
 from argen.data.transforms import tensor_to_pil
 from argen.layout import SequenceLayout
-from argen.model.gpt import GPT, CompiledDecoding, onednn_available, pack_for_cpu
+from argen.model import GPT, CompiledDecoding, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, decode_image_tokens
 from argen.text import TOKENIZER_FILE, TextTokenizer, tokenizer_file_hash
 from tokenizers_img.config import to_dict

@@ -19,8 +19,7 @@ from sampling import build_pair, hf_processor  # noqa: E402  (the same HF peer a
 
 from argen.eval.generation import judge_images, prompt_set  # noqa: E402
 from argen.eval.stats import PromptBootstrap  # noqa: E402
-from argen.model import GPT, GPTConfig  # noqa: E402
-from argen.model.gpt import onednn_available, pack_for_cpu  # noqa: E402
+from argen.model import GPT, GPTConfig, onednn_available, pack_for_cpu  # noqa: E402
 from argen.pipeline import Pipeline  # noqa: E402
 from argen.sample import SamplingConfig, decode_image_tokens  # noqa: E402
 from argen.viz import contact_sheet, save_png  # noqa: E402

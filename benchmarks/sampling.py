@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from argen.model import GPT, GPTConfig, flops_per_token
-from argen.model.gpt import onednn_available, pack_for_cpu
+from argen.model import GPT, GPTConfig, flops_per_token, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, classifier_free_guidance, sample_image_tokens
 from tokenizers_img.serialization import atomic_write_bytes
 
@@ -134,7 +133,7 @@ def measure_no_cache(ours: GPT, cfg: GPTConfig, *, num_codes: int, seed: int) ->
 
 def measure_peak_matmul(*, n: int, reps: int) -> dict:
     """Measured fp32 GEMM FLOP/s, best of `reps` (n x n) @ (n x n) products: torch.matmul (PyTorch's BLAS, MKL on
-    x86) and, where available, oneDNN (what `argen.model.gpt.Linear` uses on x86 CPUs)."""
+    x86) and, where available, oneDNN (what `argen.model.onednn.Linear` uses on x86 CPUs)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = {"torch_matmul": 2 * n**3 / min(timed(lambda: torch.matmul(a, b)) for _ in range(reps + 1))}
     if onednn_available():

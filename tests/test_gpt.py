@@ -10,18 +10,9 @@ import pytest
 import torch
 
 from argen.model import GPT, GPTConfig, KVCache, available_backends, flops_per_token
-from argen.model.gpt import (
-    ONEDNN_MIN_MACS,
-    WGRAD_BLAS_ROWS,
-    Linear,
-    PackedLinear,
-    apply_rope,
-    onednn_available,
-    pack_for_cpu,
-    rope_positions,
-    rope_tables,
-    use_onednn_linears,
-)
+from argen.model.gpt import apply_rope, rope_positions, rope_tables
+from argen.model.inference import PackedLinear, pack_for_cpu
+from argen.model.onednn import ONEDNN_MIN_MACS, WGRAD_BLAS_ROWS, Linear, onednn_available, use_onednn_linears
 from tokenizers_img.config import from_dict, to_dict
 
 

@@ -205,7 +205,7 @@ def test_only_errors_argen_raises_on_purpose_are_one_line(monkeypatch, capsys):
     import argen.cli.data
 
     def python_bug(args):
-        first, second = [1, 2, 3]  # a ValueError from Python itself: a bug, shown with its traceback
+        _first, _second = [1, 2, 3]  # a ValueError from Python itself: a bug, shown with its traceback
         return 0
 
     monkeypatch.setattr(argen.cli.data, "judge_main", python_bug)

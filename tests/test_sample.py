@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from argen.model import GPT, GPTConfig
-from argen.model.gpt import onednn_available, pack_for_cpu
+from argen.model import GPT, GPTConfig, onednn_available, pack_for_cpu
 from argen.sample import (
     NonFiniteSamplingError,
     SamplingConfig,

@@ -1,4 +1,4 @@
-"""The image-token GPT: config, KV cache, model and the one attention function."""
+"""The image-token GPT: config, KV cache, model, the one attention function, and its CPU inference copies."""
 
 from argen.model.attention import (
     BackendUnavailableError,
@@ -6,7 +6,9 @@ from argen.model.attention import (
     available_backends,
     resolve_backend,
 )
-from argen.model.gpt import GPT, CompiledDecoding, GPTConfig, KVCache, flops_per_token, onednn_available, pack_for_cpu
+from argen.model.gpt import GPT, GPTConfig, KVCache, RowPositions, flops_per_token
+from argen.model.inference import CompiledDecoding, PackedLinear, pack_for_cpu
+from argen.model.onednn import Linear, onednn_available, use_onednn_linears
 
 __all__ = [
     "GPT",
@@ -14,10 +16,14 @@ __all__ = [
     "CompiledDecoding",
     "GPTConfig",
     "KVCache",
+    "Linear",
+    "PackedLinear",
+    "RowPositions",
     "attention",
     "available_backends",
     "flops_per_token",
     "onednn_available",
     "pack_for_cpu",
     "resolve_backend",
+    "use_onednn_linears",
 ]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from argen.model.gpt import use_onednn_linears
+from argen.model.onednn import use_onednn_linears
 from argen.text import TOKENIZER_FILE, TextTokenizer
 from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir
 
@@ -55,7 +55,7 @@ class ClipEncoder:
     Images go in as the datasets give them: (B, 3, H, W) float in [-1, 1]; they are resized (bicubic, antialiased)
     to the vision tower's size and normalised by the CLIP's pixel mean and std here.
 
-    The model's `nn.Linear` layers are swapped in place for `argen.model.gpt.Linear` (same parameters) so CPU fp32
+    The model's `nn.Linear` layers are swapped in place for `argen.model.onednn.Linear` (same parameters) so CPU fp32
     GEMMs run on oneDNN.
     """
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from argen.model.gpt import use_onednn_linears
+from argen.model.onednn import use_onednn_linears
 from argen.unclip.clip import TextEncoding
 from argen.unclip.diffusion_prior import normalize
 from argen.unclip.schedulers import NoiseSchedule
