@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "argen.cli.sample",
     "argen.cli.embed",
     "argen.cli.compare",
+    "argen.cli.eval",
     "argen.cli.serve",
 )
 

@@ -1,0 +1,272 @@
+"""`argen eval`: a pipeline judged on any captioned dataset without a rule-based judge, by a separately trained judge
+CLIP: caption retrieval (R-precision), CLIP score, Fréchet distances and precision/recall, each beside the real
+images' ceiling and the shuffled-caption floor, with prompt-bootstrap intervals; plus the tokenizer's own figures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from argen.eval.caption_metrics import knn_radii, precision_recall, r_precision_hits, within_manifold
+from argen.eval.clip_metrics import clip_scores, feature_statistics, frechet_distance
+from argen.eval.stats import Interval, PromptBootstrap
+from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How much to generate and score.
+
+    prompts: distinct captions per split, each with the real image it came from. images_per_prompt: generated per
+    caption (1 keeps the generated set the size of the real one it is compared with: Fréchet distances grow as sets
+    shrink). reference: further real (image, caption) pairs, disjoint from the prompts' own, that the distances and
+    the precision/recall manifolds compare against.
+    candidates: captions each image is ranked among for R-precision (chance = 1 / candidates). k: neighbours for the
+    precision/recall manifolds. lpips: a local LPIPS weights file (tokenizers_img.lpips) or None to skip LPIPS.
+    """
+
+    prompts: int = 200
+    images_per_prompt: int = 1
+    reference: int = 1000
+    candidates: int = 100
+    k: int = 3
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int = 64
+    lpips: str | None = None
+    splits: tuple[str, ...] = ("val",)
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "images_per_prompt", "reference", "n_boot", "batch_size", "k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.candidates < 2:
+            raise ValueError(f"candidates must be >= 2 (chance is 1 / candidates), got {self.candidates}.")
+
+
+@dataclass
+class CaptionSet:
+    """Distinct captions of one split with the real image each came from, and disjoint reference images."""
+
+    split: str
+    captions: list[str]
+    images: torch.Tensor       # (P, 3, R, R) the captions' own images, in [-1, 1]
+    reference: torch.Tensor    # (M, 3, R, R) other real images of the split
+    reference_captions: list[str] = field(default_factory=list)  # (M,) their captions
+
+
+def _items(dataset) -> Iterator[dict[str, Any]]:
+    if isinstance(dataset, IterableDataset):
+        yield from dataset
+    else:
+        for i in range(len(dataset)):
+            yield dataset[i]
+
+
+def caption_set(spec: str, split: str, *, resolution: int, settings: EvalSettings, **dataset_options: Any) -> CaptionSet:
+    """The first `settings.prompts` distinct captions of `split` with their images, then `settings.reference` more
+    images of the split for the reference set."""
+    from argen.data.registry import build_dataset
+
+    dataset = build_dataset(spec, split=split, resolution=resolution, seed=settings.seed, **dataset_options)
+    captions: dict[str, torch.Tensor] = {}
+    reference: list[tuple[torch.Tensor, str]] = []
+    for item in _items(dataset):
+        if item["caption"] not in captions and len(captions) < settings.prompts:
+            captions[item["caption"]] = item["image"]
+        elif len(reference) < settings.reference:
+            reference.append((item["image"], item["caption"]))
+        if len(captions) == settings.prompts and len(reference) == settings.reference:
+            break
+    if len(captions) < 2 or len(reference) <= settings.k:
+        raise ValueError(f"the {split} split of {spec} gave {len(captions)} distinct caption(s) and {len(reference)} "
+                         f"reference image(s); the evaluation needs at least 2 and more than k={settings.k}. Use a "
+                         "larger split or lower --prompts / --reference.")
+    return CaptionSet(split=split, captions=list(captions), images=torch.stack(list(captions.values())),
+                      reference=torch.stack([image for image, _ in reference]),
+                      reference_captions=[caption for _, caption in reference])
+
+
+def _iv(interval: Interval, scale: float = 1.0) -> dict[str, float]:
+    return {k: v * scale if isinstance(v, float) and k != "level" else v for k, v in interval.as_dict().items()}
+
+
+class PairScorer:
+    """Scores (image, caption) pairs of one CaptionSet with the judge CLIP; the same scores for generated images, the
+    real images (the ceiling) and the real images under shuffled captions (the floor)."""
+
+    def __init__(self, clip, cset: CaptionSet, settings: EvalSettings) -> None:
+        self.clip, self.cset, self.settings = clip, cset, settings
+        self.text = clip.encode_text(cset.captions).embeds.double()  # (P, D)
+        self.reference = clip.encode_images(cset.reference).double()  # (M, D)
+        self.reference_stats = feature_statistics(self.reference.numpy())
+        reference_text = clip.encode_text(cset.reference_captions).embeds.double().numpy()
+        self.pair_stats = feature_statistics(_pairs(self.reference.numpy(), reference_text))
+        self.radii = knn_radii(self.reference, settings.k)
+
+    def score(self, images: torch.Tensor, caption_index: torch.Tensor, *, true_index: torch.Tensor | None = None
+              ) -> dict[str, Any]:
+        """images (N, 3, R, R) in [-1, 1], image i scored against caption caption_index[i]; true_index (the floor):
+        the caption image i really shows, kept out of its R-precision distractors."""
+        s = self.settings
+        feats = self.clip.encode_images(images).double()  # (N, D)
+        text = self.text[caption_index]
+        groups = caption_index.tolist()
+        boot = PromptBootstrap(groups, n_boot=s.n_boot, seed=s.seed)
+        hits = r_precision_hits(feats, caption_index, self.text, candidates=s.candidates, exclude=true_index, seed=s.seed)
+        feats_np = feats.numpy()
+        pairs = _pairs(feats_np, text.numpy())
+        precision_hits = within_manifold(feats, self.reference, self.radii)
+        return {
+            "images": len(images),
+            "r_precision": _iv(boot.mean(hits.astype(np.float64)), 100),
+            "clip_score": _iv(boot.mean(clip_scores(feats.float(), text.float()))),
+            "frechet_images": _iv(boot.interval(
+                lambda idx: frechet_distance(*feature_statistics(feats_np[idx]), *self.reference_stats), recentred=True)),
+            "frechet_pairs": _iv(boot.interval(
+                lambda idx: frechet_distance(*feature_statistics(pairs[idx]), *self.pair_stats), recentred=True)),
+            "precision": _iv(boot.mean(precision_hits.astype(np.float64)), 100),
+            "recall": 100 * precision_recall(self.reference, feats, k=s.k)[1],
+        }
+
+
+
+def _pairs(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
+    """Joint (image, caption) features: both unit-normalised, side by side (N, 2D). A distance between two sets of
+    pairs sees whether images go with their captions, which one between image sets cannot."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)  # noqa: E731
+    return np.concatenate([unit(image_feats), unit(text_feats)], axis=1)
+
+
+def shuffled(n: int, *, seed: int) -> torch.Tensor:
+    """A permutation of range(n) with no fixed point (every caption moves), n >= 2."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    while (perm == np.arange(n)).any():
+        perm = rng.permutation(n)
+    return torch.from_numpy(perm)
+
+
+def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings, out: str | Path | None = None,
+                      progress=print, **dataset_options: Any) -> dict[str, Any]:
+    """Generate for the captions of each split in `settings.splits` and score everything; returns the report dict and,
+    with `out`, writes out/report.json, out/report.md and a grid of generated beside real images per split."""
+    from argen.eval.tokenizer import evaluate_tokenizer
+
+    resolution = pipe.vq.config.resolution
+    out = claim_output_dir(out, kind="eval") if out is not None else None
+    report: dict[str, Any] = {"dataset": dataset, "sampling": _fields(pipe.sampling), "settings": _fields(settings),
+                              "splits": {}}
+    first = None
+    for split in settings.splits:
+        cset = caption_set(dataset, split, resolution=resolution, settings=settings, **dataset_options)
+        first = first or cset
+        progress(f"[eval] {split}: {len(cset.captions)} captions, {len(cset.reference)} reference images")
+        scorer = PairScorer(judge_clip, cset, settings)
+        own = torch.arange(len(cset.captions))
+        gen = pipe.generate(cset.captions, n_per_prompt=settings.images_per_prompt, seed=settings.seed,
+                            batch_size=settings.batch_size)
+        index = own.repeat_interleave(settings.images_per_prompt)
+        row = {"generated": scorer.score(gen.images, index),
+               "real (ceiling)": scorer.score(cset.images, own),
+               "shuffled captions (floor)": scorer.score(cset.images, shuffled(len(own), seed=settings.seed),
+                                                         true_index=own),
+               "chance r_precision": 100 / min(settings.candidates, len(cset.captions))}
+        if dataset.split(":")[0] == "shapes":
+            from argen.eval.generation import judge_images
+
+            verdicts = np.array([r.correct for r in judge_images(gen.prompts, gen.images)], dtype=np.float64)
+            row["shapes judge"] = _iv(PromptBootstrap(index.tolist(), n_boot=settings.n_boot, seed=settings.seed)
+                                      .mean(verdicts), 100)
+        report["splits"][split] = row
+        if out is not None:
+            _grid(gen, cset, out / f"samples_{split}.png", per_prompt=settings.images_per_prompt)
+    report["tokenizer"] = _tokenizer_figures(pipe.vq, torch.cat([first.images, first.reference]), judge_clip, settings,
+                                             evaluate_tokenizer)
+    if out is not None:
+        atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+        atomic_write_bytes(out / "report.md", markdown(report).encode())
+    return report
+
+
+def _fields(obj) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _tokenizer_figures(vq, images: torch.Tensor, clip, settings: EvalSettings, evaluate_tokenizer) -> dict[str, Any]:
+    """PSNR, SSIM, codebook usage (evaluate_tokenizer), the judge-CLIP Fréchet distance of reconstructions to the
+    originals, and LPIPS when a weights file is given."""
+    dataset = [{"image": x, "caption": "", "key": str(i)} for i, x in enumerate(images)]
+    metrics = evaluate_tokenizer(vq, dataset, batch_size=settings.batch_size)
+    with torch.inference_mode():
+        recon = torch.cat([vq.decode(vq.encode(images[i:i + 64])).clamp(-1, 1) for i in range(0, len(images), 64)])
+    orig_f, recon_f = clip.encode_images(images).double().numpy(), clip.encode_images(recon).double().numpy()
+    fig = {**metrics.__dict__, "frechet_reconstructions": frechet_distance(*feature_statistics(recon_f),
+                                                                            *feature_statistics(orig_f))}
+    fig.pop("judge_agreement", None)
+    fig.pop("judge_recon_correct", None)
+    if settings.lpips is not None:
+        from tokenizers_img.lpips import LPIPS
+
+        lp = LPIPS.from_file(settings.lpips)
+        with torch.inference_mode():
+            fig["lpips"] = float(torch.cat([lp(images[i:i + 32], recon[i:i + 32]).flatten()
+                                            for i in range(0, len(images), 32)]).mean())
+    return fig
+
+
+def _grid(gen, cset: CaptionSet, path: Path, *, per_prompt: int, prompts: int = 8) -> None:
+    """The first prompts' real image, then their generated images, one row per prompt."""
+    from argen.viz import contact_sheet, save_png
+
+    tiles, labels = [], []
+    for p in range(min(prompts, len(cset.captions))):
+        tiles.append(cset.images[p])
+        labels.append(f"real: {cset.captions[p]}")
+        for k in range(per_prompt):
+            tiles.append(gen.images[p * per_prompt + k])
+            labels.append("generated")
+    save_png(contact_sheet(tiles, labels, columns=per_prompt + 1), path)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: one table per split (generated, ceiling, floor), then the tokenizer."""
+    def cell(x) -> str:
+        if x is None:
+            return "n/a"
+        if isinstance(x, dict):
+            return f"{x['estimate']:.1f} [{x['low']:.1f}, {x['high']:.1f}]"
+        return f"{x:.1f}"
+
+    lines = [f"# argen eval: {report['dataset']}", "",
+             f"Sampling: {report['sampling']}. Judge CLIP trained on the train split, never the generator's. "
+             "95% prompt-bootstrap intervals (recall: a point figure).", ""]
+    for split, row in report["splits"].items():
+        lines += [f"## {split} captions", "",
+                  f"R-precision: the image retrieves its own caption first among {report['settings']['candidates']} "
+                  f"(chance {row['chance r_precision']:.1f}%).", "",
+                  "| images | R-precision % | CLIP score | FD images | FD image+caption | precision % | recall % |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
+            r = row[name]
+            lines.append(f"| {name} ({r['images']}) | {cell(r['r_precision'])} | {cell(r['clip_score'])} | "
+                         f"{cell(r['frechet_images'])} | {cell(r['frechet_pairs'])} | {cell(r['precision'])} | "
+                         f"{cell(r['recall'])} |")
+        if "shapes judge" in row:
+            lines += ["", f"Shapes judge, whole prompt: {cell(row['shapes judge'])}%."]
+        lines += ["", f"![generated beside real](samples_{split}.png)", ""]
+    t = report["tokenizer"]
+    lines += ["## Tokenizer (reconstructions of the same images)", "",
+              f"PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.3f}, codebook usage {100 * t['codebook_usage']:.1f}% "
+              f"({t['used_codes']} of {t['num_codes']}), judge-CLIP FD of reconstructions to originals "
+              f"{t['frechet_reconstructions']:.2f}" + (f", LPIPS {t['lpips']:.3f}" if "lpips" in t else "") + ".", ""]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""`argen eval`: R-precision at its bounds and at chance, precision/recall at theirs, and the whole report on a tiny
+pipeline with a tiny judge CLIP, written and read back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_clip import tiny_config
+from test_pipeline import trained  # noqa: F401  (the module-scoped tiny pipeline fixture)
+
+from argen.cli import main
+from argen.eval.caption_metrics import precision_recall, r_precision_hits
+from argen.eval.suite import EvalSettings, evaluate_pipeline, shuffled
+from argen.pipeline import Pipeline
+from argen.text import train_text_tokenizer
+from argen.unclip.clip import ClipEncoder
+
+
+def test_r_precision_is_perfect_for_a_perfect_judge_and_at_chance_for_shuffled_captions():
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(400, 32, generator=g)
+    own = torch.arange(400)
+    assert r_precision_hits(text, own, text, candidates=100).all()  # each image embeds exactly as its caption
+    perm = shuffled(400, seed=1)
+    assert not (perm == own).any()
+    floor = r_precision_hits(text, perm, text, candidates=10, exclude=own).mean()
+    assert abs(floor - 0.1) < 0.05  # the shuffled caption wins only by chance: 1 in 10, with 400 images
+    noise = r_precision_hits(torch.randn(400, 32, generator=g), own, text, candidates=10).mean()
+    assert abs(noise - 0.1) < 0.05
+
+
+def test_precision_and_recall_at_their_bounds():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 8, generator=g)
+    assert precision_recall(real, real.clone(), k=3) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0, k=3) == (0.0, 0.0)
+    half = torch.cat([real[:100], real[:100] + 100.0])  # half inside the real manifold, half far away
+    precision, recall = precision_recall(real, half, k=3)
+    assert abs(precision - 0.5) < 0.05 and recall < 1.0
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="candidates must be >= 2"):
+        EvalSettings(candidates=1)
+    with pytest.raises(ValueError, match="prompts must be >= 1, got 0"):
+        EvalSettings(prompts=0)
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    bpe = train_text_tokenizer(["a red circle", "a blue square", "a green triangle", "two red squares"] * 5, vocab_size=300)
+    clip = ClipEncoder.build(tiny_config(), bpe, text_len=20, seed=0)
+    path = tmp_path_factory.mktemp("judge") / "clip"
+    clip.save(path)
+    return path
+
+
+def folder(root, n: int = 40):
+    """A captioned image folder of 16 px images: a colour per caption."""
+    colours = {"a red circle": (220, 30, 30), "a blue square": (30, 30, 220), "a green triangle": (30, 200, 30)}
+    root.mkdir()
+    lines = []
+    for i in range(n):
+        caption = list(colours)[i % 3] + ("" if i < 3 else f" number {i}")
+        Image.new("RGB", (16, 16), colours[list(colours)[i % 3]]).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_the_report_holds_generated_ceiling_and_floor_for_every_figure(trained, judge, tmp_path):  # noqa: F811
+    data = folder(tmp_path / "images")
+    pipe = Pipeline.from_pretrained(trained.final)
+    settings = EvalSettings(prompts=12, reference=20, candidates=5, n_boot=50, splits=("all",))
+    report = evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=ClipEncoder.load(judge),
+                               settings=settings, out=tmp_path / "eval", progress=lambda *_: None)
+    row = report["splits"]["all"]
+    for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
+        r = row[name]
+        assert r["images"] == 12
+        for key in ("r_precision", "clip_score", "frechet_images", "frechet_pairs", "precision"):
+            assert r[key]["low"] <= r[key]["estimate"] <= r[key]["high"], (name, key)
+        assert 0 <= r["recall"] <= 100
+    # the floor's images are the ceiling's: image-only figures agree, caption-aware ones see the shuffle
+    ceiling, floor = row["real (ceiling)"], row["shuffled captions (floor)"]
+    assert floor["frechet_images"]["estimate"] == ceiling["frechet_images"]["estimate"]
+    assert floor["precision"] == ceiling["precision"]
+    tok = report["tokenizer"]
+    assert tok["num_images"] == 32 and 0 < tok["codebook_usage"] <= 1 and np.isfinite(tok["frechet_reconstructions"])
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["splits"]["all"]["generated"]["images"] == 12
+    assert "| generated (12) |" in (tmp_path / "eval" / "report.md").read_text()
+    assert Image.open(tmp_path / "eval" / "samples_all.png").size[0] > 0
+
+
+def test_eval_cli_runs_and_refuses_a_too_small_split(trained, judge, tmp_path, capsys):  # noqa: F811
+    data = folder(tmp_path / "images", n=12)
+    args = ["eval", "--pipeline", str(trained.final), "--dataset", f"imagefolder:{data}", "--judge-clip", str(judge),
+            "--splits", "all", "--prompts", "6", "--reference", "5", "--candidates", "4", "--n-boot", "20"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    assert "R-precision generated" in capsys.readouterr().out
+    assert main([*args[:-6], "--prompts", "6", "--reference", "3", "--candidates", "4", "-o", str(tmp_path / "b")]) == 2
+    assert "more than k=3" in capsys.readouterr().err
