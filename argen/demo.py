@@ -10,7 +10,7 @@ from pathlib import Path
 from argen.data.codes import META_NAME, encode_to_shard, read_meta
 from argen.data.shapes import ShapesDataset, parse_templates
 from argen.data.skips import collate
-from argen.eval.generation import PROMPT_KINDS, judge_images, prompt_set, score
+from argen.eval.generation import PROMPT_KINDS, code_diversity, judge_images, prompt_set, score
 from argen.eval.tokenizer import evaluate_tokenizer
 from argen.pipeline import PIPELINE_FILE, Pipeline, set_recommended_sampling
 from argen.sample import SamplingConfig
@@ -156,7 +156,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
         gen = pipe.generate(prompts, n_per_prompt=settings.samples_per_prompt[kind], sampling=sampling,
                             seed=settings.seed + 1, batch_size=256)
         judged = judge_images(gen.prompts, gen.images)
-        results[kind] = score(gen.prompts, judged).as_dict()
+        results[kind] = {**score(gen.prompts, judged).as_dict(), "diversity": code_diversity(gen.codes, gen.prompts)}
         sheets[kind] = f"samples_{kind}.png"
         show = range(min(32, len(gen.prompts)))
         save_png(contact_sheet([gen.images[i] for i in show],
@@ -225,11 +225,12 @@ def _report_markdown(summary: dict) -> str:
         mark = " (chosen)" if name == chosen else ""
         sweep_rows.append(f"| {name}{mark} | " + " | ".join(_pct(row[k]) for k in kinds) + " |")
     attrs = ("count", "color", "shape", "size", "position", "relation")
-    gen_rows = ["| prompts | distinct prompts | images | whole prompt | " + " | ".join(attrs) + " |",
-                "| --- | --- | --- | --- |" + " --- |" * len(attrs)]
+    gen_rows = ["| prompts | distinct prompts | images | whole prompt | " + " | ".join(attrs) + " | binding errors | "
+                "diversity |", "| --- | --- | --- | --- |" + " --- |" * (len(attrs) + 2)]
     for kind, r in summary["generation"].items():
         gen_rows.append(f"| {kind} | {r['num_prompts']} | {r['num_images']} | **{_pct(r['accuracy'])}** | "
-                        + " | ".join(_pct(r["attributes"][a]) for a in attrs) + " |")
+                        + " | ".join(_pct(r["attributes"][a]) for a in attrs)
+                        + f" | {_pct(r.get('binding_errors'))} | {_pct(r.get('diversity'))} |")
     failures = "\n".join(f"- {kind}: {f}" for kind, r in summary["generation"].items() for f in r["failures"][:3])
     sheets = "\n\n".join(f"**{kind}** (first 32 images; OK / X is the judge's verdict)\n\n![{kind}]({name})"
                          for kind, name in summary["sheets"].items())
@@ -264,7 +265,9 @@ GPT with {gpt['num_params'] / 1e6:.2f}M parameters, {gpt['steps']} steps, {loss}
 single: one object with colour, shape, size and position stated (val scenes, never trained on).
 relation: two objects and a spatial relation (val scenes). heldout: colour-shape pairs and coloured relations
 that never appear in training (any caption template). Attribute columns: share correct among images whose
-prompt states that attribute.
+prompt states that attribute. Binding errors: share of the images of two-object prompts that show every stated
+colour, shape and size but on the wrong objects. Diversity: share of image tokens that differ between two images
+of the same prompt (0: copies).
 
 {chr(10).join(gen_rows)}
 

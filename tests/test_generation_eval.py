@@ -70,3 +70,15 @@ def test_demo_train_scenes_reach_the_settings(monkeypatch, capsys):
     for bad in ("relation", "relation=0", "relations=5"):
         with pytest.raises(SystemExit, match=f"--extra-scenes takes TEMPLATES=N with N >= 1, got '{bad}'"):
             main(["demo", "-o", "somewhere", "--extra-scenes", bad])
+
+
+def test_code_diversity_is_zero_for_copies_and_the_share_of_differing_tokens_otherwise():
+    import torch
+
+    from argen.eval.generation import code_diversity
+
+    codes = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 0, 0], [5, 5, 5, 5]])
+    assert code_diversity(codes[:2], ["a", "a"]) == 0.0
+    assert code_diversity(codes[1:3], ["a", "a"]) == 0.5
+    assert code_diversity(codes, ["a", "a", "b", "b"]) == (0.0 + 1.0) / 2
+    assert code_diversity(codes[:2], ["a", "b"]) is None

@@ -115,3 +115,16 @@ def test_degrade_is_seeded_and_bounded():
     assert a.dtype == np.uint8 and a.shape == image.shape and not np.array_equal(a, image)
     with pytest.raises(ValueError, match="uint8"):
         degrade(image.astype(np.float32), generator=np.random.default_rng(0))
+
+
+def test_binding_errors_are_attributes_on_the_wrong_objects():
+    from argen.eval.judge import binding_error
+
+    caption = "a small red circle above a small blue square"
+    right = Scene((ShapeObject("circle", "red", "small", "top"), ShapeObject("square", "blue", "small", "center")))
+    swapped = Scene((ShapeObject("circle", "blue", "small", "top"), ShapeObject("square", "red", "small", "center")))
+    missing = Scene((ShapeObject("circle", "green", "small", "top"), ShapeObject("square", "blue", "small", "center")))
+    one = Scene((ShapeObject("circle", "red", "small", "top"),))
+    verdicts = [binding_error(judge(caption, render(scene, 64))) for scene in (right, swapped, missing, one)]
+    assert verdicts == [False, True, False, False]
+    assert binding_error(judge("a small red circle in the top", render(one, 64))) is None

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from argen.data.shapes import CaptionSpec, parse_caption, scene_and_caption
-from argen.eval.judge import ATTRIBUTES, JudgeResult, judge
+from argen.eval.judge import ATTRIBUTES, JudgeResult, binding_error, judge
 
 PROMPT_KINDS = ("single", "relation", "heldout")
 
@@ -44,17 +44,20 @@ class PromptSetScore:
     """Judge scores of the images generated for one prompt set.
 
     accuracy: share of images whose whole prompt is correct. attributes[a]: share correct among the images
-    whose prompt states `a` (count: always); None when no prompt states it. failures: a few judge reasons."""
+    whose prompt states `a` (count: always); None when no prompt states it. binding_errors: share of the images of
+    multi-object prompts whose attributes are all there but bound to the wrong objects (judge.binding_error); None
+    without such prompts. failures: a few judge reasons."""
 
     num_prompts: int
     num_images: int
     accuracy: float
     attributes: dict[str, float | None]
+    binding_errors: float | None = None
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"num_prompts": self.num_prompts, "num_images": self.num_images, "accuracy": self.accuracy,
-                "attributes": self.attributes, "failures": self.failures}
+                "attributes": self.attributes, "binding_errors": self.binding_errors, "failures": self.failures}
 
 
 def judge_images(prompts: Sequence[str], images) -> list[JudgeResult]:
@@ -73,6 +76,25 @@ def score(prompts: Sequence[str], results: Sequence[JudgeResult], *, max_failure
         stated = [r.attributes[a] for r in results if r.attributes[a] is not None]
         attributes[a] = sum(stated) / len(stated) if stated else None
     failures = [f"'{p}': {r.reason}" for p, r in zip(prompts, results) if not r.correct][:max_failures]
+    binding = [b for b in (binding_error(r) for r in results) if b is not None]
     return PromptSetScore(num_prompts=len(set(prompts)), num_images=len(results),
                           accuracy=sum(r.correct for r in results) / len(results), attributes=attributes,
-                          failures=failures)
+                          binding_errors=sum(binding) / len(binding) if binding else None, failures=failures)
+
+
+def code_diversity(codes, prompts: Sequence[str]) -> float | None:
+    """How different the images of one prompt are: the share of image tokens that differ between two samples of the
+    same prompt, averaged over all pairs of each prompt and then over prompts (0: copies). codes (N, h*w); None
+    when no prompt has two images."""
+    import torch
+
+    codes = torch.as_tensor(codes)
+    per_prompt = []
+    for prompt in dict.fromkeys(prompts):
+        idx = [i for i, p in enumerate(prompts) if p == prompt]
+        if len(idx) >= 2:
+            c = codes[idx]  # (n, L)
+            differ = (c[:, None, :] != c[None, :, :]).float().mean(-1)  # (n, n)
+            n = len(idx)
+            per_prompt.append(float(differ.sum() / (n * (n - 1))))
+    return sum(per_prompt) / len(per_prompt) if per_prompt else None

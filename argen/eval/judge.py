@@ -217,6 +217,26 @@ def judge(caption: str, image) -> JudgeResult:
     return JudgeResult(correct=correct, attributes=attributes, found=found, reason=reason, spec=spec)
 
 
+def binding_error(result: JudgeResult) -> bool | None:
+    """Whether the image shows the caption's objects with their attributes swapped between them: the right number of
+    objects, every stated colour, shape and size present (each attribute matches under some assignment of objects to
+    the caption's), but no one assignment matches them all ("a red circle and a blue square" drawn as a blue circle
+    and a red square). None for captions of fewer than two objects, where nothing can be bound to the wrong object."""
+    spec, found = result.spec, list(result.found.objects)
+    if spec is None or len(spec.objects) < 2:
+        return None
+    if len(found) != len(spec.objects) or result.correct:
+        return False
+    perms = list(itertools.permutations(found))
+
+    def fits(perm, attrs) -> bool:
+        return all(getattr(want, a) is None or getattr(want, a) == getattr(got, a)
+                   for want, got in zip(spec.objects, perm) for a in attrs)
+
+    each = all(any(fits(perm, (a,)) for perm in perms) for a in ("color", "shape", "size"))
+    return each and not any(fits(perm, ("color", "shape", "size")) for perm in perms)
+
+
 def degrade(image_uint8: np.ndarray, *, generator: np.random.Generator) -> np.ndarray:
     """The fixed degradation that mimics a VQ tokenizer's reconstruction error, (H, W, 3) uint8 -> same:
     Gaussian blur with sigma = H / 64 px (0.5 px at 32), a per-image colour shift (per-channel gain in
