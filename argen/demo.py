@@ -12,6 +12,7 @@ from argen.data.shapes import ShapesDataset, parse_templates
 from argen.data.skips import collate
 from argen.eval.generation import PROMPT_KINDS, code_diversity, judge_images, prompt_set, score
 from argen.eval.tokenizer import evaluate_tokenizer
+from argen.host import host_info
 from argen.pipeline import PIPELINE_FILE, Pipeline, set_recommended_sampling
 from argen.sample import SamplingConfig
 from argen.tasks.gpt import GPTExperiment, train_gpt
@@ -76,6 +77,8 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
     """
     out = claim_output_dir(out, kind="demo")
     settings = settings or DemoSettings()
+    host = host_info()
+    print(f"host: {host.describe()}", flush=True)  # a slow host shows here, before the timings
     timings: dict[str, float] = {}
     # eval_every 0: stage 2 scores the whole val and held-out splits anyway (saves two whole-val passes, ~25 s)
     tok_exp = load_config(_config_file(TOKENIZER_CONFIG), TokenizerExperiment,
@@ -173,6 +176,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
                                              "temperature": sampling.temperature, "top_k": sampling.top_k,
                                              "seed": settings.seed + 1},
         "chosen": _setting_name(sampling), "generation": results, "sheets": sheets, "timings_s": timings, "total_s": sum(timings.values()),
+        "host": {**host.__dict__, "described": host.describe()},
     }
     atomic_write_bytes(out / "report.json", json.dumps(summary, indent=2).encode())
     atomic_write_bytes(out / "report.md", _report_markdown(summary).encode())
@@ -277,7 +281,9 @@ Some failures, as the judge states them:
 
 {sheets}
 
-## Timings (this machine)
+## Timings
+
+Host: {summary['host']['described']}.
 
 | stage | seconds |
 | --- | --- |

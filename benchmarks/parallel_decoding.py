@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,24 +17,12 @@ from sampling import build_pair, hf_processor  # noqa: E402  (the same HF peer a
 
 from argen.eval.generation import judge_images, prompt_set  # noqa: E402
 from argen.eval.stats import PromptBootstrap  # noqa: E402
+from argen.host import host_info  # noqa: E402
 from argen.model import GPT, GPTConfig, onednn_available, pack_for_cpu  # noqa: E402
 from argen.pipeline import Pipeline  # noqa: E402
 from argen.sample import SamplingConfig, decode_image_tokens  # noqa: E402
 from argen.viz import contact_sheet, save_png  # noqa: E402
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir  # noqa: E402
-
-
-def host() -> str:
-    """The CPU model and the vector extensions that decide its speed."""
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("Flags")), [])
-    ext = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
-                                   ("AMX", "amx_bf16")) if flag in flags]
-    return f"{model} ({', '.join(ext) or 'no AVX2'}), {torch.get_num_threads()} torch threads"
 
 
 def settings(base: SamplingConfig, decodings: list[str], windows: list[int]) -> dict[str, SamplingConfig]:
@@ -218,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     quality = measure_quality(pipe, configs, prompts={"single": prompt_set("single", max_prompts=16),
                                                       "relation": prompt_set("relation", max_prompts=args.relation_prompts)},
                               per_prompt={"single": 8, "relation": 2}, seed=args.seed + 1, n_boot=args.n_boot, out=out)
-    payload = {"command": command, "host": host(), "torch": torch.__version__, "transformers": transformers.__version__,
+    payload = {"command": command, "host": host_info(measure_bf16=False).describe(), "torch": torch.__version__, "transformers": transformers.__version__,
                "sampling": str(base), "speed": speed, "quality": quality}
     atomic_write_bytes(out / "parallel_decoding.json", json.dumps(payload, indent=2).encode())
     atomic_write_bytes(out / "parallel_decoding.md", markdown(payload).encode())
