@@ -126,7 +126,7 @@ class PatchEncoder(nn.Module):
     normalisation across positions).
 
     `Encoder`'s 3x3 convolutions and GroupNorm (statistics over the whole image) make every code depend on its
-    surroundings: on 32 px shapes the conv encoder spread plain black patches over 487 codes (5.2 nats), so a GPT
+    surroundings: on 32 px shapes the conv encoder spread plain black patches over hundreds of codes, so a GPT
     must predict which of them the encoder would pick from objects it has not drawn yet. Here a code is a function
     of its patch alone; the decoder still sees all codes.
     """

@@ -49,14 +49,12 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     """The concrete backend `attention` runs for `backend` on `device`; an unavailable one raises, naming why.
 
     "auto" is "sdpa" (PyTorch's flash / memory-efficient kernels on GPU, its flash kernel on CPU; xformers
-    runs only when asked for by name), except on the CPU in two cases where plain batched matmuls are faster:
-    - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products, 10-20% faster than
-      the CPU flash kernel, which is tuned for blocks of queries (AMD EPYC: batch 16, 8 heads, 40-288 keys);
+    runs only when asked for by name), except on the CPU in two cases where plain batched matmuls are faster
+    (measured in docs/speed.md):
+    - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products, while the CPU flash
+      kernel is tuned for blocks of queries;
     - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys: the CPU flash kernel's
-      bf16 backward is slow at short sequences: forward + backward took 0.35x the time with "math" at 93 keys,
-      0.41-0.58x at 128-160, 1.06-1.11x at 224-320 and 1.4-5x at 384-1024 (AMD EPYC with AVX512-BF16, 2
-      threads; `python benchmarks/attention_backends.py`). In float32 the flash kernel is as fast or faster
-      from 160 keys on.
+      bf16 backward is slow at short sequences (`python benchmarks/attention_backends.py`). In float32 it keeps up.
     """
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
@@ -191,8 +189,8 @@ def _decode_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p
     """One query per head against a KV cache: q (B, Hkv, G, D) already scaled, k and v (B, Hkv, Tk, D) -> (B, Hkv, G, D).
 
     The scores are k @ q^T, (Tk, D) @ (D, G), rather than q @ k^T: the batched GEMMs then read each cache row once in
-    memory order, which ran the whole KV-cache decode step of an 8 x 512 GPT at 16 rows 4-7% faster with a float32
-    cache and 14-18% faster with a bfloat16 one (whose q @ k^T products are slow on the CPU) on the AMD EPYC we measure on."""
+    memory order, which makes the decode step faster, the more so with a bfloat16 cache, whose q @ k^T products are
+    slow on the CPU (docs/speed.md)."""
     scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)  # (B, Hkv, G, Tk); contiguous when G = 1
     weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     if dropout_p > 0:

@@ -15,8 +15,8 @@ from argen.model.onednn import _onednn_matmul, onednn_available
 class PackedLinear(nn.Module):
     """Inference-only x W^T with W reordered once into oneDNN's blocked layout (as Inductor's CPU freezing does).
 
-    The same arithmetic as `Linear`, without re-packing W on every call: the small-batch GEMMs of KV-cache
-    decoding run about 1.5x faster than with a dense W. No autograd; cannot be saved.
+    The same arithmetic as `Linear`, without re-packing W on every call, which speeds up the small-batch GEMMs of
+    KV-cache decoding (docs/speed.md). No autograd; cannot be saved.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -66,7 +66,7 @@ class CompiledDecoding(nn.Module):
         import torch._inductor.config as inductor_config
 
         # freezing is read when a graph is compiled, which may happen on any step (a new batch size or cache dtype);
-        # torch.compile(options={"freezing": True}) did not freeze (the step ran 2x slower than eager)
+        # torch.compile(options={"freezing": True}) did not freeze (the step ran slower than eager)
         with inductor_config.patch(freezing=True):
             return self.step(idx, cache=cache, start=start)
 
@@ -78,11 +78,9 @@ def pack_for_cpu(model: GPT, *, compile: bool = False) -> GPT | CompiledDecoding
     Logits equal the original's up to fp32 rounding (the GEMMs and fused loops sum in another order). The copy is in
     eval mode, has no autograd and cannot be saved; the original is untouched. Costs one more copy of the weights in
     memory (with compile, also Inductor's packed constants) and a fraction of a second; pays off for sampling
-    (many forwards). `compile` pays the compilation on the first decode step (about 30 s for the 8 x 512 GPT on the
-    2-core CPU we measure on, again for one row per step and for each new cache dtype), then sampled batch 8 with
-    CFG (16 rows) 2.86x faster than transformers `generate` against the packed eager copy's 2.38x, while one row per
-    step ran slower than the packed copy (benchmarks/sampling.py): worth it for long batched sampling jobs, not for
-    one grid.
+    (many forwards). `compile` pays the compilation on the first decode step (again for one row per step and for
+    each new cache dtype), then decodes batches faster than the packed copy, and one row per step slower
+    (docs/speed.md): worth it for long batched sampling jobs, not for one grid.
     """
     if not onednn_available():
         raise RuntimeError(

@@ -12,9 +12,8 @@ from torch import nn
 def onednn_available() -> bool:
     """Whether CPU float32 linears can run on oneDNN: an x86-64 build of PyTorch with mkldnn and its linear ops.
 
-    On x86 oneDNN's JIT GEMMs ran 1.4-3x faster than PyTorch's default BLAS (MKL) for the GEMM shapes of this
-    model on the AMD EPYC (Zen 5) we measure on (benchmarks/sampling.py reports both peaks); other CPUs keep
-    F.linear.
+    On x86 oneDNN's JIT GEMMs beat PyTorch's default BLAS (MKL) at this model's GEMM shapes (docs/speed.md);
+    other CPUs keep F.linear.
     """
     return (
         platform.machine().lower() in ("x86_64", "amd64")
@@ -29,11 +28,9 @@ def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# The weight gradient gy^T x reduces over all N rows. oneDNN needs x^T as a contiguous copy (N x in floats, ~1 ms
-# at N = 16k); PyTorch's BLAS reads the transpose in place. Measured on the Zen 5 CPU (2 threads, ms, oneDNN + copy
-# vs BLAS): N 16640 x (96 -> 384) 15.2 vs 8.0, N 8064 x (128 -> 128) 2.3 vs 1.6, N 5120 x (512 -> 128) 5.8 vs 4.3;
-# N 2944 x (256 -> 256) 2.0 vs 2.2, N 2304 x (512 -> 1536) 13.8 vs 20.1. BLAS wins from about
-# N >= WGRAD_BLAS_ROWS * (in + out) rows: long thin activations (CLIP, the priors), not the demo GPT's.
+# The weight gradient gy^T x reduces over all N rows. oneDNN needs x^T as a contiguous copy; PyTorch's BLAS reads
+# the transpose in place and wins from about N >= WGRAD_BLAS_ROWS * (in + out) rows: long thin activations (CLIP,
+# the priors), not the demo GPT's. Measured in docs/speed.md (oneDNN linears).
 WGRAD_BLAS_ROWS = 8
 
 
@@ -88,9 +85,8 @@ class Linear(nn.Linear):
 
 def use_onednn_linears(model: nn.Module) -> int:
     """Replace every plain `nn.Linear` inside `model` (a Hugging Face CLIP, a diffusers UNet, ...) by `Linear` holding
-    the same Parameter objects, so its CPU float32 GEMMs run on oneDNN, whose fp32 GEMM peak is about twice MKL's on
-    the x86 CPUs we measure (benchmarks/sampling.py reports both). At the small widths of the shapes CLIP and decoder
-    a training step gained only 3-10% (interleaved A/B on the Zen 5 CPU); larger models gain more. State dict, tied
+    the same Parameter objects, so its CPU float32 GEMMs run on oneDNN, whose fp32 GEMM peak is higher than MKL's
+    (docs/speed.md); small models such as the shapes CLIP and decoder gain little, larger ones more. State dict, tied
     weights, optimizer state and the global RNG are untouched. Returns how many layers were replaced (0 where
     `onednn_available()` is False, leaving the model as it was)."""
     if not onednn_available():
