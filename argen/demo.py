@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from argen.configs import resolve as resolve_config
 from argen.data.codes import META_NAME, encode_to_shard, read_meta
 from argen.data.shapes import ShapesDataset, parse_templates
 from argen.data.skips import collate
@@ -23,9 +24,8 @@ from tokenizers_img.config import load_config
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir, pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
-TOKENIZER_CONFIG = CONFIG_ROOT / "tokenizer" / "shapes_32.yaml"
-GPT_CONFIG = CONFIG_ROOT / "gpt" / "shapes_32.yaml"
+TOKENIZER_CONFIG = resolve_config("tokenizer", "shapes_32")
+GPT_CONFIG = resolve_config("gpt", "shapes_32")
 
 
 @dataclass
@@ -62,12 +62,6 @@ def _stage(name: str) -> None:
     print(f"\n== {name} ==", flush=True)
 
 
-def _config_file(path: Path) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `argen demo` from a source checkout (pip install -e .).")
-    return path
-
-
 def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] = (), gpt_overrides: tuple[str, ...] = (),
              settings: DemoSettings | None = None) -> dict:
     """Train the shapes tokenizer, the BPE and the GPT (each reused when already finished), then sample a fixed
@@ -81,7 +75,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
     print(f"host: {host.describe()}", flush=True)  # a slow host shows here, before the timings
     timings: dict[str, float] = {}
     # eval_every 0: stage 2 scores the whole val and held-out splits anyway (saves two whole-val passes, ~25 s)
-    tok_exp = load_config(_config_file(TOKENIZER_CONFIG), TokenizerExperiment,
+    tok_exp = load_config(TOKENIZER_CONFIG, TokenizerExperiment,
                           [f"train.out_dir={out / 'tokenizer_run'}", "train.eval_every=0", *tokenizer_overrides])
 
     _stage("1/6 train the image tokenizer")
@@ -135,7 +129,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
 
     _stage("5/6 train the GPT")
     start = time.perf_counter()
-    gpt_exp = load_config(_config_file(GPT_CONFIG), GPTExperiment, [
+    gpt_exp = load_config(GPT_CONFIG, GPTExperiment, [
         f"data.train=[{', '.join(map(str, train_shards))}]", f"data.val=[{codes_dir / 'val'}]", f"data.text_tokenizer={text_dir}",
         f"data.vq_tokenizer={tok_dir}", f"train.out_dir={out / 'gpt_run'}", *gpt_overrides])
     pipeline_dir = Path(gpt_exp.train.out_dir) / "final"

@@ -1,4 +1,4 @@
-"""Training-step time of the demo GPT (configs/gpt/shapes_32.yaml's architecture) per setting, in one run: the attention
+"""Training-step time of the demo GPT (argen/configs/gpt/shapes_32.yaml's architecture) per setting, in one run: the attention
 backend, dropout and torch.compile, under bf16 autocast where the CPU computes bf16 natively (as the demo trains).
 
     python benchmarks/gpt_train_step.py --threads 2
@@ -35,7 +35,7 @@ SETTINGS = (
 
 
 def demo_gpt_config(args) -> GPTConfig:
-    """The demo GPT's architecture (configs/gpt/shapes_32.yaml) at the demo tokenizers' sizes (given as arguments:
+    """The demo GPT's architecture (argen/configs/gpt/shapes_32.yaml) at the demo tokenizers' sizes (given as arguments:
     they come from the trained BPE and the VQ config, not from the GPT config)."""
     experiment = load_config(GPT_CONFIG, GPTExperiment)
     layout = SequenceLayout(text_vocab_size=args.text_vocab, pad_id=0, text_len=experiment.data.text_len,

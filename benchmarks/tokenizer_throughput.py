@@ -1,4 +1,4 @@
-"""Encode + decode throughput (images/s) of the tokenizer architectures in configs/tokenizer, random weights."""
+"""Encode + decode throughput (images/s) of the tokenizer architectures in argen/configs/tokenizer, random weights."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from tokenizers_img.config import load_config
 from tokenizers_img.serialization import atomic_write_bytes
 from tokenizers_img.vq_model import VQModel
 
-DEFAULT_CONFIGS = ("configs/tokenizer/shapes_32.yaml", "configs/tokenizer/shapes_32_conv.yaml",
-                   "configs/tokenizer/real_64.yaml", "configs/tokenizer/real_256.yaml")
+DEFAULT_CONFIGS = ("argen/configs/tokenizer/shapes_32.yaml", "argen/configs/tokenizer/shapes_32_conv.yaml",
+                   "argen/configs/tokenizer/real_64.yaml", "argen/configs/tokenizer/real_256.yaml")
 
 
 def _sync(device: torch.device) -> None:

@@ -34,7 +34,7 @@ from argen.unclip.embeddings import encode_embedding_shard
 from tokenizers_img.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/unclip/prior_ar_tiny.yaml"
+TINY = ROOT / "tests/configs/prior_ar_tiny.yaml"
 
 
 def data_with_covariance(eigenvalues: list[float], *, n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

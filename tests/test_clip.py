@@ -22,7 +22,7 @@ from argen.unclip.embeddings import EmbeddingShard, EmbeddingShardError, encode_
 from tokenizers_img.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/unclip/clip_tiny.yaml"
+TINY = ROOT / "tests/configs/clip_tiny.yaml"
 CAPTIONS = ["a red circle", "two blue squares", "a small green triangle above a yellow circle", "a large white square"]
 
 

@@ -28,7 +28,7 @@ from argen.unclip.schedulers import NoiseSchedule, training_scheduler
 from tokenizers_img.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/unclip/decoder_tiny.yaml"
+TINY = ROOT / "tests/configs/decoder_tiny.yaml"
 CAPTIONS = ["a red circle", "two blue squares", "a small green triangle above a yellow circle"]
 D, H = 16, 32  # the tiny CLIP's embed_dim and text width
 

@@ -172,7 +172,7 @@ def test_training_reduces_the_loss_and_final_records_the_clip(clip, tmp_path):
     for split, size in (("train", 128), ("val", 32)):
         encode_embedding_shard(clip, build_dataset("shapes", split=split, resolution=32, size=size),
                                tmp_path / split, dataset_spec="shapes", split=split)
-    experiment = load_config("configs/unclip/prior_diffusion_tiny.yaml", DiffusionPriorExperiment, [
+    experiment = load_config(Path(__file__).parent / "configs/prior_diffusion_tiny.yaml", DiffusionPriorExperiment, [
         f"data.clip={tmp_path / 'clip'}", f"data.train=[{tmp_path / 'train'}]", f"data.val=[{tmp_path / 'val'}]",
         f"train.out_dir={tmp_path / 'run'}", "train.max_steps=40", "train.save_every=0", "train.ema_decay=null"])
     result = train_diffusion_prior(experiment)

@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
                  f"data.vq_tokenizer={parts.vq_dir}", f"train.out_dir={root / 'run'}", "train.max_steps=150"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["train", "gpt", str(Path(__file__).resolve().parents[1] / "configs/gpt/gpt_tiny.yaml"), *overrides]) == 0
+        assert main(["train", "gpt", str(Path(__file__).resolve().parent / "configs/gpt_tiny.yaml"), *overrides]) == 0
     parts.final = Path(exp.train.out_dir) / "final"
     return parts
 

@@ -23,8 +23,8 @@ from tokenizers_img.serialization import pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs/tokenizer/vq_tiny.yaml"
-TINY_GAN = ROOT / "configs/tokenizer/vqgan_tiny.yaml"
+TINY = ROOT / "tests/configs/vq_tiny.yaml"
+TINY_GAN = ROOT / "tests/configs/vqgan_tiny.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ cfg_scale = float_in(0.0, MAX_CFG_SCALE)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="compare the AR token GPT and unCLIP (AR / diffusion / no prior) on one prompt set")
     p.add_argument("--judge-clip", required=True, help="the judge CLIP directory (trained separately, e.g. "
-                   "configs/unclip/shapes_judge_clip.yaml); never a generator's CLIP")
+                   "the shapes_judge_clip preset); never a generator's CLIP")
     p.add_argument("--gpt", default=None, help="GPT pipeline directory (argen train gpt ... final/)")
     p.add_argument("--unclip", default=None, help="unCLIP pipeline directory (argen unclip-pipeline / build_unclip_pipeline)")
     p.add_argument("--train-embeddings", default=None,

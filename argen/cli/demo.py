@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: DemoSettings.extra_train_codes, 40,000 relation scenes); with no value, none")
     p.add_argument("overrides", nargs="*",
                    help="settings of the two experiments, prefixed by which: tokenizer.train.max_steps=1000 "
-                        "gpt.train.max_steps=2000 (see configs/tokenizer/shapes_32.yaml and configs/gpt/shapes_32.yaml)")
+                        "gpt.train.max_steps=2000 (see the shapes_32 presets in argen/configs/tokenizer and argen/configs/gpt)")
     p.set_defaults(func=run)
 
 

@@ -9,42 +9,43 @@ import os
 from pathlib import Path
 
 from argen.cli.args import add_dataset_options, dataset_options, int_in, positive_int, seed
+from argen.configs import resolve as resolve_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
     models = p.add_subparsers(dest="model", metavar="MODEL")
     t = models.add_parser("tokenizer", help="train a VQ-VAE / VQGAN image tokenizer")
-    t.add_argument("config", help="YAML experiment, e.g. configs/tokenizer/shapes_32.yaml")
+    t.add_argument("config", help="YAML experiment, or a shipped preset: shapes_32, shapes_32_conv, real_64, real_256, ...")
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000 optimizer.lr=3e-4")
     _add_run_flags(t)
     t.set_defaults(func=run_train_tokenizer)
 
     g = models.add_parser("gpt", help="train the image-token GPT on pre-extracted code shards (see `argen tokenize`)")
-    g.add_argument("config", help="YAML experiment, e.g. configs/gpt/shapes_32.yaml")
+    g.add_argument("config", help="YAML experiment, or a shipped preset: shapes_32, gpu_100m, gpu_300m")
     g.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000 model.n_layer=4")
     _add_run_flags(g)
     g.set_defaults(func=run_train_gpt)
 
     c = models.add_parser("clip", help="train a small CLIP (contrastive) on a captioned dataset, with val retrieval")
-    c.add_argument("config", help="YAML experiment, e.g. configs/unclip/shapes_clip.yaml")
+    c.add_argument("config", help="YAML experiment, or a shipped preset: shapes_clip, shapes_judge_clip")
     c.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=600 model.vision.layers=4")
     _add_run_flags(c)
     c.set_defaults(func=run_train_clip)
 
     pr = models.add_parser("prior", help="train a unCLIP prior (text -> CLIP image embedding): diffusion or AR")
-    pr.add_argument("config", help="YAML experiment whose `kind` is diffusion or ar, e.g. configs/unclip/shapes_prior_diffusion.yaml")
+    pr.add_argument("config", help="YAML experiment whose `kind` is diffusion or ar, or a shipped preset: shapes_prior_diffusion, shapes_prior_ar")
     pr.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000")
     _add_run_flags(pr)
     pr.set_defaults(func=run_train_prior)
 
     d = models.add_parser("decoder", help="train the unCLIP diffusion decoder (CLIP image embedding -> image)")
-    d.add_argument("config", help="YAML experiment, e.g. configs/unclip/shapes_decoder.yaml")
+    d.add_argument("config", help="YAML experiment, or a shipped preset: shapes_decoder")
     d.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.max_steps=2000")
     _add_run_flags(d)
     d.set_defaults(func=run_train_decoder)
 
-    u = models.add_parser("unclip", help="train the whole unCLIP stack on shapes (configs/unclip/shapes_*.yaml): CLIP, "
+    u = models.add_parser("unclip", help="train the whole unCLIP stack on shapes (the argen/configs/unclip/shapes_*.yaml presets): CLIP, "
                           "embeddings, both priors, decoder, judge CLIP, pipeline; finished stages are reused")
     u.add_argument("-o", "--out", default="runs/unclip_stack", help="output directory (default runs/unclip_stack)")
     u.add_argument("overrides", nargs="*", help="STAGE.key.path=value, STAGE one of clip, prior_diffusion, prior_ar, "
@@ -81,7 +82,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
     )
     from tokenizers_img.config import load_config
 
-    experiment = load_config(args.config, TokenizerExperiment, args.overrides)
+    experiment = load_config(resolve_config("tokenizer", args.config), TokenizerExperiment, args.overrides)
     result = train_tokenizer(experiment, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result.eval, indent=2))
     print(f"tokenizer saved to {result.artifacts_dir / TOKENIZER_DIR}; metrics in {Path(experiment.train.out_dir) / 'metrics.json'}")
@@ -92,7 +93,7 @@ def run_train_gpt(args: argparse.Namespace) -> int:
     from argen.tasks.gpt import GPT_DIR, GPTExperiment, train_gpt
     from tokenizers_img.config import load_config
 
-    experiment = load_config(args.config, GPTExperiment, args.overrides)
+    experiment = load_config(resolve_config("gpt", args.config), GPTExperiment, args.overrides)
     result = train_gpt(experiment, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
         return 0
@@ -110,7 +111,7 @@ def run_train_clip(args: argparse.Namespace) -> int:
     from argen.tasks.clip import CLIP_DIR, CLIPExperiment, train_clip
     from tokenizers_img.config import load_config
 
-    experiment = load_config(args.config, CLIPExperiment, args.overrides)
+    experiment = load_config(resolve_config("unclip", args.config), CLIPExperiment, args.overrides)
     result = train_clip(experiment, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -128,7 +129,7 @@ def run_train_prior(args: argparse.Namespace) -> int:
 
     from tokenizers_img.config import load_config
 
-    data = yaml.safe_load(Path(args.config).read_text()) or {}
+    data = yaml.safe_load(resolve_config("unclip", args.config).read_text()) or {}
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind not in PRIOR_KINDS:
         raise ValueError(f"{args.config}: a prior config needs a top-level `kind: diffusion` or `kind: ar`, got {kind!r}.")
@@ -151,7 +152,7 @@ def run_train_decoder(args: argparse.Namespace) -> int:
     from argen.tasks.decoder import DecoderExperiment, train_decoder
     from tokenizers_img.config import load_config
 
-    experiment = load_config(args.config, DecoderExperiment, args.overrides)
+    experiment = load_config(resolve_config("unclip", args.config), DecoderExperiment, args.overrides)
     result = train_decoder(experiment, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -1,4 +1,4 @@
-"""`argen train unclip`: the whole unCLIP stack on the built-in shapes data from the configs/unclip/shapes_*.yaml set
+"""`argen train unclip`: the whole unCLIP stack on the built-in shapes data from the argen/configs/unclip/shapes_*.yaml presets
 (CLIP, embedding shards, diffusion prior and AR prior side by side, decoder, judge CLIP, pipeline), each stage reused
 when finished."""
 
@@ -15,18 +15,15 @@ from pathlib import Path
 import torch
 import yaml
 
+from argen.configs import resolve as resolve_config
 from tokenizers_img.config import load_config
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "unclip"
 NUM_TRAIN_EMBEDDINGS = 50_000  # training scenes the priors learn from (the shapes train split is a 1M-scene stream)
 
 
 def _config(name: str) -> dict:
-    path = CONFIG_ROOT / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `argen train unclip` from a source checkout (pip install -e .).")
-    return yaml.safe_load(path.read_text())
+    return yaml.safe_load(resolve_config("unclip", name).read_text())
 
 
 def _stage(name: str, done: Path, run: Callable[[], None], timings: dict[str, float]) -> None:
