@@ -24,7 +24,7 @@ from argen.unclip.pipeline import (
     build_unclip_pipeline,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "unclip"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def _train(model: str, config: str, *overrides: str) -> None:
