@@ -74,7 +74,7 @@ def run_demo(out: str | Path = "demo", *, tokenizer_overrides: tuple[str, ...] =
     host = host_info()
     print(f"host: {host.describe()}", flush=True)  # a slow host shows here, before the timings
     timings: dict[str, float] = {}
-    # eval_every 0: stage 2 scores the whole val and held-out splits anyway (saves two whole-val passes, ~25 s)
+    # eval_every 0: stage 2 scores the whole val and held-out splits anyway (saves two whole-val passes)
     tok_exp = load_config(TOKENIZER_CONFIG, TokenizerExperiment,
                           [f"train.out_dir={out / 'tokenizer_run'}", "train.eval_every=0", *tokenizer_overrides])
 

@@ -217,7 +217,7 @@ def decode_image_tokens(
     measuring the cache only). generator: one torch.Generator for the batch, or one per prompt so that a
     prompt's tokens are the same in any batch; None uses the global RNG. Runs under torch.inference_mode
     with the model in eval mode (its train/eval mode is restored afterwards). On an x86 CPU, pass
-    `argen.model.pack_for_cpu(model)` (made once) for 1.2-1.6x faster sampling. cache_dtype: the KV cache's dtype
+    `argen.model.pack_for_cpu(model)` (made once) for faster sampling (docs/speed.md). cache_dtype: the KV cache's dtype
     (default: the model's); torch.bfloat16 under a float32 model halves the cache's memory traffic, the largest
     cost of batched CPU decoding besides the weights, at the price of bf16-rounded keys and values.
 

@@ -1,7 +1,7 @@
 """AR prior val metrics at several token temperatures and CFG scales, beside the trivial priors, on the first val
 items of a stack written by `argen train unclip`; writes JSON + markdown.
 
-    python benchmarks/ar_prior_temperature.py runs/unclip_v4
+    python benchmarks/ar_prior_temperature.py DIR   # DIR: the output of `argen train unclip -o DIR`
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How many objects a GPT pipeline draws for two-object relation prompts, per guidance setting: the judge's object
 count of every image, beside whole-prompt accuracy. Shows guidance adding objects the caption already named.
 
-    python benchmarks/object_counts.py runs/p256_cf1500/gpt_run/final --cfg 1 2
+    python benchmarks/object_counts.py demo/gpt_run/final --cfg 1 2   # a pipeline, e.g. `argen demo`'s
 """
 
 from __future__ import annotations

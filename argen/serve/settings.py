@@ -12,7 +12,7 @@ from typing import Any, Literal, Sequence
 
 from argen.sample import MAX_CFG_SCALE, MAX_SEED, MAX_TEMPERATURE, MAX_WINDOW, SamplingConfig
 
-MAX_IMAGES = 64  # images per column and job: 64 demo-GPT images take about 2 s on a laptop CPU, 64 unCLIP ones ~12 s
+MAX_IMAGES = 64  # images per column and job: seconds on a laptop CPU for the demo GPT, longer for unCLIP
 MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 200  # diffusion steps of the unCLIP prior and decoder
 
