@@ -110,7 +110,7 @@ def run_sample(args: argparse.Namespace) -> int:
     }
     record_file = out.with_suffix(".json")
     write_marked_json(record_file, record)
-    print(f"wrote {out} ({len(files)} images, {len(prompts)} prompt(s) x {args.num}), {out.stem}_images/ and {record_file}; "
+    print(f"wrote {out} ({len(files)} images, {len(prompts)} prompt(s) x {args.num}), {_images_dir(out)}/ and {record_file}; "
           f"sampling took {seconds:.1f} s on {device}")
     return 0
 
