@@ -3,6 +3,7 @@ save/load, and a few training steps on a tiny CLIP's embedding shards."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
