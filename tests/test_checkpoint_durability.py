@@ -127,7 +127,7 @@ def test_state_records_every_file_and_verify_passes(run):
 def test_damaged_latest_is_named_and_resume_falls_back(run, reference, capsys, name, how):
     damage(run / "checkpoints" / "step_00000008" / name, how)
     with pytest.raises(BadCheckpointError, match=rf"step_00000008/{name}"):
-        load_checkpoint(run / "checkpoints" / "step_00000008", modules=ToyTask().modules(), optimizers={}, schedulers={})
+        load_checkpoint(run / "checkpoints" / "step_00000008", modules=ToyTask().modules())
     final = resume(run)
     out = capsys.readouterr().out
     assert f"resumed from {run / 'checkpoints' / 'step_00000004'} at step 4 (skipped step_00000008: " in out

@@ -1,8 +1,10 @@
-"""GPT task: config without derived sizes, captions tokenized once, caption dropout, loss goes down, exact resume."""
+"""GPT task: config without derived sizes, captions tokenized once into the shard, caption dropout, loss goes down,
+exact resume."""
 
 from __future__ import annotations
 
 import csv
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,8 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from argen.data.codes import CodeShardMeta, CodeShardWriter
-from argen.layout import SequenceLayout
+from argen.data.codes import (
+    CodeShardMeta,
+    CodeShardWriter,
+    caption_ids_name,
+    encode_captions,
+    open_caption_ids,
+    write_caption_ids,
+)
+from argen.layout import LayoutMismatchError, SequenceLayout
 from argen.tasks.gpt import (
     CaptionedCodes,
     GPTExperiment,
@@ -89,19 +98,57 @@ def test_config_has_no_derived_sizes_and_checks_the_architecture(parts, tmp_path
         experiment_for(parts, tmp_path, "cond_drop_prob=1.5")
 
 
-def test_captions_are_tokenized_once_and_batches_come_from_the_memmap(parts):
+def test_captions_are_tokenized_once_into_the_shard_and_batches_come_from_memmaps(parts, tmp_path):
     text = TextTokenizer.load(parts.text_file)
-    data = CaptionedCodes([str(parts.train), str(parts.val)], text_tokenizer=text, text_len=8)
-    assert len(data) == 40 and data.num_distinct == 4 and data.text_table.shape == (4, 8)
+    train, val = tmp_path / "train", tmp_path / "val"
+    shutil.copytree(parts.train, train)
+    shutil.copytree(parts.val, val)
+    data = CaptionedCodes([str(train), str(val)], text_tokenizer=text, text_len=8)
+    ids_file = train / f"{caption_ids_name(text.sha256, 8)}.bin"
+    ids = open_caption_ids(train, text, text_len=8)
+    assert ids.tokens.dtype == np.uint16 and len(ids.tokens) < 32 * 8  # written once, in the shard, unpadded
+    assert len(data) == 40 and data.num_empty == 0
     batch = data.__getitems__([0, 5, 35, 39])
     assert batch["codes"].dtype == torch.long and batch["codes"].shape == (4, 16)
     assert batch["codes"][1].tolist() == parts.distinct[1].tolist()  # row 5 is pair 5 % 4 = 1
     assert batch["codes"][2].tolist() == parts.distinct[3].tolist()  # val row 3
     assert torch.equal(batch["text_ids"][1], text.encode(CAPTIONS[1], text_len=8)[0])
     assert torch.equal(data[5]["codes"], batch["codes"][1])
-    with pytest.warns(UserWarning, match="1 of 4 distinct caption") as rec:
-        CaptionedCodes([str(parts.train)], text_tokenizer=text, text_len=4)
+    expected = sorted(set(text.encode(list(CAPTIONS), text_len=8).flatten().tolist()))
+    assert data.seen_text_ids() == expected
+    mtime = ids_file.stat().st_mtime_ns
+    again = CaptionedCodes([str(train)], text_tokenizer=text, text_len=8)
+    assert ids_file.stat().st_mtime_ns == mtime and torch.equal(again[5]["text_ids"], batch["text_ids"][1])  # reused
+    import pickle
+
+    assert torch.equal(pickle.loads(pickle.dumps(again))[5]["codes"], batch["codes"][1])  # workers map the files again
+    with pytest.warns(UserWarning, match="8 of 32 captions are longer than text_len=4 tokens") as rec:
+        CaptionedCodes([str(train)], text_tokenizer=text, text_len=4)
     assert len(rec) == 1
+
+
+def test_batch_encoding_and_the_stored_ids_equal_one_caption_at_a_time(parts, tmp_path):
+    text = TextTokenizer.load(parts.text_file)
+    captions = [*CAPTIONS, "", "an \udcff odd one", "a very long caption " * 8]
+    rows, lengths = encode_captions(text, captions, text_len=8)
+    ref, ref_lengths = text.encode_ids(captions, text_len=8)
+    assert np.array_equal(rows, ref.numpy()) and lengths.tolist() == ref_lengths
+    meta = CodeShardMeta(num_items=len(captions), done=0, grid=(1, 1), num_codes=4, tokenizer_hash="h", dataset="d",
+                         split="train", resolution=4)
+    CodeShardWriter(tmp_path / "s", meta, resume=False).append(np.zeros((len(captions), 1)), captions,
+                                                              [str(i) for i in range(len(captions))])
+    stored = write_caption_ids(tmp_path / "s", text, text_len=8, chunk=3)  # chunks end mid-shard
+    assert np.array_equal(stored.rows(np.arange(len(captions))[::-1]), ref.numpy()[::-1])
+    assert stored.info["num_empty"] == 1 and stored.info["num_truncated"] == 1
+
+
+def test_a_damaged_code_is_named_when_its_batch_is_read(parts, tmp_path):
+    text = TextTokenizer.load(parts.text_file)
+    shutil.copytree(parts.train, tmp_path / "train")
+    np.load(tmp_path / "train" / "codes.npy", mmap_mode="r+")[6, 3] = 99
+    data = CaptionedCodes([str(tmp_path / "train")], text_tokenizer=text, text_len=8)  # start-up reads no codes
+    with pytest.raises(LayoutMismatchError, match=r"codes in \[.*, 99\] \(rows \[6\]\), outside \[0, 32\)"):
+        data.__getitems__([5, 6])
 
 
 def test_shards_from_another_vq_are_refused(parts, tmp_path):

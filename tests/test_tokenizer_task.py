@@ -15,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import argen.data.codes as codes_mod
 from argen.cli import main
+from argen.configs import presets, resolve
 from argen.data.codes import CodeShardDataset
 from argen.tasks.tokenizer import TokenizerExperiment, train_tokenizer
 from tokenizers_img.config import ConfigError, load_config
@@ -103,20 +105,31 @@ def test_reconstruct_writes_a_grid(tiny_tokenizer, tmp_path, capsys):
     assert out.is_file() and "mean PSNR" in capsys.readouterr().out
 
 
-def test_tokenize_resumes_and_matches_direct_encoding(tiny_tokenizer, tmp_path, capsys):
+def test_tokenize_resumes_and_matches_direct_encoding(tiny_tokenizer, tmp_path, capsys, monkeypatch):
     args = ["tokenize", "--tokenizer", str(tiny_tokenizer), "--split", "val", "--limit", "24", "--batch-size", "8"]
     assert main([*args, "-o", str(tmp_path / "whole")]) == 0
-    # an interrupted run: the first 8 rows written, then resumed
-    assert main([*args[:-4], "--limit", "24", "--batch-size", "8", "-o", str(tmp_path / "part")]) == 0
-    meta_path = tmp_path / "part" / "val" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["done"] = 8
-    meta_path.write_text(json.dumps(meta))
-    np.load(tmp_path / "part" / "val" / "codes.npy", mmap_mode="r+")[8:] = 0
+    # an interrupted run: two units written, then killed while writing the third; resumed
+    real, written = codes_mod._write_unit, []
+
+    def dies_at_the_third(*a, **kw):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(a[1])
+        real(*a, **kw)
+
+    monkeypatch.setattr(codes_mod, "_write_unit", dies_at_the_third)
+    assert main([*args, "-o", str(tmp_path / "part")]) == 130  # interrupted
+    monkeypatch.setattr(codes_mod, "_write_unit", real)
+    with pytest.raises(ValueError, match=r"is incomplete \(2/4 units written\)"):
+        CodeShardDataset(tmp_path / "part" / "val")
+    assert main([*args, "-o", str(tmp_path / "part")]) == 2  # refused without --resume
+    assert "pass --resume to continue it" in capsys.readouterr().err
     assert main([*args, "-o", str(tmp_path / "part"), "--resume"]) == 0
 
     whole, part = CodeShardDataset(tmp_path / "whole" / "val"), CodeShardDataset(tmp_path / "part" / "val")
     assert np.array_equal(np.asarray(whole.codes), np.asarray(part.codes)) and whole.captions == part.captions
+    assert sorted(p.name for p in (tmp_path / "part" / "val").iterdir()) == [
+        ".argen-output", "captions.jsonl", "codes.npy", "meta.json"]  # the plan and units are gone
     model = VQModel.from_pretrained(tiny_tokenizer)
     from argen.data.shapes import ShapesDataset
 
@@ -128,7 +141,22 @@ def test_tokenize_resumes_and_matches_direct_encoding(tiny_tokenizer, tmp_path, 
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tokenizer").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_shipped_tokenizer_config_parses(path):
-    exp = load_config(path, TokenizerExperiment)
+def test_tokenize_with_workers_writes_the_same_shard_and_caption_ids(tiny_tokenizer, tmp_path):
+    from argen.text import TextTokenizer, dataset_captions, train_text_tokenizer
+
+    text = train_text_tokenizer(dataset_captions("shapes", limit=300), vocab_size=300)
+    text_file = text.save(tmp_path / "bpe")
+    args = ["tokenize", "--tokenizer", str(tiny_tokenizer), "--split", "val", "--limit", "20", "--batch-size", "4"]
+    assert main([*args, "-o", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--num-workers", "2", "--text-tokenizer", str(text_file), "--text-len", "12",
+                 "-o", str(tmp_path / "workers")]) == 0
+    a, b = CodeShardDataset(tmp_path / "plain" / "val"), CodeShardDataset(tmp_path / "workers" / "val")
+    assert np.array_equal(np.asarray(a.codes), np.asarray(b.codes)) and a.captions == b.captions
+    ids = codes_mod.open_caption_ids(tmp_path / "workers" / "val", TextTokenizer.load(text_file), text_len=12)
+    assert np.array_equal(ids.rows(np.arange(len(b))), text.encode_ids(b.captions, text_len=12)[0].numpy())
+
+
+@pytest.mark.parametrize("name", presets("tokenizer"))
+def test_every_shipped_tokenizer_config_parses(name):
+    exp = load_config(resolve("tokenizer", name), TokenizerExperiment)
     assert exp.model.resolution == exp.data.resolution and exp.model.num_codes >= 2

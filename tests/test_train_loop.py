@@ -1,11 +1,13 @@
-"""Tests for the training loop: exact resume (in-process and kill -9), 2 processes == 1, accumulation, schedule, EMA, guards."""
+"""Tests for the training loop: exact resume (in-process and kill -9), accumulation, LR schedule and its change on resume,
+EMA, guards, metrics.json. Multi-process runs: tests/test_distributed.py."""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import argen.train.checkpoint as ckpt_mod
 import argen.train.loop as loop_mod
 from argen.train.checkpoint import latest_checkpoint, load_checkpoint
 from argen.train.ema import EMA
-from argen.train.loop import NonFiniteLossError, ResumeMismatchError, lr_factor, train
+from argen.train.loop import LRSchedule, NonFiniteLossError, ResumeMismatchError, lr_factor, train
 
 SCRIPT = Path(__file__).with_name("train_toy_script.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +114,7 @@ def test_two_optimizers_each_update_only_their_params(tmp_path):
     # Reference: one AdamW step per module with the gradient of ITS loss only, on the same (first) batch.
     ref = ToyTask(disc_start=0)
     ref.gen.load_state_dict(gen0), ref.disc.load_state_dict(disc0)
-    from argen.train.loop import ShardedBatchSampler
+    from argen.train.batches import ShardedBatchSampler
     idx = next(iter(ShardedBatchSampler(64, seed=0, epoch=0, micro_batch=8, num_micro=8, num_processes=1, process_index=0)))
     data = ToyData()
     batch = {"x": data.x[idx], "y": data.y[idx]}
@@ -205,7 +207,7 @@ def test_crash_during_checkpoint_write_keeps_previous_latest(tmp_path, reference
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".argen-output", "latest", "step_00000004"]  # no temp dir, no partial step_8
     task = ToyTask()
-    loaded = load_checkpoint(latest_checkpoint(tmp_path), modules=task.modules(), optimizers={}, schedulers={})
+    loaded = load_checkpoint(latest_checkpoint(tmp_path), modules=task.modules())
     assert loaded.state["step"] == 4
     train(ToyTask(noise=True), ToyData(), toy_config(tmp_path), resume=True, task_config={"toy": 1})
     assert_equal(final_tensors(tmp_path), reference)
@@ -221,7 +223,7 @@ def test_nan_guard_names_step_and_part_and_keeps_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".argen-output", "latest", "step_00000002"]
     task = ToyTask()
-    loaded = load_checkpoint(latest_checkpoint(tmp_path), modules=task.modules(), optimizers={}, schedulers={})
+    loaded = load_checkpoint(latest_checkpoint(tmp_path), modules=task.modules())
     assert loaded.state["step"] == 2 and all(torch.isfinite(p).all() for p in task.gen.parameters())
 
 
@@ -251,20 +253,52 @@ def test_resume_config_mismatch_and_fresh_start(tmp_path, capsys):
     assert fresh.step == 2 and "has no checkpoint; starting from step 0" in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_lr_schedule_replanned_from_the_resumed_step():
+    plain = LRSchedule(10, "cosine", 0.1, [(0, 100)])
+    longer = LRSchedule(10, "cosine", 0.1, [(0, 100), (40, 200)])
+    assert [longer.factor(s) for s in range(41)] == [plain.factor(s) for s in range(41)]  # nothing changes before
+    assert longer.factor(200) == pytest.approx(0.1) and longer.factor(120) == pytest.approx(
+        0.1 + (plain.factor(40) - 0.1) * 0.5 * (1 + math.cos(math.pi * 80 / 160)))  # half-way from step 40 to 200
+    assert all(longer.factor(s) >= longer.factor(s + 1) for s in range(10, 200))
+    finished = LRSchedule(10, "cosine", 0.1, [(0, 100), (100, 150)])
+    assert all(finished.factor(s) == pytest.approx(0.1) for s in range(100, 151))  # an extended finished run stays low
+    in_warmup = LRSchedule(10, "cosine", 0.1, [(0, 100), (5, 200)])
+    assert all(in_warmup.factor(s) == pytest.approx(lr_factor(s, max_steps=200, warmup_steps=10, schedule="cosine",
+                                                              min_lr_ratio=0.1)) for s in range(200))
+    assert LRSchedule(0, "constant", 0.1, [(0, 10), (5, 50)]).factor(30) == 1.0
 
 
-def test_two_processes_match_one(tmp_path):
-    # Same global batch 8: 2 processes x 2 per process x grad_accum 2, against 1 process x 8 x grad_accum 1.
-    two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(SCRIPT), "--out", str(two), "--max-steps", "6", "--grad-accum", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    one = train(ToyTask(), ToyData(), toy_config(tmp_path / "one", max_steps=6, grad_accum=1), task_config={"toy": 1})
-    assert_equal(final_tensors(two), final_tensors(one.out_dir), exact=False)
-    assert csv_steps(two) == [2, 4, 6]
+def _lrs(out: Path) -> dict[int, float]:
+    with open(out / "logs" / "metrics.csv", newline="") as fh:
+        return {int(r["step"]): float(r["lr/generator"]) for r in csv.DictReader(fh)}
+
+
+def test_resume_with_more_steps_continues_the_lr_without_a_jump(tmp_path, capsys):
+    cfg = dict(log_every=1, save_every=4)
+    with pytest.raises(Interrupted):
+        train(StopAt(6), ToyData(), toy_config(tmp_path, **cfg), task_config={"toy": 1})
+    result = train(ToyTask(), ToyData(), toy_config(tmp_path, max_steps=16, **cfg), resume=True, task_config={"toy": 1})
+    assert result.step == 16 and "at step 4 (max_steps 10 -> 16)" in capsys.readouterr().out
+    schedule = LRSchedule(2, "cosine", 0.1, [(0, 10), (4, 16)])
+    lrs = _lrs(tmp_path)  # row k holds the LR step k - 1 used
+    assert sorted(lrs) == list(range(1, 17))
+    for step in range(16):
+        assert lrs[step + 1] == pytest.approx(1e-2 * schedule.factor(step), rel=1e-5), step
+    state = json.loads((tmp_path / "checkpoints" / "step_00000016" / "state.json").read_text())
+    assert state["lr_plans"] == [[0, 10], [4, 16]]
+    with pytest.raises(ResumeMismatchError, match="max_steps .*checkpoint at step 16, now: 12"):
+        train(ToyTask(), ToyData(), toy_config(tmp_path, max_steps=12, **cfg), resume=True, task_config={"toy": 1})
+
+
+def test_metrics_json_is_written_once_with_the_tasks_report(tmp_path):
+    class Reporting(ToyTask):
+        def describe(self) -> str:
+            return "toy: 2 modules"
+
+        def report(self, result) -> dict:
+            return {"gen": str(result.artifacts_dir / "gen.safetensors")}
+
+    result = train(Reporting(), ToyData(), toy_config(tmp_path, max_steps=2), task_config={"toy": 1})
+    report = json.loads(result.metrics_json.read_text())
+    assert report["step"] == 2 and report["eval"] == result.eval and report["gen"].endswith("final/gen.safetensors")
+    assert set(report) >= {"logs", "artifacts", "train_seconds"}

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from argen.cli.args import add_dataset_options, dataset_options, int_in, positive_int, seed
 from argen.configs import resolve as resolve_config
+from argen.train.processes import ends_processes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +74,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                        help="delete the previous run's checkpoints/, logs/ and final/ in train.out_dir and start over")
 
 
+@ends_processes
 def run_train_tokenizer(args: argparse.Namespace) -> int:
     from argen.tasks.tokenizer import (
         TOKENIZER_DIR,
@@ -84,18 +85,21 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
 
     experiment = load_config(resolve_config("tokenizer", args.config), TokenizerExperiment, args.overrides)
     result = train_tokenizer(experiment, resume=args.resume, overwrite=args.overwrite)
+    if not result.main_process:  # under torchrun / accelerate launch, one process reports
+        return 0
     print(json.dumps(result.eval, indent=2))
     print(f"tokenizer saved to {result.artifacts_dir / TOKENIZER_DIR}; metrics in {Path(experiment.train.out_dir) / 'metrics.json'}")
     return 0
 
 
+@ends_processes
 def run_train_gpt(args: argparse.Namespace) -> int:
     from argen.tasks.gpt import GPT_DIR, GPTExperiment, train_gpt
     from tokenizers_img.config import load_config
 
     experiment = load_config(resolve_config("gpt", args.config), GPTExperiment, args.overrides)
     result = train_gpt(experiment, resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
+    if not result.main_process:  # under torchrun / accelerate launch, one process reports
         return 0
     print(json.dumps(result.eval, indent=2))
     final = result.artifacts_dir
@@ -107,13 +111,14 @@ def run_train_gpt(args: argparse.Namespace) -> int:
     return 0
 
 
+@ends_processes
 def run_train_clip(args: argparse.Namespace) -> int:
     from argen.tasks.clip import CLIP_DIR, CLIPExperiment, train_clip
     from tokenizers_img.config import load_config
 
     experiment = load_config(resolve_config("unclip", args.config), CLIPExperiment, args.overrides)
     result = train_clip(experiment, resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not result.main_process:
         return 0
     print(json.dumps(result.eval, indent=2))
     print(f"CLIP saved to {result.artifacts_dir / CLIP_DIR}; embed a dataset with "
@@ -124,6 +129,7 @@ def run_train_clip(args: argparse.Namespace) -> int:
 PRIOR_KINDS = ("diffusion", "ar")
 
 
+@ends_processes
 def run_train_prior(args: argparse.Namespace) -> int:
     import yaml
 
@@ -141,20 +147,21 @@ def run_train_prior(args: argparse.Namespace) -> int:
         from argen.tasks.ar_prior import train_ar_prior as train_fn
     experiment = load_config(data, experiment_class, args.overrides)
     result = train_fn(experiment, resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not result.main_process:
         return 0
     print(json.dumps(result.eval, indent=2))
     print(f"{kind} prior saved under {result.artifacts_dir}")
     return 0
 
 
+@ends_processes
 def run_train_decoder(args: argparse.Namespace) -> int:
     from argen.tasks.decoder import DecoderExperiment, train_decoder
     from tokenizers_img.config import load_config
 
     experiment = load_config(resolve_config("unclip", args.config), DecoderExperiment, args.overrides)
     result = train_decoder(experiment, resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not result.main_process:
         return 0
     print(json.dumps(result.eval, indent=2))
     print(f"decoder saved under {result.artifacts_dir}")
@@ -164,6 +171,7 @@ def run_train_decoder(args: argparse.Namespace) -> int:
 UNCLIP_STAGES = ("clip", "prior_diffusion", "prior_ar", "decoder", "judge_clip")
 
 
+@ends_processes
 def run_train_unclip(args: argparse.Namespace) -> int:
     from argen.unclip.stack import train_unclip_stack
 

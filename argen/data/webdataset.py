@@ -1,7 +1,10 @@
 """WebDataset tar shards of captioned images (`KEY.jpg|.png|.jpeg|.webp` + `KEY.txt`), for data too big for a folder.
 
 Needs the optional `webdataset` package: `pip install 'argen[webdataset]'`.
-Keys are `SHARD_FILE_NAME/SAMPLE_KEY`. The train/val split hashes that key exactly as image folders do
+Keys are `SHARD_FILE_NAME/SAMPLE_KEY`. Shards are split over processes and DataLoader workers: slot
+`rank * num_workers + worker` reads shards slot, slot + S, ... (S slots in all). Training streams them endlessly,
+each slot in its own seeded shard order per epoch, and every item says where its slot continues after it, so a run
+resumes mid-shard; `argen tokenize` reads one shard at a time (`shard_items`). The train/val split hashes that key exactly as image folders do
 (`argen.data.imagefolder.split_of`). A sample with no image, an undecodable, too large or too thin image, or a
 missing, empty or non-UTF-8 caption is skipped; its key travels in the "skipped" list of the next item this
 worker yields (or, at the end of a worker's stream, of the last one), so `SkipReport` in the main process sees it.
@@ -13,12 +16,15 @@ Local shards are opened by absolute path, so a file named `pipe:...tar` is only 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit
 
-from torch.utils.data import IterableDataset
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from argen.data.imagefolder import SPLITS, split_of
 from argen.data.skips import DatasetError, Skip, printable
@@ -79,10 +85,11 @@ def expand_shards(pattern: str, *, allow_pipe: bool = False) -> list[str]:
 
 
 class WebDatasetShards(IterableDataset):
-    """Captioned images streamed from tar shards, split across DataLoader workers (and nodes) by shard.
+    """Captioned images streamed from tar shards, split across processes and DataLoader workers by shard.
 
     Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str, "skipped": list[Skip]}.
     Batch with `argen.data.skips.collate`. allow_pipe: let `pipe:` shards run their shell command.
+    Iterating it reads this process's and worker's shards once, in order (the process from torch.distributed).
     """
 
     index_skips: tuple[Skip, ...] = ()  # nothing is checked before streaming
@@ -120,32 +127,100 @@ class WebDatasetShards(IterableDataset):
             return Skip(key, err.reason)
         return {"image": image, "caption": caption, "key": key, "skipped": []}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _shard(self, index: int, *, start: int = 0) -> Iterator[tuple[int, dict[str, Any] | Skip]]:
+        """(raw sample number after it, item or Skip) for the samples of shard `index` of this split, from raw
+        sample `start` on (the samples before are read, not decoded)."""
         wds = require_webdataset()
-        stream = wds.WebDataset(
-            self.shards, shardshuffle=False, nodesplitter=wds.split_by_node,
-            handler=wds.warn_and_continue, empty_check=False,
-        )
-        held: dict[str, Any] | None = None  # one item of lookahead, so trailing skips still have a carrier
-        pending: list[Skip] = []
-        for sample in stream:
+        stream = wds.WebDataset([self.shards[index]], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                handler=wds.warn_and_continue, empty_check=False)
+        for number, sample in enumerate(itertools.islice(stream, start, None), start=start + 1):
             key = f"{Path(str(sample.get('__url__', '?'))).name}/{sample['__key__']}"
-            if self.split != "all" and split_of(key, self.val_fraction) != self.split:
-                continue
-            item = self._decode(key, sample)
-            if isinstance(item, Skip):
-                pending.append(item)
-                continue
-            if held is None:
-                item["skipped"] = pending
-            else:
-                held["skipped"].extend(pending)
-                yield held
-            held, pending = item, []
-        if held is not None:
+            if self.split == "all" or split_of(key, self.val_fraction) == self.split:
+                yield number, self._decode(key, sample)
+
+    def shard_items(self, index: int) -> Iterator[dict[str, Any]]:
+        """The items of shard `index` of this split, in order, each carrying the skips before it (and the last one
+        those after it)."""
+        yield from _carry_skips((item for _, item in self._shard(index)), where=self.shards[index])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world = _process()
+        slot, num_slots = _slot(rank, world)
+        mine = range(slot, len(self.shards), num_slots)
+        yield from _carry_skips((item for i in mine for _, item in self._shard(i)), where="this worker's shards")
+
+    def training_stream(self, *, seed: int, rank: int, world_size: int,
+                        start: dict[str, list[int]] | None) -> IterableDataset:
+        """This process's endless share, split over DataLoader workers (argen.train.batches.TrainingStream)."""
+        return _TrainingSlots(self, seed=seed, rank=rank, world_size=world_size, start=dict(start or {}))
+
+    def slot_items(self, *, seed: int, slot: int, num_slots: int, start: list[int] | None) -> Iterator[dict[str, Any]]:
+        """Slot `slot`'s items epoch after epoch: its shards (slot, slot + num_slots, ...) in a seeded order per epoch.
+        Each item carries "stream_position" [slot, epoch, shard, next raw sample]; `start` is such a position."""
+        mine = list(range(slot, len(self.shards), num_slots))
+        if not mine:
+            raise ValueError(f"{len(self.shards)} webdataset shard(s) for {num_slots} slots (processes x DataLoader "
+                             "workers): every slot needs a shard; use fewer workers or more shards.")
+        epoch, first, sample = (start[1:] if start else (0, 0, 0))
+        while True:
+            order = np.random.default_rng([seed, epoch, slot]).permutation(mine).tolist()
+            found = False
+            for i in range(first, len(order)):
+                for number, item in self._shard(order[i], start=sample if i == first else 0):
+                    if not isinstance(item, Skip):
+                        item["stream_position"] = torch.tensor([slot, epoch, i, number])
+                        found = True
+                    yield item
+            if not found and first == 0 and sample == 0:
+                raise ValueError(f"no decodable {self.split} sample in slot {slot}'s shards "
+                                 f"{[Path(self.shards[i]).name for i in mine][:8]}: nothing to train on.")
+            epoch, first, sample = epoch + 1, 0, 0
+
+
+class _TrainingSlots(IterableDataset):
+    """The training stream of one process: each DataLoader worker iterates its own slot (see WebDatasetShards)."""
+
+    def __init__(self, shards: WebDatasetShards, *, seed: int, rank: int, world_size: int, start: dict[str, list[int]]) -> None:
+        self.shards, self.seed, self.rank, self.world_size, self.start = shards, seed, rank, world_size, start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        slot, num_slots = _slot(self.rank, self.world_size)
+        items = self.shards.slot_items(seed=self.seed, slot=slot, num_slots=num_slots, start=self.start.get(str(slot)))
+        yield from _carry_skips(items, where=f"slot {slot}")
+
+
+def _process() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed, (0, 1) when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _slot(rank: int, world_size: int) -> tuple[int, int]:
+    """(this worker's slot, number of slots): slot = rank * num_workers + worker."""
+    info = get_worker_info()
+    workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+    return rank * workers + worker, world_size * workers
+
+
+def _carry_skips(items: Iterable[dict[str, Any] | Skip], *, where: str) -> Iterator[dict[str, Any]]:
+    """Items with the skips before each attached to it (one item of lookahead, so the skips after the last item
+    travel with it); skips with no item at all to carry them are named in a warning."""
+    held: dict[str, Any] | None = None
+    pending: list[Skip] = []
+    for item in items:
+        if isinstance(item, Skip):
+            pending.append(item)
+            continue
+        if held is None:
+            item["skipped"] = pending
+        else:
             held["skipped"].extend(pending)
             yield held
-        elif pending:
-            # No valid sample in this worker's shards: no item can carry the skips, so say so here.
-            lines = "\n".join(f"  {printable(s.key)}: {printable(s.reason)}" for s in pending)
-            warnings.warn("no decodable samples in this worker's shards; skipped:\n" + lines)
+        held, pending = item, []
+    if held is not None:
+        held["skipped"].extend(pending)
+        yield held
+    elif pending:
+        lines = "\n".join(f"  {printable(s.key)}: {printable(s.reason)}" for s in pending)
+        warnings.warn(f"no decodable samples in {where}; skipped:\n" + lines)

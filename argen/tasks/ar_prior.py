@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import PartialState
 
 from argen.data.codes import CodeShardMeta, CodeShardWriter
 from argen.eval.prior_metrics import PriorMetrics, mean_embedding_prior, nearest_caption_prior, prior_metrics
@@ -20,6 +19,7 @@ from argen.tasks.gpt import GPTArchitecture, GPTDataConfig, GPTEvalConfig, GPTEx
 from argen.text import TOKENIZER_FILE, TextTokenizer, resolve_tokenizer_file
 from argen.train.checkpoint import latest_checkpoint
 from argen.train.loop import OptimizerConfig, ResumeMismatchError, TrainConfig, TrainResult
+from argen.train.processes import process_state
 from argen.unclip.ar_prior import DEQUANTIZE, EmbeddingQuantizer
 from argen.unclip.ar_prior_sampling import (
     AR_PRIOR_FILE,
@@ -223,7 +223,7 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False, overw
         raise ResumeMismatchError(f"cannot resume {out_dir}: its {QUANTIZER_DIR}/ differs from the quantizer these "
                                   "embeddings and quantizer settings fit now. Resume with the original data and "
                                   "settings, or start a new out_dir.")
-    state = PartialState()  # the same process group the training loop's Accelerator joins
+    state = process_state()  # the same process group the training loop's Accelerator joins
     if state.is_main_process:  # the fit is deterministic: every process holds the same quantizer, one writes it
         claim_output_dir(out_dir, kind="run")  # the run's folder: `train` refuses one argen did not write
         quantizer.save_pretrained(quantizer_dir, extra={"_summary": quantizer.summary()})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +15,11 @@ from argen.data.skips import SkipReport, collate
 from argen.eval.retrieval import RetrievalEvaluator
 from argen.text import TextTokenizer, dataset_captions, train_text_tokenizer, warn_truncated
 from argen.train.checkpoint import latest_checkpoint
-from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
+from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, seeded, train
+from argen.train.processes import process_state
 from argen.unclip.clip import ClipEncoder
 from tokenizers_img.config import to_dict
-from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
+from tokenizers_img.serialization import claim_output_dir
 
 CLIP_DIR = "clip"  # save_artifacts writes the ClipEncoder directory here, under the run's final/
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"  # the run's BPE, kept beside the checkpoints so a resume reads the same one
@@ -170,6 +169,21 @@ class CLIPTask:
         metrics = self.evaluator(ClipEncoder(modules["clip"], self.clip.tokenizer, text_len=self.clip.text_len))
         return {f"val/{k}": v for k, v in metrics.as_dict().items()}
 
+    def describe(self) -> str:
+        tok = self.clip.tokenizer
+        candidates = len(self.evaluator.captions) if self.evaluator is not None else 0
+        return (f"CLIP: {self.num_params() / 1e6:.2f}M parameters, embed dim {self.clip.embed_dim}, text BPE vocab "
+                f"{tok.vocab_size} (sha256 {tok.sha256[:12]}); retrieval over {candidates} "
+                f"{self.experiment.eval.split} candidates")
+
+    def report(self, result: TrainResult) -> dict[str, Any]:
+        return {"clip": str(result.artifacts_dir / CLIP_DIR), "num_params": self.num_params(),
+                "candidates": len(self.evaluator.captions) if self.evaluator is not None else 0,
+                "eval_split": self.experiment.eval.split}
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.clip.model.parameters())
+
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         ClipEncoder(modules["clip"], self.clip.tokenizer, text_len=self.clip.text_len).save(Path(out_dir) / CLIP_DIR)
 
@@ -186,7 +200,7 @@ def clip_text_tokenizer(experiment: CLIPExperiment, *, resume: bool = False, ove
     print(f"training a byte-level BPE on up to {BPE_CAPTIONS} {data.spec} train captions (set text_tokenizer to reuse one)")
     tokenizer = train_text_tokenizer(dataset_captions(data.spec, split="train", limit=BPE_CAPTIONS, seed=data.seed,
                                                           follow_symlinks=data.follow_symlinks, strict=data.strict))
-    if int(os.environ.get("RANK", "0")) == 0 and (overwrite or latest_checkpoint(saved.parent) is None):  # never under a run's checkpoints
+    if process_state().is_main_process and (overwrite or latest_checkpoint(saved.parent) is None):  # never under a run's checkpoints
         claim_output_dir(saved.parent, kind="run")  # the run's folder: `train` refuses one argen did not write
         tokenizer.save(saved)
     return tokenizer
@@ -202,20 +216,7 @@ def train_clip(experiment: CLIPExperiment, *, resume: bool = False, overwrite: b
                                    candidates=ev.candidates, val_fraction=data.val_fraction, batch_size=ev.batch_size)
     _, lengths = tokenizer.encode_ids(evaluator.captions, text_len=experiment.text_len - 1)
     warn_truncated(lengths, text_len=experiment.text_len - 1, what="val caption")
-    task = CLIPTask(experiment, tokenizer=tokenizer, evaluator=evaluator)
-    skips = SkipReport.for_dataset(dataset)
-    num_params = sum(p.numel() for p in task.clip.model.parameters())
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"CLIP: {num_params / 1e6:.2f}M parameters, embed dim {task.clip.embed_dim}, text BPE vocab "
-              f"{tokenizer.vocab_size} (sha256 {tokenizer.sha256[:12]}); {len(dataset)} training items, retrieval over "
-              f"{len(evaluator.captions)} {experiment.eval.split} candidates")
+    task = seeded(experiment.train.seed, lambda: CLIPTask(experiment, tokenizer=tokenizer, evaluator=evaluator))
     task_config = {**to_dict(experiment), "text_tokenizer_sha256": tokenizer.sha256}
-    result = train(task, dataset, experiment.train, resume=resume, overwrite=overwrite, task_config=task_config,
-                   collate_fn=collate, on_batch_meta=skips.update)
-    report = {"step": result.step, "eval": result.eval, "logs": result.logs, "clip": str(result.artifacts_dir / CLIP_DIR),
-              "num_params": num_params, "candidates": len(evaluator.captions), "eval_split": experiment.eval.split,
-              "skipped": [{"key": s.key, "reason": s.reason} for s in skips.skips]}
-    atomic_write_bytes(Path(experiment.train.out_dir) / "metrics.json", json.dumps(report, indent=2).encode())
-    if skips.skips:
-        print(skips.summary())
-    return result
+    return train(task, dataset, experiment.train, resume=resume, overwrite=overwrite, task_config=task_config,
+                 collate_fn=collate, skips=SkipReport.for_dataset(dataset))

@@ -3,8 +3,6 @@ caption, EMA) as a Task for the shared loop, with evaluation of images decoded f
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,14 +16,14 @@ from torch import Tensor, nn
 from argen.data.registry import DatasetConfig
 from argen.data.skips import SkipReport, collate
 from argen.pipeline import TRAINED_WITH_KEY
-from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
+from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, seeded, train
 from argen.unclip.clip import ClipEncoder, TextEncoding
 from argen.unclip.decoder import DecoderArchitecture, DecoderConfig, UnCLIPDecoder
 from argen.unclip.decoder_sampling import sample_decoder
 from argen.unclip.schedulers import SAMPLERS, training_scheduler
 from tokenizers_img.config import to_dict
 from tokenizers_img.metrics import psnr
-from tokenizers_img.serialization import atomic_write_bytes, read_pretrained_config
+from tokenizers_img.serialization import read_pretrained_config
 
 DECODER_DIR = "decoder"  # final/decoder: the UnCLIPDecoder (save_pretrained); its config.json records its CLIP
 
@@ -316,6 +314,15 @@ class DecoderTask:
         count = float(sums[2].clamp(min=1))
         return {"val/loss": float(sums[0]) / count, "val/mse": float(sums[1]) / count}
 
+    def describe(self) -> str:
+        clip, exp = self.clip, self.experiment
+        text = f", caption tokens {clip.text_len} x {clip.text_width}" if exp.text_conditioning else ""
+        return (f"decoder: {self.decoder.num_params() / 1e6:.2f}M parameters; {exp.data.resolution} px; image embedding "
+                f"{clip.embed_dim}{text}; CLIP {clip.sha256[:12]} ({exp.clip})")
+
+    def report(self, result: TrainResult) -> dict[str, Any]:
+        return {"decoder": str(result.artifacts_dir / DECODER_DIR), "num_params": self.decoder.num_params()}
+
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         modules["decoder"].save_pretrained(Path(out_dir) / DECODER_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
 
@@ -347,24 +354,8 @@ def train_decoder(experiment: DecoderExperiment, *, resume: bool = False, overwr
     """
     clip = ClipEncoder.load(experiment.clip)
     dataset = experiment.data.build("train")
-    skips = SkipReport.for_dataset(dataset)
     trained_with = {"clip_sha256": clip.sha256, "clip_path": str(experiment.clip), "dataset": experiment.data.spec,
                     "resolution": experiment.data.resolution, "text_conditioning": experiment.text_conditioning}
-    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
-    task = DecoderTask(experiment, clip=clip, trained_with=trained_with)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        text = f", caption tokens {clip.text_len} x {clip.text_width}" if experiment.text_conditioning else ""
-        print(f"decoder: {task.decoder.num_params() / 1e6:.2f}M parameters; {experiment.data.resolution} px; "
-              f"image embedding {clip.embed_dim}{text}; CLIP {clip.sha256[:12]} ({experiment.clip})")
-    start = time.perf_counter()
-    result = train(task, dataset, experiment.train, resume=resume, overwrite=overwrite,
-                   task_config=to_dict(experiment), collate_fn=collate, on_batch_meta=skips.update)
-    seconds = time.perf_counter() - start
-    if is_main:
-        report = {"step": result.step, "eval": result.eval, "logs": result.logs,
-                  "decoder": str(result.artifacts_dir / DECODER_DIR), "num_params": task.decoder.num_params(),
-                  "train_seconds": seconds, "skipped": [{"key": s.key, "reason": s.reason} for s in skips.skips]}
-        atomic_write_bytes(Path(experiment.train.out_dir) / "metrics.json", json.dumps(report, indent=2).encode())
-        print(skips.summary())
-    return result
+    task = seeded(experiment.train.seed, lambda: DecoderTask(experiment, clip=clip, trained_with=trained_with))
+    return train(task, dataset, experiment.train, resume=resume, overwrite=overwrite, task_config=to_dict(experiment),
+                 collate_fn=collate, skips=SkipReport.for_dataset(dataset))

@@ -3,9 +3,6 @@ CFG text dropout, EMA) as a Task for the shared loop, with prior-metric evaluati
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ from torch import Tensor, nn
 
 from argen.eval.prior_metrics import PriorMetrics, mean_embedding_prior, nearest_caption_prior, prior_metrics
 from argen.pipeline import TRAINED_WITH_KEY
-from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
+from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, seeded, train
 from argen.unclip.clip import ClipEncoder, TextEncoding
 from argen.unclip.diffusion_prior import (
     DiffusionPrior,
@@ -28,7 +25,7 @@ from argen.unclip.embeddings import EmbeddingShard
 from argen.unclip.prior_sampling import sample_diffusion_prior
 from argen.unclip.schedulers import SAMPLERS, training_scheduler
 from tokenizers_img.config import to_dict
-from tokenizers_img.serialization import atomic_write_bytes, read_pretrained_config
+from tokenizers_img.serialization import read_pretrained_config
 
 PRIOR_DIR = "prior"  # final/prior: the DiffusionPrior (save_pretrained), its config.json records the CLIP it needs
 
@@ -177,11 +174,12 @@ class DiffusionPriorTask:
     EmbeddingSet; the token states come from the frozen CLIP per batch (they are not stored in the shards)."""
 
     def __init__(self, experiment: DiffusionPriorExperiment, *, clip: ClipEncoder, trained_with: dict[str, Any],
-                 val_dataset: EmbeddingSet | None = None) -> None:
+                 val_dataset: EmbeddingSet | None = None, train_dataset: EmbeddingSet | None = None) -> None:
         self.experiment = experiment
         self.clip = clip
         self.trained_with = trained_with
         self.val_dataset = val_dataset
+        self.train_dataset = train_dataset  # for the trivial priors report() scores beside the trained one
         self.prior = DiffusionPrior(prior_config_for(experiment.model, clip))
         self.noise = training_scheduler(experiment.model.schedule)
         self.clip.model.requires_grad_(False)
@@ -232,6 +230,19 @@ class DiffusionPriorTask:
         metrics["val/loss"] = float(torch.stack(losses).sum()) / n
         return metrics
 
+    def describe(self) -> str:
+        return (f"diffusion prior: {self.prior.num_params() / 1e6:.2f}M parameters, sequence {self.prior.config.seq_len}, "
+                f"embed_dim {self.clip.embed_dim}; {self.trained_with['num_train_items']} training items, "
+                f"{len(self.val_dataset) if self.val_dataset else 0} val items")
+
+    def report(self, result: TrainResult) -> dict[str, Any]:
+        baselines = {}
+        if self.val_dataset is not None and self.train_dataset is not None:
+            baselines = {name: m.summary() for name, m in baseline_metrics(
+                self.train_dataset, self.val_dataset, max_items=self.experiment.eval.max_items).items()}
+        return {"baselines": baselines, "prior": str(result.artifacts_dir / PRIOR_DIR),
+                "num_params": self.prior.num_params()}
+
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         modules["prior"].save_pretrained(Path(out_dir) / PRIOR_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
 
@@ -273,23 +284,6 @@ def train_diffusion_prior(experiment: DiffusionPriorExperiment, *, resume: bool 
                          f"{clip.embed_dim}.")
     trained_with = {"clip_sha256": clip_sha, "clip_path": str(data.clip), "train_shards": list(data.train),
                     "num_train_items": len(train_set)}
-    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
-    task = DiffusionPriorTask(experiment, clip=clip, trained_with=trained_with, val_dataset=val_set)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        print(f"diffusion prior: {task.prior.num_params() / 1e6:.2f}M parameters, sequence {task.prior.config.seq_len}, "
-              f"embed_dim {clip.embed_dim}; {len(train_set)} training items, {len(val_set) if val_set else 0} val items")
-    start = time.perf_counter()
-    result = train(task, train_set, experiment.train, resume=resume, overwrite=overwrite,
-                   task_config=to_dict(experiment))
-    seconds = time.perf_counter() - start
-    if is_main:
-        baselines = {}
-        if val_set is not None:
-            baselines = {name: m.summary() for name, m in
-                         baseline_metrics(train_set, val_set, max_items=experiment.eval.max_items).items()}
-        report = {"step": result.step, "eval": result.eval, "baselines": baselines, "logs": result.logs,
-                  "prior": str(result.artifacts_dir / PRIOR_DIR), "num_params": task.prior.num_params(),
-                  "train_seconds": seconds}
-        atomic_write_bytes(Path(experiment.train.out_dir) / "metrics.json", json.dumps(report, indent=2).encode())
-    return result
+    task = seeded(experiment.train.seed, lambda: DiffusionPriorTask(
+        experiment, clip=clip, trained_with=trained_with, val_dataset=val_set, train_dataset=train_set))
+    return train(task, train_set, experiment.train, resume=resume, overwrite=overwrite, task_config=to_dict(experiment))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -14,22 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from argen.data.codes import CodeShardDataset
+from argen.data.codes import CODES_NAME, CaptionIds, CodeShardDataset, caption_ids, map_random, open_caption_ids
 from argen.layout import LayoutMismatchError, SequenceLayout
 from argen.model.gpt import GPT, GPTConfig
 from argen.model.pca import fit_pca
 from argen.pipeline import GPT_DIR, TRAINED_WITH_KEY, build_pipeline
-from argen.text import TextTokenizer, warn_truncated
+from argen.text import TextTokenizer
 from argen.train.loop import (
     OptimizerConfig,
     OptimizerSpec,
     StepOutput,
     TrainConfig,
     TrainResult,
+    seeded,
     train,
 )
 from tokenizers_img.config import to_dict
-from tokenizers_img.serialization import atomic_write_bytes, pretrained_hash
+from tokenizers_img.serialization import pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
 DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid")  # set by the sequence layout, never typed in YAML
@@ -133,10 +134,13 @@ class GPTExperiment:
 
 
 class CaptionedCodes(torch.utils.data.Dataset):
-    """Code shards with their captions tokenized once up front (captions repeat: each distinct one is encoded once).
+    """Code shards with their captions as token ids, both memory-mapped and shared by the processes of a run, so
+    start-up time and memory do not grow with the number of items. The ids are written into each shard once per
+    text tokenizer and text_len (`argen.data.codes.caption_ids`), by the first run that needs them or by
+    `argen tokenize --text-tokenizer`.
 
-    Item i: {"codes": int64 (h*w,) in [0, num_codes), "text_ids": int64 (text_len,)}. Codes are read from the
-    shards' numpy memmaps; `__getitems__` reads a whole batch with one fancy index per shard.
+    Item i: {"codes": int64 (h*w,) in [0, num_codes), "text_ids": int64 (text_len,)}. `__getitems__` reads a whole
+    batch with one fancy index per shard, and checks that its codes lie in [0, num_codes).
     """
 
     def __init__(self, paths: list[str] | tuple[str, ...], *, text_tokenizer: TextTokenizer, text_len: int,
@@ -145,37 +149,39 @@ class CaptionedCodes(torch.utils.data.Dataset):
             raise ValueError("no code-shard directories given.")
         shards = [CodeShardDataset(p, expect_tokenizer_hash=expect_tokenizer_hash) for p in paths]
         first = shards[0].meta
-        for s in shards[1:]:
+        for sh in shards[1:]:
             for key in ("grid", "num_codes", "tokenizer_hash"):
-                if getattr(s.meta, key) != getattr(first, key):
+                if getattr(sh.meta, key) != getattr(first, key):
                     raise LayoutMismatchError(f"code shards disagree on {key}: {shards[0].path} has {getattr(first, key)!r}, "
-                                              f"{s.path} has {getattr(s.meta, key)!r}; train on shards of one VQ tokenizer.")
-        self.paths = [str(s.path) for s in shards]
+                                              f"{sh.path} has {getattr(sh.meta, key)!r}; train on shards of one VQ tokenizer.")
+        self.paths = [str(sh.path) for sh in shards]
         self.meta = first
-        self.codes = [s.codes for s in shards]  # (N_k, h*w) int16/int32 memmaps
-        for path, codes in zip(self.paths, self.codes):
-            _check_code_range(codes, num_codes=first.num_codes, path=path)
-        self.starts = np.cumsum([0] + [len(s) for s in shards])
-        captions = [c for s in shards for c in s.captions]
-        distinct: dict[str, int] = {}
-        self.caption_index = np.fromiter((distinct.setdefault(c, len(distinct)) for c in captions), dtype=np.int64,
-                                         count=len(captions))
-        table, lengths = text_tokenizer.encode_ids(list(distinct), text_len=text_len)
-        warn_truncated(lengths, text_len=text_len, what="distinct caption")
-        self.text_table = table  # (num_distinct, text_len) int64
-        self.num_distinct = len(distinct)
-        self.num_empty = int(sum(n == 0 for n in lengths))
+        self.text_len = text_len
+        self._text_tokenizer = text_tokenizer
+        infos = [caption_ids(p, text_tokenizer, text_len=text_len).info for p in self.paths]
+        self._arrays: tuple[list[np.ndarray], list[CaptionIds]] | None = None
+        self.starts = np.cumsum([0] + [len(sh) for sh in shards])
+        self.num_empty = sum(i["num_empty"] for i in infos)
+        truncated, longest = sum(i["num_truncated"] for i in infos), max(i["longest"] for i in infos)
+        if truncated:
+            warnings.warn(f"{truncated} of {len(self)} captions are longer than text_len={text_len} tokens (longest "
+                          f"{longest}) and were truncated to their first {text_len} tokens. A longer text_len needs a "
+                          "GPT trained with it.", UserWarning, stacklevel=2)
+        self._seen = sorted({i for info in infos for a, b in info["ids_seen"] for i in range(a, b + 1)})
+
+    def _memmaps(self) -> tuple[list[np.ndarray], list[CaptionIds]]:
+        """(codes, caption ids) of every shard, mapped on first use in each process (a DataLoader worker maps its own)."""
+        if self._arrays is None:
+            codes = [map_random(Path(p) / CODES_NAME) for p in self.paths]
+            ids = [open_caption_ids(p, self._text_tokenizer, text_len=self.text_len) for p in self.paths]
+            self._arrays = codes, ids
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}  # workers map the files themselves instead of copying them
 
     def __len__(self) -> int:
         return int(self.starts[-1])
-
-    def _codes(self, index: np.ndarray) -> np.ndarray:
-        shard = np.searchsorted(self.starts, index, side="right") - 1
-        out = np.empty((len(index), self.codes[0].shape[1]), dtype=np.int64)
-        for k in np.unique(shard):
-            sel = shard == k
-            out[sel] = self.codes[k][index[sel] - self.starts[k]]
-        return out
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
@@ -184,21 +190,29 @@ class CaptionedCodes(torch.utils.data.Dataset):
         index = np.asarray(indices, dtype=np.int64)
         if len(index) and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} items: {indices}")
-        return {"codes": torch.from_numpy(self._codes(index)),
-                "text_ids": self.text_table[torch.from_numpy(self.caption_index[index])]}
+        codes, ids = self._memmaps()
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        out_codes = np.empty((len(index), codes[0].shape[1]), dtype=np.int64)
+        out_ids = np.empty((len(index), self.text_len), dtype=np.int64)
+        for k in np.unique(shard):
+            sel = shard == k
+            rows = index[sel] - self.starts[k]
+            out_codes[sel], out_ids[sel] = codes[k][rows], ids[k].rows(rows)
+            _check_code_range(out_codes[sel], num_codes=self.meta.num_codes, path=self.paths[k], rows=rows)
+        return {"codes": torch.from_numpy(out_codes), "text_ids": torch.from_numpy(out_ids)}
 
     def seen_text_ids(self) -> list[int]:
-        """Sorted distinct text ids that occur in the (truncated) training captions."""
-        return sorted(set(torch.unique(self.text_table).tolist()))
+        """Sorted distinct text ids that occur in the (truncated, padded) training captions."""
+        return self._seen
 
 
-def _check_code_range(codes: np.ndarray, *, num_codes: int, path: str, chunk: int = 1 << 16) -> None:
-    """One pass over a shard's memmap: every code must lie in [0, num_codes) (a bad id would crash mid-run)."""
-    for start in range(0, len(codes), chunk):
-        block = np.asarray(codes[start:start + chunk])
-        if block.size and (block.min() < 0 or block.max() >= num_codes):
-            raise LayoutMismatchError(f"code shard {path} has codes in [{block.min()}, {block.max()}] (rows {start}..), "
-                                      f"outside [0, {num_codes}) of its meta.json: the shard is damaged; rewrite it.")
+def _check_code_range(codes: np.ndarray, *, num_codes: int, path: str, rows: np.ndarray) -> None:
+    """The codes of a batch lie in [0, num_codes) (a bad id would crash the embedding with a less helpful error)."""
+    if codes.size and (codes.min() < 0 or codes.max() >= num_codes):
+        bad = rows[((codes < 0) | (codes >= num_codes)).any(1)]
+        raise LayoutMismatchError(f"code shard {path} has codes in [{codes.min()}, {codes.max()}] (rows "
+                                  f"{bad[:8].tolist()}), outside [0, {num_codes}) of its meta.json: the shard is damaged; "
+                                  "rewrite it.")
 
 
 def collate_batch(batch: dict[str, Tensor] | list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -266,8 +280,9 @@ class GPTTask:
 
     def __init__(self, experiment: GPTExperiment, *, layout: SequenceLayout, text_tokenizer: TextTokenizer,
                  trained_with: dict[str, Any], val_dataset: CaptionedCodes | None = None,
-                 vq_dir: str | None = None) -> None:
+                 vq_dir: str | None = None, num_empty: int = 0) -> None:
         self.experiment = experiment
+        self.num_empty = num_empty
         self.layout = layout
         self.text_tokenizer = text_tokenizer
         self.trained_with = trained_with
@@ -337,6 +352,17 @@ class GPTTask:
             metrics["val/loss_uncond"] = float(sums[2]) / tokens
         return metrics
 
+    def describe(self) -> str:
+        empty = f", {self.num_empty} of them with an empty caption (unconditional)" if self.num_empty else ""
+        return (f"GPT: {self.gpt.num_params() / 1e6:.2f}M parameters; layout {json.dumps(self.layout.summary())}; "
+                f"{self.trained_with.get('num_train_items', '?')} training items{empty}, "
+                f"{len(self.val_dataset) if self.val_dataset is not None else 0} val items")
+
+    def report(self, result: TrainResult) -> dict[str, Any]:
+        return {"gpt": str(result.artifacts_dir / GPT_DIR),
+                "pipeline": str(result.artifacts_dir) if self.vq_dir is not None else None,
+                "num_params": self.gpt.num_params(), "layout": self.layout.summary()}
+
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         out_dir = Path(out_dir)
         modules["gpt"].save_pretrained(out_dir / GPT_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
@@ -374,18 +400,8 @@ def train_gpt(experiment: GPTExperiment, *, resume: bool = False, overwrite: boo
         "text_len": experiment.data.text_len, "code_shards": train_set.paths, "num_train_items": len(train_set),
         "text_ids_seen": id_ranges(train_set.seen_text_ids()),
     }
-    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
-    task = GPTTask(experiment, layout=layout, text_tokenizer=text, trained_with=trained_with, val_dataset=val_set,
-                   vq_dir=experiment.data.vq_tokenizer)
-    if int(os.environ.get("RANK", "0")) == 0:
-        empty = f", {train_set.num_empty} of them empty (unconditional)" if train_set.num_empty else ""
-        print(f"GPT: {task.gpt.num_params() / 1e6:.2f}M parameters; layout {json.dumps(layout.summary())}; "
-              f"{len(train_set)} training items ({train_set.num_distinct} distinct captions{empty}), "
-              f"{len(val_set) if val_set is not None else 0} val items")
-    result = train(task, train_set, experiment.train, resume=resume, overwrite=overwrite,
-                   task_config=to_dict(experiment), collate_fn=collate_batch)
-    report = {"step": result.step, "eval": result.eval, "logs": result.logs, "gpt": str(result.artifacts_dir / GPT_DIR),
-              "pipeline": str(result.artifacts_dir) if experiment.data.vq_tokenizer is not None else None,
-              "num_params": task.gpt.num_params(), "layout": layout.summary()}
-    atomic_write_bytes(Path(experiment.train.out_dir) / "metrics.json", json.dumps(report, indent=2).encode())
-    return result
+    task = seeded(experiment.train.seed, lambda: GPTTask(
+        experiment, layout=layout, text_tokenizer=text, trained_with=trained_with, val_dataset=val_set,
+        vq_dir=experiment.data.vq_tokenizer, num_empty=train_set.num_empty))
+    return train(task, train_set, experiment.train, resume=resume, overwrite=overwrite, task_config=to_dict(experiment),
+                 collate_fn=collate_batch)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from argen.data.registry import DatasetConfig
 from argen.data.skips import SkipReport, collate
 from argen.eval.tokenizer import evaluate_tokenizer
-from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, train
+from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, seeded, train
+from argen.train.sharding import full_state_dict, is_dtensor, is_sharded
 from tokenizers_img.config import to_dict
 from tokenizers_img.discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from tokenizers_img.losses import VQGANLoss, VQGANLossConfig, gan_schedule
-from tokenizers_img.serialization import atomic_write_bytes
 from tokenizers_img.vq_model import VQConfig, VQModel
 
 TOKENIZER_DIR = "tokenizer"  # save_artifacts writes the VQ model here, under the run directory
@@ -71,6 +73,8 @@ class TokenizerTask:
         self.vq = VQModel(experiment.model)
         self.loss = VQGANLoss(experiment.loss)
         self.disc = PatchDiscriminator(experiment.discriminator) if experiment.gan else None
+        # Under FSDP2 the generator loss runs a whole copy of the discriminator (its parameters detached either way)
+        self._disc_copy = copy.deepcopy(self.disc) if self.disc is not None else None
         self.val_dataset = None
 
     def modules(self) -> dict[str, nn.Module]:
@@ -97,7 +101,7 @@ class TokenizerTask:
         inner = vq.module if hasattr(vq, "module") else vq
         g = self.loss.generator_loss(
             images, out.reconstruction, quantizer_loss=q.loss, last_layer=inner.last_decoder_layer,
-            step=step, discriminator=modules.get("disc"),  # None when the GAN is off: then it is never called
+            step=step, discriminator=self._adversary(modules.get("disc"), step=step, last_layer=inner.last_decoder_layer),
         )
         losses = {"generator": g.total}
         logs = {
@@ -113,10 +117,35 @@ class TokenizerTask:
                 logs.update(d_loss=d.total.detach(), logits_real=d.logits_real, logits_fake=d.logits_fake)
         return StepOutput(losses=losses, logs=logs)
 
+    def _adversary(self, disc: nn.Module | None, *, step: int, last_layer: Any) -> nn.Module | None:
+        """The discriminator the generator loss calls (None while the GAN is off: it is not called then): the
+        prepared module, or under FSDP2 a whole copy loaded from its shards (a collective, at the same steps on every
+        process). The loss runs it with detached parameters, so no gradient reaches the discriminator."""
+        if disc is None or gan_schedule(step, self.experiment.loss).g_factor == 0 or not is_sharded(disc):
+            return disc
+        if self.experiment.loss.adaptive_weight and is_dtensor(last_layer):
+            raise ValueError("the adaptive GAN weight differentiates by the decoder's last layer, which FSDP2 has "
+                             "sharded again after the forward (an FSDP unit of its own, from the accelerate config's "
+                             "auto-wrap policy): shard the VQ model as one unit (no auto-wrap policy), train it under "
+                             "DDP (a VQGAN fits on one GPU), or set loss.adaptive_weight=false.")
+        whole = full_state_dict(disc)
+        device = next(iter(whole.values())).device
+        self._disc_copy.to(device).load_state_dict(whole)
+        return self._disc_copy
+
+    def describe(self) -> str:
+        parts = f"VQ {sum(p.numel() for p in self.vq.parameters()) / 1e6:.2f}M parameters"
+        if self.disc is not None:
+            parts += f", discriminator {sum(p.numel() for p in self.disc.parameters()) / 1e6:.2f}M"
+        return f"tokenizer: {parts}; {self.experiment.data.spec} at {self.experiment.data.resolution} px"
+
+    def report(self, result: TrainResult) -> dict[str, Any]:
+        return {"tokenizer": str(result.artifacts_dir / TOKENIZER_DIR)}
+
     def evaluate(self, *, modules: dict[str, nn.Module], accelerator, step: int) -> dict[str, float]:
         ev = self.experiment.eval
         if self.val_dataset is None:
-            self.val_dataset = self.experiment.data.build(ev.split)
+            self.val_dataset = _indexable(self.experiment.data.build(ev.split), max_images=ev.max_images)
         metrics = evaluate_tokenizer(
             modules["vq"], self.val_dataset, batch_size=ev.batch_size,
             judge=ev.judge and self.experiment.data.spec == "shapes", max_images=ev.max_images,
@@ -129,6 +158,18 @@ class TokenizerTask:
         modules["vq"].save_pretrained(Path(out_dir) / TOKENIZER_DIR)
 
 
+def _indexable(dataset: Any, *, max_images: int | None) -> Any:
+    """A val split evaluate_tokenizer can index: as it is, or the first `max_images` items of a stream, read once
+    and held in memory (every process reads the whole stream: torch.distributed is not asked to split it)."""
+    if not isinstance(dataset, IterableDataset):
+        return dataset
+    if max_images is None:
+        raise ValueError(f"the val split of {type(dataset).__name__} is a stream: set eval.max_images (its first "
+                         "images are read once and kept in memory).")
+    shards = getattr(dataset, "shard_items", None)  # WebDatasetShards: every shard in order, whatever the process
+    stream = (item for i in range(len(dataset.shards)) for item in shards(i)) if shards is not None else iter(dataset)
+    return list(itertools.islice(stream, max_images))
+
 
 def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train the experiment's tokenizer; the VQ model lands in `out_dir/final/tokenizer`, metrics in `out_dir/metrics.json`.
@@ -136,15 +177,6 @@ def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False, ov
     Skipped training files (corrupt, caption-less) are counted and named at the end; they never stop the run.
     """
     dataset = experiment.data.build("train")
-    skips = SkipReport.for_dataset(dataset)
-    torch.manual_seed(experiment.train.seed)  # the initial weights are part of the run: same seed, same model
-    result = train(
-        TokenizerTask(experiment), dataset, experiment.train, resume=resume, overwrite=overwrite,
-        task_config=to_dict(experiment), collate_fn=collate, on_batch_meta=skips.update,
-    )
-    out = Path(experiment.train.out_dir)
-    report = {"step": result.step, "eval": result.eval, "tokenizer": str(result.artifacts_dir / TOKENIZER_DIR),
-              "skipped": [{"key": s.key, "reason": s.reason} for s in skips.skips]}
-    atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
-    print(skips.summary())
-    return result
+    return train(seeded(experiment.train.seed, lambda: TokenizerTask(experiment)), dataset, experiment.train,
+                 resume=resume, overwrite=overwrite, task_config=to_dict(experiment), collate_fn=collate,
+                 skips=SkipReport.for_dataset(dataset))

@@ -39,10 +39,13 @@ class BadCheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
-    """What a checkpoint holds besides the tensors loaded in place: its directory, JSON state, EMA, RNG, scaler."""
+    """What a checkpoint holds besides the weights loaded in place: its directory, JSON state, the optimizer and
+    LR-schedule states (by optimizer name, whole: as a 1-process run saves them), EMA, RNG, scaler."""
 
     path: Path
     state: dict[str, Any]
+    optimizers: dict[str, dict[str, Any]]
+    schedulers: dict[str, dict[str, Any]]
     ema: dict[str, dict[str, Tensor]]
     rng: list[dict[str, Any]]
     scaler: dict[str, Any] | None
@@ -174,8 +177,8 @@ def save_checkpoint(
     *,
     step: int,
     modules: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
+    optimizers: dict[str, dict[str, Any]],
+    schedulers: dict[str, dict[str, Any]],
     ema: dict[str, dict[str, Tensor]],
     rng: list[dict[str, Any]],
     scaler: dict[str, Any] | None,
@@ -184,7 +187,9 @@ def save_checkpoint(
 ) -> Path:
     """Write `checkpoints/step_XXXXXXXX` atomically, then point `latest` at it, then prune to `keep_last`.
 
-    state.json, written last, records every other file's size and sha256. Call on the main process only. A crash
+    modules: whole (unsharded) modules; optimizers, schedulers: their state dicts by optimizer name; ema: whole
+    shadows by module name. state.json, written last, records every other file's size and sha256. Call on the main
+    process only. A crash
     anywhere leaves the previous checkpoints intact; temporaries a killed save left are removed by the next one.
     """
     root = claim_output_dir(checkpoints_dir(out_dir), kind="checkpoints")
@@ -195,9 +200,9 @@ def save_checkpoint(
             save_model(m, str(tmp / f"module.{mod_name}.safetensors"))
         for mod_name, shadow in ema.items():
             save_file({k: v.contiguous() for k, v in shadow.items()}, str(tmp / f"ema.{mod_name}.safetensors"))
-        for opt_name, opt in optimizers.items():
-            torch.save(opt.state_dict(), tmp / f"optimizer.{opt_name}.pt")
-            torch.save(schedulers[opt_name].state_dict(), tmp / f"scheduler.{opt_name}.pt")
+        for opt_name, opt_state in optimizers.items():
+            torch.save(opt_state, tmp / f"optimizer.{opt_name}.pt")
+            torch.save(schedulers[opt_name], tmp / f"scheduler.{opt_name}.pt")
         torch.save(rng, tmp / "rng.pt")
         if scaler is not None:
             torch.save(scaler, tmp / "scaler.pt")
@@ -234,12 +239,11 @@ def load_checkpoint(
     path: str | Path,
     *,
     modules: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
+    optimizer_names: tuple[str, ...] | list[str] = (),
     device: torch.device | str = "cpu",
 ) -> LoadedCheckpoint:
-    """Verify the checkpoint (`verify_checkpoint`), then load module, optimizer and scheduler state in place
-    (strictly) and return the rest. Nothing is unpickled."""
+    """Verify the checkpoint (`verify_checkpoint`), load the weights of `modules` (whole, unsharded ones) in place,
+    strictly, and return the rest, with the state of each named optimizer and its LR schedule. Nothing is unpickled."""
     path = Path(path)
     state = verify_checkpoint(path)
     device = torch.device(device)
@@ -249,15 +253,17 @@ def load_checkpoint(
         missing, unexpected = load_model(m, str(f), strict=False, device=where)
         if missing or unexpected:
             raise ValueError(f"{f} does not match module '{name}': missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}.")
-    for name, opt in optimizers.items():
+    optimizers, schedulers = {}, {}
+    for name in optimizer_names:
         f = _required(path, f"optimizer.{name}.pt", f"state for optimizer '{name}'")
-        opt.load_state_dict(torch.load(f, map_location=where, weights_only=True))
+        optimizers[name] = torch.load(f, map_location=where, weights_only=True)
         f = _required(path, f"scheduler.{name}.pt", f"LR schedule for optimizer '{name}'")
-        schedulers[name].load_state_dict(torch.load(f, weights_only=True))
+        schedulers[name] = torch.load(f, weights_only=True)
     ema = {f.name[len("ema."):-len(".safetensors")]: load_file(str(f), device=where) for f in path.glob("ema.*.safetensors")}
     rng = torch.load(_required(path, "rng.pt", "RNG state"), weights_only=True)
     scaler = torch.load(path / "scaler.pt", weights_only=True) if (path / "scaler.pt").is_file() else None
-    return LoadedCheckpoint(path=path, state=state, ema=ema, rng=rng, scaler=scaler)
+    return LoadedCheckpoint(path=path, state=state, optimizers=optimizers, schedulers=schedulers, ema=ema, rng=rng,
+                            scaler=scaler)
 
 
 def capture_rng() -> dict[str, Any]:

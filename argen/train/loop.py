@@ -1,4 +1,5 @@
-"""The one training loop: a Task's modules and optimizers trained on accelerate, with EMA, checkpoints and exact resume."""
+"""The one training loop: a Task's modules and optimizers trained on accelerate (one process, DDP or FSDP2, as the
+accelerate config says), with EMA, checkpoints, exact resume and metrics.json."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from argen.data.skips import SkipReport
+from argen.train.batches import Batches, seed_for
 from argen.train.checkpoint import (
     LATEST_NAME,
     BadCheckpointError,
@@ -31,6 +34,16 @@ from argen.train.checkpoint import (
 )
 from argen.train.ema import EMA
 from argen.train.logging import MetricsCsv, tensorboard_writer
+from argen.train.processes import cpu_multiprocess, launched_processes
+from argen.train.sharding import (
+    FullCopies,
+    full_optimizer_state,
+    full_tensor,
+    graph_reaches,
+    load_full_optimizer_state,
+    load_full_state_dict,
+    output_nodes,
+)
 from tokenizers_img.config import save_config, to_dict
 from tokenizers_img.serialization import (
     atomic_write_bytes,
@@ -40,9 +53,12 @@ from tokenizers_img.serialization import (
     remove_output,
 )
 
-# TrainConfig keys that may change between a run and its resumption; any other change is an error.
-RESUMABLE_CHANGES = ("out_dir", "log_every", "eval_every", "save_every", "keep_last", "num_workers", "compile")
-_GRAD_BUCKET_NUMEL = 2**24  # gradients are all-reduced in flat buckets of at most this many elements
+# TrainConfig keys that may change between a run and its resumption; any other change is an error. A change of
+# max_steps re-plans the LR schedule (LRSchedule); grad_accum and the process count may change because the data
+# order does not depend on them (ShardedBatchSampler).
+RESUMABLE_CHANGES = ("out_dir", "log_every", "eval_every", "save_every", "keep_last", "num_workers", "compile",
+                     "grad_accum", "max_steps", "ddp_find_unused_parameters")
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,15 +76,17 @@ class TrainConfig:
     """How to train; model-independent. Steps count optimizer updates.
 
     `batch_size` is the GLOBAL batch per optimizer step = per-process batch * num_processes * grad_accum, so the
-    same config gives the same data and (up to float reduction order) the same weights on 1 or N processes.
-    The LR is `lr * lr_factor(step)`: linear warm-up over `warmup_steps`, then cosine to `min_lr_ratio * lr` at
-    `max_steps` (or constant). `nan_policy="skip"` skips a step whose loss is non-finite and raises after
-    `nan_max_consecutive` consecutive skips. `mixed_precision="auto"` is bf16 autocast where the hardware computes
-    bf16 natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX, see `native_bf16`) and "no" elsewhere,
-    where emulated bf16 would be slower than float32. `compile=True` runs each trained module's forward through
-    `torch.compile` (Inductor; the first steps and the first eval pay the compilation); weights and checkpoints are
-    unchanged by it. It is off by default: for the demo GPT on a 2-core CPU it ran training steps 1.15x faster
-    after compiling (12 s with a warm Inductor cache, longer cold), which a few thousand steps barely earn back.
+    same config gives the same data and (up to float reduction order) the same weights on 1 or N processes, under
+    DDP or FSDP2 (chosen by the accelerate config). The LR is `lr * LRSchedule.factor(step)`: linear warm-up over
+    `warmup_steps`, then cosine to `min_lr_ratio * lr` at `max_steps` (or constant). `nan_policy="skip"` skips a
+    step whose loss is non-finite and raises after `nan_max_consecutive` consecutive skips.
+    `mixed_precision="auto"` is bf16 autocast where the hardware computes bf16 natively (a CUDA GPU that supports
+    it; a CPU with AVX512-BF16 or AMX, see `native_bf16`) and "no" elsewhere, where emulated bf16 would be slower
+    than float32. `compile=True` runs each trained module's forward through `torch.compile` (Inductor; the first
+    steps and the first eval pay the compilation); weights and checkpoints are unchanged by it. It is off by
+    default: for the demo GPT on a 2-core CPU it ran training steps 1.15x faster after compiling (12 s with a warm
+    Inductor cache, longer cold), which a few thousand steps barely earn back. `ddp_find_unused_parameters` lets
+    DDP train a module whose forward leaves some trainable parameters unused (one graph traversal per forward).
     """
 
     out_dir: str = "runs/default"
@@ -90,6 +108,7 @@ class TrainConfig:
     nan_policy: Literal["raise", "skip"] = "raise"
     nan_max_consecutive: int = 10
     compile: bool = False
+    ddp_find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_last", "nan_max_consecutive"):
@@ -119,7 +138,8 @@ def native_bf16() -> bool:
 
 @dataclass
 class OptimizerSpec:
-    """One AdamW over the parameters of the named modules (a module belongs to at most one optimizer)."""
+    """One AdamW over the parameters of the named modules (a module belongs to at most one optimizer; under FSDP2
+    an optimizer covers exactly one module)."""
 
     name: str
     modules: list[str]
@@ -130,9 +150,11 @@ class OptimizerSpec:
 class StepOutput:
     """What `Task.training_step` returns for one micro-batch.
 
-    losses: one scalar per optimizer name. Each is backpropagated into ITS optimizer's parameters only. A loss
-        that is None or does not require grad (e.g. `torch.zeros(())` for a discriminator that has not started)
-        means that optimizer does not step this step; its LR schedule still advances.
+    losses: one scalar per optimizer name. Each is backpropagated into ITS optimizer's parameters only, the last
+        optimizer's first. A loss that is None or does not require grad (e.g. `torch.zeros(())` for a
+        discriminator that has not started) means that optimizer does not step this step; its LR schedule still
+        advances. Which losses require grad must depend on `step` only, never on the batch: every process
+        backpropagates the same ones.
     logs: scalars to log (float or 0-d tensor), e.g. the parts of the losses. Non-finite parts are named in the
         NaN-guard message. Keys must be the same on all processes.
     """
@@ -142,7 +164,12 @@ class StepOutput:
 
 
 class Task(Protocol):
-    """What a model family provides to `train`."""
+    """What a model family provides to `train`.
+
+    Two optional methods are used when present: `describe() -> str`, a line the main process prints before the
+    first step (parameter counts, data sizes), and `report(result: TrainResult) -> dict`, keys the main process adds
+    to `metrics.json` at the end.
+    """
 
     def modules(self) -> dict[str, nn.Module]:
         """Everything with weights to train and checkpoint, by name ([A-Za-z0-9_.-]). Called once."""
@@ -159,13 +186,16 @@ class Task(Protocol):
     def training_step(self, batch: Any, *, modules: dict[str, nn.Module], step: int) -> StepOutput:
         """Forward one per-process micro-batch (already on the device) under autocast.
 
-        `modules` are the prepared ones (DDP-wrapped when multi-process: call other methods via `.module`).
+        `modules` are the prepared ones: DDP-wrapped when multi-process (call other methods via `.module`), or
+        sharded in place under FSDP2. Under FSDP2 a loss must not reach another optimizer's module through that
+        module's own forward: call it on a whole, detached copy (`argen.train.sharding.full_state_dict`), as
+        `TokenizerTask` does for the discriminator; the loop raises if a loss touches another optimizer's gradients.
         `step` is the number of optimizer steps done so far (0 for the first). Use mean losses.
         """
         ...
 
     def evaluate(self, *, modules: dict[str, nn.Module], accelerator: Any, step: int) -> dict[str, float]:
-        """Called on all processes under no_grad with unwrapped modules in eval mode (EMA weights if on).
+        """Called on all processes under no_grad with whole, unwrapped modules in eval mode (EMA weights if on).
 
         Reduce across processes with `accelerator` where needed; the main process's result is logged. RNG use
         here does not disturb training (RNG state is restored afterwards).
@@ -173,13 +203,15 @@ class Task(Protocol):
         ...
 
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
-        """Write the final products (e.g. `save_pretrained`) into `out_dir`; main process only, EMA weights if on."""
+        """Write the final products (e.g. `save_pretrained`) into `out_dir`; main process only, whole modules, EMA
+        weights if on."""
         ...
 
 
 @dataclass
 class TrainResult:
-    """Where a run ended: final step, last logged metrics, final eval, and its files."""
+    """Where a run ended: final step, last logged metrics, final eval, and its files. `main_process` is False on the
+    other processes of a multi-process run, which should not report."""
 
     step: int
     logs: dict[str, float]
@@ -188,6 +220,8 @@ class TrainResult:
     checkpoint: Path
     artifacts_dir: Path
     metrics_csv: Path
+    metrics_json: Path
+    main_process: bool = True
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,44 +232,52 @@ class ResumeMismatchError(ValueError):
     """`resume=True` found a checkpoint written with a different config."""
 
 
-def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """LR multiplier for optimizer step `step` (0-based): (step+1)/warmup during warm-up, then 1 (constant) or
-    cosine from 1 at `warmup_steps` to `min_lr_ratio` at `max_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def seeded(seed: int, build: Callable[[], T]) -> T:
+    """`build()` under `torch.manual_seed(seed)`: a run's initial weights are part of it (same seed, same model, and
+    the same on every process, which FSDP2 needs: it keeps each process's own shard of its own weights)."""
+    torch.manual_seed(seed)
+    return build()
 
 
-def _seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] % 2**63)
+@dataclass
+class LRSchedule:
+    """The LR multiplier of every optimizer step: (step+1)/warmup during warm-up, then 1 (constant) or a cosine to
+    `min_lr_ratio` at the planned last step.
 
-
-class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """This process's micro-batches of one epoch, in a fixed order that does not depend on the process count.
-
-    The epoch's order is `randperm(num_samples)` seeded by (seed, epoch). It is cut into global micro-batches of
-    `micro_batch * num_processes` indices; process r takes slice r of each. Iteration starts at micro-batch
-    `start`, which is how a resumed run skips what it already consumed without loading it.
+    `plans` lists (from_step, max_steps): the run started planning max_steps (0, N); a resume with another
+    max_steps appends (its step, M). From that step on, the cosine runs from the multiplier the step had to
+    `min_lr_ratio` at M: the LR never jumps, a longer run decays more slowly, and a finished run that is extended
+    stays at `min_lr_ratio`. A change during warm-up replaces the plan as if the run had started with it.
     """
 
-    def __init__(self, num_samples: int, *, seed: int, epoch: int, micro_batch: int, num_micro: int,
-                 num_processes: int, process_index: int, start: int = 0) -> None:
-        self.num_samples, self.seed, self.epoch, self.micro_batch = num_samples, seed, epoch, micro_batch
-        self.num_micro, self.num_processes, self.process_index, self.start = num_micro, num_processes, process_index, start
+    warmup_steps: int
+    schedule: str
+    min_lr_ratio: float
+    plans: list[tuple[int, int]]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
-        perm = torch.randperm(self.num_samples, generator=gen).tolist()
-        global_micro = self.micro_batch * self.num_processes
-        for k in range(self.start, self.num_micro):
-            base = k * global_micro + self.process_index * self.micro_batch
-            yield perm[base:base + self.micro_batch]
+    def factor(self, step: int) -> float:
+        """The multiplier of optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        start, top, end = self.warmup_steps, 1.0, self.plans[0][1]
+        for at, max_steps in self.plans[1:]:
+            if step < at:
+                break
+            if at > start:
+                start, top = at, self._cosine(at, start=start, top=top, end=end)
+            end = max_steps
+        return self._cosine(step, start=start, top=top, end=end)
 
-    def __len__(self) -> int:
-        return self.num_micro - self.start
+    def _cosine(self, step: int, *, start: int, top: float, end: int) -> float:
+        progress = min((step - start) / max(end - start, 1), 1.0)
+        return self.min_lr_ratio + (top - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """The LR multiplier of step `step` in a run planned for `max_steps` from the start (see LRSchedule)."""
+    return LRSchedule(warmup_steps, schedule, min_lr_ratio, [(0, max_steps)]).factor(step)
 
 
 def _check_task(modules: dict[str, nn.Module], specs: list[OptimizerSpec], ema_names: list[str]) -> None:
@@ -301,36 +343,6 @@ def _config_mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-@torch.no_grad()
-def _all_reduce_grads(params: list[nn.Parameter], *, world: int) -> None:
-    """Average gradients over processes, like DDP, but after backward and tolerant of unused parameters.
-
-    A per-parameter has-grad flag travels with the data, so a parameter no process touched keeps grad None
-    (exactly as in a single-process run) and one touched on some processes only gets the average with zeros.
-    """
-    dist = torch.distributed
-    buckets: list[list[nn.Parameter]] = [[]]
-    size = 0
-    for p in params:
-        if size and size + p.numel() > _GRAD_BUCKET_NUMEL:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p)
-        size += p.numel()
-    for bucket in buckets:
-        ref = bucket[0]
-        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in bucket]
-        flags = torch.tensor([p.grad is not None for p in bucket], dtype=torch.float32, device=ref.device)
-        flat = torch.cat(parts + [flags])
-        dist.all_reduce(flat)
-        offset = 0
-        for i, p in enumerate(bucket):
-            n = p.numel()
-            if flat[-len(bucket) + i] > 0:
-                p.grad = (flat[offset:offset + n] / world).view_as(p).to(p.dtype)
-            offset += n
-
-
 def _open_run_dir(out_dir: Path, *, resume: bool, overwrite: bool, accelerator: Any) -> ResumePoint | None:
     """Check `out_dir` on every process, then claim it for a run on the main process; return the checkpoint a resume
     starts from (None without resume; a ResumePoint whose path is None when there is no checkpoint at all).
@@ -373,81 +385,104 @@ def _open_run_dir(out_dir: Path, *, resume: bool, overwrite: bool, accelerator: 
     return found
 
 
-def train(
-    task: Task,
-    dataset: torch.utils.data.Dataset,
-    config: TrainConfig,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    task_config: dict[str, Any] | None = None,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    on_batch_meta: Callable[[Any], None] | None = None,
-) -> TrainResult:
-    """Train `task` on `dataset` for `config.max_steps` optimizer steps; runs unchanged under `accelerate launch`.
-
-    Files under `config.out_dir`: `train_config.yaml`, `task_config.json` (`task_config` as given, e.g. the model
-    config), `checkpoints/step_XXXXXXXX/` + `checkpoints/latest`, `logs/metrics.csv`, `logs/eval.csv`,
-    `logs/tensorboard/`, and `final/` (whatever `task.save_artifacts` writes).
-
-    The out_dir is claimed as an argen output (OUTPUT_MARKER): a non-empty folder argen did not write is refused.
-
-    resume: continue bit-exactly (weights, optimizer, LR schedule, EMA, RNG, data position) from the newest checkpoint
-        whose files match the sha256 its state.json records; damaged newer ones (and a missing or wrong `latest`
-        pointer) are named in the one line that says where the run resumed. Step dirs of which none verifies raise
-        BadCheckpointError naming the files; no checkpoint at all prints a note and starts fresh. A changed config
-        (other than RESUMABLE_CHANGES), task_config or process count raises ResumeMismatchError naming the keys;
-        paths under out_dir compare relative to it, so a moved or copied run resumes.
-    overwrite: delete the previous run's `checkpoints/`, `logs/` and `final/` (only if argen wrote them) and start
-        from step 0. Without resume or overwrite, an out_dir that already holds checkpoints is an error.
-    collate_fn: the DataLoader collate function (default: torch's).
-    on_batch_meta: called on every process with each raw (collated, not yet on the device) batch before the
-        step, e.g. `SkipReport.update`.
-
-    Raises NonFiniteLossError on a NaN/inf loss (nan_policy="raise"), leaving the last checkpoint as it was.
-    Random augmentations inside DataLoader workers (num_workers > 0) resume exactly only if they derive their
-    randomness from the sample index; randomness in the main process (training_step) always resumes exactly.
-    """
+def _accelerator(config: TrainConfig) -> Any:
+    """A fresh Accelerator for this run: mixed precision, accumulation and DDP or FSDP2 as the accelerate config says."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import gather_object, send_to_device, set_seed
-    from tqdm.auto import tqdm
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin
 
-    out_dir = Path(config.out_dir)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if native_bf16() else "no"
     # accelerate keeps one mixed precision per process and refuses another; one process may train several stages
-    # (`argen train unclip`) at different precisions, so each run starts from a fresh AcceleratorState (the process
-    # group, in PartialState, is kept).
+    # (`argen train unclip`) at different precisions, so each run starts from a fresh AcceleratorState and
+    # GradientState (the process group, in PartialState, is kept).
     AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=precision,
-        # torchrun without CUDA: accelerate goes multi-process on CPU (gloo) only when told `cpu=True`.
-        cpu=launched > 1 and not torch.cuda.is_available(),
-        # Gradients are synchronised by `_all_reduce_grads`, never by DDP's hooks (all forwards run under
-        # no_sync), so DDP only broadcasts the initial weights; buffers are broadcast after every step instead.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        cpu=cpu_multiprocess(),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=config.grad_accum, sync_with_dataloader=False),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.ddp_find_unused_parameters)],
     )
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    if world != launched:
-        raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate runs {world} process(es) "
-                           f"({accelerator.distributed_type}); the processes would train separate copies.")
-    is_main = accelerator.is_main_process
-    if is_main and config.mixed_precision == "auto":
+    if accelerator.num_processes != launched_processes():
+        raise RuntimeError(f"launched with WORLD_SIZE={launched_processes()} but accelerate runs "
+                           f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); the processes "
+                           "would train separate copies.")
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError("the accelerate config selects FSDP version 1; argen trains with FSDP2 "
+                         "(fsdp_version: 2 in the accelerate config, or accelerate launch --fsdp_version 2).")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.print(f"note: the accelerate config asks for FSDP, which accelerate runs on GPUs (and other "
+                          f"accelerators) only; this run uses {accelerator.distributed_type}.")
+    if accelerator.is_main_process and config.mixed_precision == "auto":
         print(f"mixed_precision auto -> {precision!r} (native bf16 on this machine: {precision == 'bf16'})")
+    return accelerator
 
+
+@dataclass
+class _Run:
+    """Everything a training run holds between its steps."""
+
+    task: Task
+    config: TrainConfig
+    accelerator: Any
+    out_dir: Path
+    modules: dict[str, nn.Module]        # the task's own modules (sharded in place under FSDP2)
+    prepared: dict[str, nn.Module]       # what training_step gets: DDP-wrapped when multi-process
+    specs: list[OptimizerSpec]
+    optimizers: dict[str, Any]           # accelerate-prepared, by optimizer name
+    params: dict[str, list[nn.Parameter]]  # each optimizer's parameters (the shards under FSDP2)
+    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR]
+    schedule: LRSchedule
+    ema: EMA | None
+    whole: FullCopies | None             # unsharded copies of the sharded modules (FSDP2 only)
+    batches: Batches
+    task_config: dict[str, Any]
+    skips: SkipReport | None
+    step: int = 0
+    nan_skipped: int = 0
+    consecutive_bad: int = 0
+    last_ckpt: Path | None = None
+    last_logs: dict[str, float] = field(default_factory=dict)
+    metrics_csv: MetricsCsv | None = None
+    eval_csv: MetricsCsv | None = None
+    writer: Any = None
+    # FSDP2 with several optimizers: the autograd nodes of each optimizer's modules' outputs in this micro-step, and
+    # the forward hooks that record them (removed when the run ends)
+    forward_outputs: dict[str, list[Any]] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def sharded(self) -> bool:
+        return self.whole is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _build(task: Task, dataset: Any, config: TrainConfig, *, task_config: dict[str, Any] | None,
+           collate_fn: Callable[[list[Any]], Any] | None, skips: SkipReport | None) -> _Run:
+    """The accelerator, the task's modules and optimizers prepared for it, LR schedules, EMA and the data order."""
+    from accelerate.utils import DistributedType, set_seed
+
+    accelerator = _accelerator(config)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     per_step = world * config.grad_accum
     if config.batch_size % per_step:
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by num_processes {world} x grad_accum "
             f"{config.grad_accum} = {per_step}; choose a batch_size that is a multiple of {per_step}."
         )
-    micro_batch = config.batch_size // per_step
-    steps_per_epoch = len(dataset) // config.batch_size  # type: ignore[arg-type]
-    if steps_per_epoch < 1:
-        raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one global batch of {config.batch_size}.")  # type: ignore[arg-type]
+    batches = Batches(dataset, seed=config.seed, batch_size=config.batch_size, micro_batch=config.batch_size // per_step,
+                      grad_accum=config.grad_accum, num_processes=world, process_index=rank,
+                      num_workers=config.num_workers, collate_fn=collate_fn, pin_memory=device.type == "cuda")
 
     modules = task.modules()
     specs = task.optimizers()
@@ -458,239 +493,436 @@ def train(
             f"mixed_precision='fp16' with {len(specs)} optimizers is not supported: accelerate shares one loss "
             "scaler between optimizers and would unscale gradients twice. Use mixed_precision='bf16' or 'no'."
         )
+    if fsdp and any(len(s.modules) != 1 for s in specs):
+        raise ValueError("under FSDP2 each optimizer covers exactly one module (accelerate shards one model per "
+                         f"optimizer); got {[(s.name, s.modules) for s in specs]}.")
     set_seed(config.seed, device_specific=True)  # seed + process index: processes draw different dropout masks
 
+    trainable = [m for s in specs for m in s.modules]
     for m in modules.values():
         m.to(device).train()
-    trainable = {m for s in specs for m in s.modules}
-    prepared: dict[str, nn.Module] = {n: (accelerator.prepare(m) if n in trainable else m) for n, m in modules.items()}
-    ddp_modules = [prepared[n] for n in modules if prepared[n] is not modules[n]]  # DDP-wrapped (multi-process)
+    if fsdp:  # FSDP2 keeps each process's shard of its own weights: start every process from the main one's
+        with torch.no_grad():
+            for name in trainable:
+                for t in [*modules[name].parameters(), *modules[name].buffers()]:
+                    torch.distributed.broadcast(t.data, 0)
+    whole = FullCopies({n: modules[n] for n in trainable}) if fsdp else None
+    raw: dict[str, torch.optim.AdamW] = {}
+    for s in specs:
+        params = [p for n in s.modules for p in modules[n].parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"optimizer '{s.name}' has no trainable parameters in modules {s.modules}.")
+        raw[s.name] = _make_optimizer(params, s.config, fused=device.type == "cuda")
+    schedule = LRSchedule(config.warmup_steps, config.lr_schedule, config.min_lr_ratio, [(0, config.max_steps)])
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule.factor(i)) for k, opt in raw.items()}
+    prepared: dict[str, nn.Module] = dict(modules)
+    optimizers: dict[str, Any] = {}
+    for s in specs:  # a model with its optimizer: FSDP2 swaps the optimizer's parameters for the shards
+        *wrapped, optimizers[s.name] = accelerator.prepare(*[modules[n] for n in s.modules], raw[s.name])
+        prepared.update(zip(s.modules, wrapped))
     if config.compile:
         for n in trainable:  # in place: the module (and a DDP wrapper's call) runs compiled, its state_dict keeps its keys
             modules[n].compile()
+    # In the modules' order (accelerate's FSDP clip_grad_norm_ compares the list with model.parameters()); under
+    # FSDP2 these are the shards the optimizer now holds.
     params = {s.name: [p for n in s.modules for p in modules[n].parameters() if p.requires_grad] for s in specs}
-    optimizers: dict[str, Any] = {}
-    schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
-    schedule = dict(max_steps=config.max_steps, warmup_steps=config.warmup_steps,
-                    schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
-    for s in specs:
-        if not params[s.name]:
-            raise ValueError(f"optimizer '{s.name}' has no trainable parameters in modules {s.modules}.")
-        raw = _make_optimizer(params[s.name], s.config, fused=device.type == "cuda")
-        schedulers[s.name] = torch.optim.lr_scheduler.LambdaLR(raw, lambda i: lr_factor(i, **schedule))
-        optimizers[s.name] = accelerator.prepare(raw)
-    ema = EMA({n: modules[n] for n in ema_names}, decay=config.ema_decay) if ema_names else None
+    ema = EMA({n: modules[n] for n in ema_names}, decay=config.ema_decay) if ema_names else None  # type: ignore[arg-type]
+    run = _Run(task=task, config=config, accelerator=accelerator, out_dir=Path(config.out_dir), modules=modules,
+               prepared=prepared, specs=specs, optimizers=optimizers, params=params, schedulers=schedulers,
+               schedule=schedule, ema=ema, whole=whole, batches=batches, task_config=task_config or {}, skips=skips)
+    if fsdp and len(specs) > 1:  # record each module's outputs, to see which losses run through which modules
+        for s in specs:
+            run.forward_outputs[s.name] = []
+            for n in s.modules:
+                run.hooks.append(modules[n].register_forward_hook(
+                    lambda module, args, out, k=s.name: run.forward_outputs[k].extend(output_nodes(out))))
+    return run
 
-    config_dict = to_dict(config)
-    compared = {k: v for k, v in config_dict.items() if k not in RESUMABLE_CHANGES}
-    task_config = task_config or {}
-    step, nan_skipped = 0, 0
-    found = _open_run_dir(out_dir, resume=resume, overwrite=overwrite, accelerator=accelerator)
-    ckpt_path = found.path if found is not None else None
-    if found is not None and found.path is not None:
-        saved, saved_train = found.state, found.state["train_config"]
-        bad = _config_mismatches({k: v for k, v in saved_train.items() if k not in RESUMABLE_CHANGES}, compared)
-        bad += _config_mismatches(
-            {"task": _portable(saved["task_config"], train_config=saved_train, out_dir=saved_train["out_dir"])},
-            {"task": _portable(task_config, train_config=json.loads(json.dumps(config_dict)), out_dir=config.out_dir)})
-        if saved["num_processes"] != world:
-            bad.append(f"num_processes (checkpoint: {saved['num_processes']}, now: {world})")
-        if bad:
-            raise ResumeMismatchError(f"cannot resume {ckpt_path}: the config differs in " + "; ".join(bad) +
-                                      ". Resume with the original settings, or start a new out_dir.")
-        loaded = load_checkpoint(ckpt_path, modules=modules, optimizers=optimizers, schedulers=schedulers, device=device)
-        if ema is not None:
-            ema.load_state_dict(loaded.ema)
-        if loaded.scaler is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(loaded.scaler)
+
+def _resume(run: _Run, found: ResumePoint) -> dict[str, list[int]] | None:
+    """Load the checkpoint `found` names into the run after checking it was written with the same settings; return
+    the positions a streamed dataset continues from."""
+    config, world, rank = run.config, run.accelerator.num_processes, run.accelerator.process_index
+    saved, saved_train = found.state, found.state["train_config"]
+    compared = {k: v for k, v in to_dict(config).items() if k not in RESUMABLE_CHANGES}
+    bad = _config_mismatches({k: v for k, v in saved_train.items() if k not in RESUMABLE_CHANGES}, compared)
+    bad += _config_mismatches(
+        {"task": _portable(saved["task_config"], train_config=saved_train, out_dir=saved_train["out_dir"])},
+        {"task": _portable(run.task_config, train_config=json.loads(json.dumps(to_dict(config))), out_dir=config.out_dir)})
+    if run.batches.streamed and saved.get("stream_layout") != run.batches.layout:
+        bad.append(f"processes x DataLoader workers of a streamed dataset (checkpoint: {saved.get('stream_layout')}, "
+                   f"now: {run.batches.layout}; a stream resumes on the same ones)")
+    if config.max_steps < saved["step"]:
+        bad.append(f"max_steps (checkpoint at step {saved['step']}, now: {config.max_steps}, which is before it)")
+    if bad:
+        raise ResumeMismatchError(f"cannot resume {found.path}: the config differs in " + "; ".join(bad) +
+                                  ". Resume with the original settings, or start a new out_dir.")
+    whole = {n: (run.whole.copies[n] if run.whole is not None and n in run.whole.copies else m)
+             for n, m in run.modules.items()}
+    loaded = load_checkpoint(found.path, modules=whole, optimizer_names=run.names,
+                             device="cpu" if run.sharded else run.accelerator.device)
+    if run.whole is not None:
+        for n, copy in run.whole.copies.items():
+            load_full_state_dict(run.modules[n], copy.state_dict())
+    for k in run.names:
+        load_full_optimizer_state(run.optimizers[k], loaded.optimizers[k])
+        run.schedulers[k].load_state_dict(loaded.schedulers[k])
+    if run.ema is not None:
+        run.ema.load_state_dict(loaded.ema)
+    if loaded.scaler is not None and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(loaded.scaler)
+    run.step, run.nan_skipped = saved["step"], saved["nan_skipped"]
+    if rank < len(loaded.rng):
         restore_rng(loaded.rng[rank])
-        step, nan_skipped = loaded.state["step"], loaded.state["nan_skipped"]
-        accelerator.print(f"resumed from {ckpt_path} at step {step}" + (f" ({found.notes()})" if found.notes() else ""))
+    else:  # a process the checkpoint did not have: its own stream, derived from the run's seed and this step
+        torch.manual_seed(seed_for(config.seed, rank, run.step))
+        np.random.seed(seed_for(config.seed, rank, run.step) % 2**32)
+    run.schedule.plans[:] = [tuple(p) for p in saved.get("lr_plans", [(0, saved_train["max_steps"])])]
+    if config.max_steps != run.schedule.plans[-1][1]:
+        run.schedule.plans.append((run.step, config.max_steps))
+    run.last_ckpt = found.path
+    changed = [f"{saved['num_processes']} -> {world} processes"] if saved["num_processes"] != world else []
+    if config.max_steps != saved_train["max_steps"]:
+        changed.append(f"max_steps {saved_train['max_steps']} -> {config.max_steps}")
+    notes = "; ".join(([found.notes()] if found.notes() else []) + changed)
+    run.accelerator.print(f"resumed from {found.path} at step {run.step}" + (f" ({notes})" if notes else ""))
+    return saved.get("stream_positions")
 
-    logs_dir = out_dir / "logs"
-    metrics_csv, eval_csv, writer = MetricsCsv(logs_dir / "metrics.csv"), MetricsCsv(logs_dir / "eval.csv"), None
-    if is_main:
+
+def _open_logs(run: _Run) -> None:
+    """Write the run's configs and open its CSV and TensorBoard logs (rows past the resumed step dropped)."""
+    logs_dir = run.out_dir / "logs"
+    run.metrics_csv, run.eval_csv = MetricsCsv(logs_dir / "metrics.csv"), MetricsCsv(logs_dir / "eval.csv")
+    if run.is_main:
         claim_output_dir(logs_dir, kind="logs")
-        save_config(config, out_dir / "train_config.yaml")
-        atomic_write_bytes(out_dir / "task_config.json", json.dumps(task_config, indent=2, sort_keys=True).encode())
-        metrics_csv.truncate_after(step)
-        eval_csv.truncate_after(step)
-        writer = tensorboard_writer(logs_dir / "tensorboard", purge_step=step + 1 if step else None)
-    accelerator.wait_for_everyone()
+        save_config(run.config, run.out_dir / "train_config.yaml")
+        atomic_write_bytes(run.out_dir / "task_config.json", json.dumps(run.task_config, indent=2, sort_keys=True).encode())
+        run.metrics_csv.truncate_after(run.step)
+        run.eval_csv.truncate_after(run.step)
+        run.writer = tensorboard_writer(logs_dir / "tensorboard", purge_step=run.step + 1 if run.step else None)
+    run.accelerator.wait_for_everyone()
 
-    def batches(start_step: int) -> Iterator[Any]:
-        epoch, in_epoch = divmod(start_step, steps_per_epoch)
-        start = in_epoch * config.grad_accum
-        while True:
-            sampler = ShardedBatchSampler(len(dataset), seed=config.seed, epoch=epoch, micro_batch=micro_batch,  # type: ignore[arg-type]
-                                          num_micro=steps_per_epoch * config.grad_accum, num_processes=world,
-                                          process_index=rank, start=start)
-            # An explicit generator keeps worker seeds off the global RNG (DataLoader would draw from it).
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=config.num_workers,
-                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(_seed_for(config.seed, epoch, rank)))
-            yield from loader
-            epoch, start = epoch + 1, 0
 
-    def save(at_step: int) -> Path:
-        rng = gather_object([capture_rng()])
-        path = checkpoints_dir(out_dir) / f"step_{at_step:08d}"
-        if is_main:
-            path = save_checkpoint(
-                out_dir, step=at_step, modules=modules, optimizers=optimizers, schedulers=schedulers,
-                ema=ema.state_dict() if ema is not None else {}, rng=rng,
-                scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                state={"nan_skipped": nan_skipped, "num_processes": world, "train_config": config_dict,
-                       "task_config": task_config},
-                keep_last=config.keep_last)
-        accelerator.wait_for_everyone()
-        return path
+def _backward(run: _Run, todo: list[tuple[str, Tensor]]) -> None:
+    """Backpropagate each loss into its optimizer's parameters only.
 
-    def evaluate(at_step: int) -> dict[str, float]:
-        rng = capture_rng()
-        was_training = {n: m.training for n, m in modules.items()}
-        for m in modules.values():
-            m.eval()
-        try:
-            with torch.no_grad(), (ema.swapped() if ema is not None else contextlib.nullcontext()):
-                metrics = {k: float(v) for k, v in task.evaluate(modules=modules, accelerator=accelerator, step=at_step).items()}
-        finally:
-            for n, m in modules.items():
-                m.train(was_training[n])
-            restore_rng(rng)
-        if is_main:
-            eval_csv.append(at_step, metrics)
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"eval/{k}", v, at_step)
-        return metrics
+    Single-process and DDP: `inputs=` keeps a generator loss that runs through a discriminator off the
+    discriminator's gradients, and DDP all-reduces each module's gradient buckets while the backward runs. Under
+    FSDP2 the parameters in the graph are per-forward unsharded copies that `inputs=` cannot name, and a module's
+    gradients are reduce-scattered by hooks in whichever backward passes through it; so each loss is
+    backpropagated whole, and one whose graph runs through another optimizer's module is an error.
+    """
+    for i, (k, loss) in enumerate(todo):
+        keep = i + 1 < len(todo)
+        if not run.sharded:
+            run.accelerator.backward(loss, inputs=run.params[k], retain_graph=keep)
+            continue
+        foreign = {fn for name, fns in run.forward_outputs.items() if name != k for fn in fns}
+        if foreign and graph_reaches(loss, foreign):
+            raise RuntimeError(f"under FSDP2 the loss of optimizer '{k}' runs through the forward of another "
+                               "optimizer's module, whose gradients it would change; compute that part on a detached "
+                               "whole copy of the module (argen.train.sharding.full_state_dict), as TokenizerTask does "
+                               "for its discriminator.")
+        run.accelerator.backward(loss, retain_graph=keep)
 
-    data = batches(step)
-    names = [s.name for s in specs]
-    last_logs: dict[str, float] = {}
-    last_ckpt: Path | None = ckpt_path
-    consecutive_bad = 0
-    bar = tqdm(total=config.max_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    t_last, step_last = time.perf_counter(), step
-    for opt in optimizers.values():
+
+def _train_step(run: _Run, data: Any, *, log_now: bool) -> dict[str, float]:
+    """One optimizer step: grad_accum micro-batches (DDP syncs gradients on the last only), the NaN guard, clipping,
+    each optimizer that has a loss steps, EMA, LR schedules. Returns the step's mean logs when `log_now`."""
+    from accelerate.utils import send_to_device
+
+    acc, config, device = run.accelerator, run.config, run.accelerator.device
+    trained = [run.prepared[n] for s in run.specs for n in s.modules]
+    active: set[str] = set()
+    window_bad = False
+    sums: dict[str, Tensor] = {}
+    for micro in range(config.grad_accum):
+        batch = next(data)
+        if run.skips is not None:
+            run.skips.update(batch)
+        batch = send_to_device(batch, device)
+        for fns in run.forward_outputs.values():
+            fns.clear()
+        with acc.accumulate(*trained):  # no_sync (no gradient communication) on every micro-batch but the last
+            with acc.autocast():
+                out = run.task.training_step(batch, modules=run.prepared, step=run.step)
+            unknown = set(out.losses) - set(run.names)
+            if unknown:
+                raise ValueError(f"training_step returned losses {sorted(unknown)} for no optimizer; optimizers are {run.names}.")
+            losses = {k: v for k, v in out.losses.items() if v is not None}
+            bad = _nonfinite(losses, accelerator=acc)
+            if bad:
+                window_bad = True
+                if config.nan_policy == "raise":
+                    raise NonFiniteLossError(_nan_message(run.step, micro, losses, out.logs, bad, run.last_ckpt,
+                                                          run.specs, config))
+                continue
+            todo = [(k, v) for k, v in losses.items() if v.requires_grad]
+            _backward(run, todo)  # accelerate divides each loss by grad_accum: the mean over micro-batches
+            active.update(k for k, _ in todo)
+            if log_now:
+                for k, v in {**{f"loss/{k}": v for k, v in losses.items()}, **out.logs}.items():
+                    t = torch.as_tensor(v.detach() if isinstance(v, Tensor) else v, device=device).float().mean()
+                    sums[k] = sums.get(k, 0) + t / config.grad_accum
+
+    grad_norms: dict[str, Tensor] = {}
+    if window_bad:
+        run.nan_skipped += 1
+        run.consecutive_bad += 1
+        if run.consecutive_bad >= config.nan_max_consecutive:
+            raise NonFiniteLossError(f"{run.consecutive_bad} consecutive steps up to step {run.step} had non-finite "
+                                     f"losses (nan_policy='skip'). Last good checkpoint: {run.last_ckpt or 'none yet'}.")
+    else:
+        run.consecutive_bad = 0
+        stepping = [k for k in run.names if k in active]
+        if run.step == 0 and acc.num_processes > 1 and not run.sharded and not config.ddp_find_unused_parameters:
+            _check_all_used(run, stepping)
+        for k in stepping:
+            if config.grad_clip is not None:
+                grad_norms[k] = _clip_grad_norm(run, k)
+            run.optimizers[k].step()
+        if run.ema is not None:
+            run.ema.update()
+    for opt in run.optimizers.values():
         opt.zero_grad(set_to_none=True)
+    lrs = {f"lr/{k}": float(run.optimizers[k].param_groups[0]["lr"]) for k in run.names}  # the LR this step used
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" for an optimizer not started yet
+        warnings.simplefilter("ignore", UserWarning)
+        for sched in run.schedulers.values():
+            sched.step()  # every step, stepped or not: the LR is a function of the global step
+    run.step += 1
+    if not log_now:
+        return {}
+    keys = sorted(sums)
+    local = torch.stack([sums[k] for k in keys] + [grad_norms[k].float() for k in grad_norms]) if keys or grad_norms \
+        else torch.zeros(0, device=device)
+    mean = acc.gather(local[None]).mean(0).tolist()
+    logs = dict(zip(keys + [f"grad_norm/{k}" for k in grad_norms], mean))
+    logs.update(lrs)
+    return logs
 
-    while step < config.max_steps:
-        log_now = (step + 1) % config.log_every == 0 or step + 1 == config.max_steps
-        active: set[str] = set()
-        window_bad = False
-        sums: dict[str, Tensor] = {}
-        for micro in range(config.grad_accum):
-            batch = next(data)
-            if on_batch_meta is not None:
-                on_batch_meta(batch)
-            batch = send_to_device(batch, device)
-            with contextlib.ExitStack() as stack:
-                for m in ddp_modules:
-                    stack.enter_context(accelerator.no_sync(m))
-                with accelerator.autocast():
-                    out = task.training_step(batch, modules=prepared, step=step)
-                unknown = set(out.losses) - set(names)
-                if unknown:
-                    raise ValueError(f"training_step returned losses {sorted(unknown)} for no optimizer; optimizers are {names}.")
-                losses = {k: v for k, v in out.losses.items() if v is not None}
-                bad = _nonfinite(losses, world=world, accelerator=accelerator)
-                if bad:
-                    window_bad = True
-                    if config.nan_policy == "raise":
-                        raise NonFiniteLossError(_nan_message(step, micro, losses, out.logs, bad, last_ckpt, specs, config))
-                    continue
-                todo = [(k, v) for k, v in losses.items() if v.requires_grad]
-                for i, (k, loss) in enumerate(todo):
-                    # inputs=: the loss reaches only its optimizer's parameters (a generator loss through a
-                    # discriminator leaves the discriminator's grads untouched). Mean over micro-steps.
-                    accelerator.backward(loss / config.grad_accum, inputs=params[k], retain_graph=i + 1 < len(todo))
-                    active.add(k)
-                if log_now:
-                    for k, v in {**{f"loss/{k}": v for k, v in losses.items()}, **out.logs}.items():
-                        t = torch.as_tensor(v.detach() if isinstance(v, Tensor) else v, device=device).float().mean()
-                        sums[k] = sums.get(k, 0) + t / config.grad_accum
 
-        grad_norms: dict[str, Tensor] = {}
-        if window_bad:
-            nan_skipped += 1
-            consecutive_bad += 1
-            if consecutive_bad >= config.nan_max_consecutive:
-                raise NonFiniteLossError(f"{consecutive_bad} consecutive steps up to step {step} had non-finite losses "
-                                         f"(nan_policy='skip'). Last good checkpoint: {last_ckpt or 'none yet'}.")
-        else:
-            consecutive_bad = 0
-            stepping = [k for k in names if k in active]
-            if world > 1:  # the same optimizers must step on every process
-                flags = accelerator.reduce(torch.tensor([float(k in active) for k in names], device=device), "sum")
-                stepping = [k for k, f in zip(names, flags.tolist()) if f > 0]
-            for k in stepping:
-                if world > 1:
-                    _all_reduce_grads(params[k], world=world)
-                if config.grad_clip is not None:
-                    grad_norms[k] = accelerator.clip_grad_norm_(params[k], config.grad_clip)
-                optimizers[k].step()
-            if world > 1:
-                with torch.no_grad():
-                    for m in ddp_modules:
-                        for b in m.buffers():
-                            torch.distributed.broadcast(b, 0)
-            if ema is not None:
-                ema.update()
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        lrs = {f"lr/{k}": float(optimizers[k].param_groups[0]["lr"]) for k in names}  # the LR this step used
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" for an optimizer not started yet
-            warnings.simplefilter("ignore", UserWarning)
-            for sched in schedulers.values():
-                sched.step()  # every step, stepped or not: the LR is a function of the global step
-        step += 1
+def _clip_grad_norm(run: _Run, name: str) -> Tensor:
+    """Clip optimizer `name`'s gradients to `grad_clip` by their global norm; return the norm before clipping."""
+    if not run.sharded:
+        return run.accelerator.clip_grad_norm_(run.params[name], run.config.grad_clip)
+    # accelerate's FSDP branch compares the list with each prepared model's parameters by `==`, which fails for a
+    # second model; torch's clip_grad_norm_ computes the norm over the shards (a collective) itself.
+    run.accelerator.unscale_gradients(run.optimizers[name])
+    return full_tensor(torch.nn.utils.clip_grad_norm_(run.params[name], run.config.grad_clip))
+
+
+def _check_all_used(run: _Run, stepping: list[str]) -> None:
+    """After the first step's backward under DDP: every trainable parameter got a gradient, or name the ones that
+    did not (DDP would otherwise fail at the next forward with a less helpful message)."""
+    names = {id(p): f"{n}.{k}" for n, m in run.modules.items() for k, p in m.named_parameters()}
+    unused = [names.get(id(p), "?") for k in stepping for p in run.params[k] if p.grad is None]
+    if unused:
+        raise RuntimeError(f"{len(unused)} trainable parameters received no gradient in the first step "
+                           f"({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''}); DDP needs every one to, "
+                           "or train.ddp_find_unused_parameters=true (one autograd-graph traversal per forward).")
+
+
+def _whole_modules(run: _Run, *, device: torch.device) -> dict[str, nn.Module]:
+    """The modules whole: as they are, or under FSDP2 gathered into unsharded copies (a collective)."""
+    return run.whole.get(run.modules, device=device) if run.whole is not None else run.modules
+
+
+def _evaluate(run: _Run, at_step: int) -> dict[str, float]:
+    """`task.evaluate` on every process under no_grad with whole modules in eval mode (EMA weights if on); logged."""
+    rng = capture_rng()
+    try:
+        with torch.no_grad(), (run.ema.swapped() if run.ema is not None else contextlib.nullcontext()):
+            whole = _whole_modules(run, device=run.accelerator.device)
+            was_training = {n: m.training for n, m in whole.items()}
+            for m in whole.values():
+                m.eval()
+            try:
+                metrics = {k: float(v) for k, v in
+                           run.task.evaluate(modules=whole, accelerator=run.accelerator, step=at_step).items()}
+            finally:
+                for n, m in whole.items():
+                    m.train(was_training[n])
+                if run.whole is not None:
+                    run.whole.release()
+    finally:
+        restore_rng(rng)
+    if run.is_main:
+        run.eval_csv.append(at_step, metrics)
+        if run.writer is not None:
+            for k, v in metrics.items():
+                run.writer.add_scalar(f"eval/{k}", v, at_step)
+    return metrics
+
+
+def _save(run: _Run, at_step: int) -> Path:
+    """Write checkpoint step_XXXXXXXX (whole modules, optimizer states and EMA, so any process count resumes it)."""
+    from accelerate.utils import gather_object
+
+    acc = run.accelerator
+    whole = _whole_modules(run, device=torch.device("cpu"))
+    optimizers = {k: full_optimizer_state(opt) for k, opt in run.optimizers.items()}
+    ema = run.ema.state_dict() if run.ema is not None else {}
+    rng = gather_object([capture_rng()])
+    state: dict[str, Any] = {"nan_skipped": run.nan_skipped, "num_processes": acc.num_processes,
+                             "train_config": to_dict(run.config), "task_config": run.task_config,
+                             "lr_plans": [list(p) for p in run.schedule.plans]}
+    if run.batches.streamed:
+        merged: dict[str, list[int]] = {}
+        for positions in gather_object([run.batches.positions]):
+            merged.update(positions)
+        state.update(stream_positions=merged, stream_layout=run.batches.layout)
+    path = checkpoints_dir(run.out_dir) / f"step_{at_step:08d}"
+    if run.is_main:
+        path = save_checkpoint(
+            run.out_dir, step=at_step, modules=whole, optimizers=optimizers,
+            schedulers={k: s.state_dict() for k, s in run.schedulers.items()}, ema=ema, rng=rng,
+            scaler=acc.scaler.state_dict() if acc.scaler is not None else None, state=state,
+            keep_last=run.config.keep_last)
+    acc.wait_for_everyone()
+    return path
+
+
+def _log(run: _Run, logs: dict[str, float], *, seconds: float, steps: int, bar: Any) -> None:
+    """Record one logged step: metrics.csv, TensorBoard and the progress bar (main process)."""
+    logs["samples_per_s"] = steps * run.config.batch_size / max(seconds, 1e-9)
+    if run.nan_skipped:
+        logs["nan_skipped"] = float(run.nan_skipped)
+    run.last_logs = logs
+    if not run.is_main:
+        return
+    run.metrics_csv.append(run.step, logs)
+    if run.writer is not None:
+        for k, v in logs.items():
+            run.writer.add_scalar(k, v, run.step)
+    bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.4g}" for k, v in logs.items()
+                     if k.startswith(("loss/", "lr/")) or k == "samples_per_s"}, refresh=False)
+
+
+def _finish(run: _Run, *, seconds: float) -> TrainResult:
+    """The final checkpoint, evaluation and artifacts, the merged skip report, and metrics.json (main process)."""
+    from accelerate.utils import gather_object
+
+    step = run.step
+    final = run.last_ckpt if run.last_ckpt is not None and run.last_ckpt.name == f"step_{step:08d}" else _save(run, step)
+    final_eval = _evaluate(run, step)
+    artifacts = run.out_dir / "final"
+    with torch.no_grad(), (run.ema.swapped() if run.ema is not None else contextlib.nullcontext()):
+        whole = _whole_modules(run, device=torch.device("cpu"))
+        if run.is_main:
+            claim_output_dir(artifacts, kind="final")
+            run.task.save_artifacts(modules=whole, out_dir=artifacts)
+    skipped = None
+    if run.skips is not None:  # each process saw the skips of its own batches
+        skipped = SkipReport([s for part in gather_object([run.skips.skips]) for s in part])
+    result = TrainResult(step=step, logs=run.last_logs, eval=final_eval, out_dir=run.out_dir, checkpoint=final,
+                         artifacts_dir=artifacts, metrics_csv=run.out_dir / "logs" / "metrics.csv",
+                         metrics_json=run.out_dir / "metrics.json", main_process=run.is_main)
+    if run.is_main:
+        report: dict[str, Any] = {"step": step, "eval": final_eval, "logs": run.last_logs,
+                                  "artifacts": str(artifacts), "train_seconds": round(seconds, 1)}
+        if skipped is not None:
+            report["skipped"] = [{"key": s.key, "reason": s.reason} for s in skipped.skips]
+            if len(skipped):
+                print(skipped.summary())
+        report.update(getattr(run.task, "report", lambda result: {})(result))
+        atomic_write_bytes(result.metrics_json, json.dumps(report, indent=2).encode())
+        if run.writer is not None:
+            run.writer.close()
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def train(
+    task: Task,
+    dataset: torch.utils.data.Dataset,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    task_config: dict[str, Any] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    skips: SkipReport | None = None,
+) -> TrainResult:
+    """Train `task` on `dataset` for `config.max_steps` optimizer steps; runs unchanged under `accelerate launch`,
+    on one process, under DDP or under FSDP2, as the accelerate config says.
+
+    Files under `config.out_dir`: `train_config.yaml`, `task_config.json` (`task_config` as given, e.g. the model
+    config), `checkpoints/step_XXXXXXXX/` + `checkpoints/latest`, `logs/metrics.csv`, `logs/eval.csv`,
+    `logs/tensorboard/`, `final/` (whatever `task.save_artifacts` writes) and `metrics.json` (final step, eval and
+    logs, training time, skipped samples, and what `task.report` adds), written by the main process only.
+
+    The out_dir is claimed as an argen output (OUTPUT_MARKER): a non-empty folder argen did not write is refused.
+    `dataset` is map-style (read in one fixed order by global index, `ShardedBatchSampler`) or a streamed
+    `argen.train.batches.TrainingStream` (split over processes and DataLoader workers, positions checkpointed).
+
+    resume: continue from the newest checkpoint whose files match the sha256 its state.json records; damaged newer
+        ones (and a missing or wrong `latest` pointer) are named in the one line that says where the run resumed.
+        On the same process count it is bit-exact (weights, optimizer, LR schedule, EMA, RNG, data position). The
+        process count and grad_accum may change (map-style data continues at the same global index; a process
+        the checkpoint did not have seeds a new RNG stream), and so may max_steps (LRSchedule says how the LR
+        continues). Step dirs of which none verifies raise BadCheckpointError naming the files; no checkpoint at
+        all prints a note and starts fresh. Another change of the config (beyond RESUMABLE_CHANGES) or
+        task_config raises ResumeMismatchError naming the keys; paths under out_dir compare relative to it, so a
+        moved or copied run resumes.
+    overwrite: delete the previous run's `checkpoints/`, `logs/` and `final/` (only if argen wrote them) and start
+        from step 0. Without resume or overwrite, an out_dir that already holds checkpoints is an error.
+    collate_fn: the DataLoader collate function (default: torch's).
+    skips: a SkipReport updated with every raw batch; the processes' reports are merged at the end, printed and
+        written into metrics.json.
+
+    Raises NonFiniteLossError on a NaN/inf loss (nan_policy="raise"), leaving the last checkpoint as it was.
+    Random augmentations inside DataLoader workers (num_workers > 0) resume exactly only if they derive their
+    randomness from the sample index; randomness in the main process (training_step) always resumes exactly.
+    """
+    start = time.perf_counter()
+    run = _build(task, dataset, config, task_config=task_config, collate_fn=collate_fn, skips=skips)
+    try:
+        return _run(run, resume=resume, overwrite=overwrite, start=start)
+    finally:
+        for hook in run.hooks:
+            hook.remove()
+
+
+def _run(run: _Run, *, resume: bool, overwrite: bool, start: float) -> TrainResult:
+    """Open (or resume) the run, train it to max_steps with periodic logs, evaluations and checkpoints, finish it."""
+    from tqdm.auto import tqdm
+
+    config = run.config
+    found = _open_run_dir(run.out_dir, resume=resume, overwrite=overwrite, accelerator=run.accelerator)
+    positions = _resume(run, found) if found is not None and found.path is not None else None
+    _open_logs(run)
+    describe = getattr(run.task, "describe", None)
+    if describe is not None and run.is_main:
+        print(describe())
+
+    data = run.batches.from_step(run.step, positions=positions)
+    bar = tqdm(total=config.max_steps, initial=run.step, disable=not run.is_main, desc="train", dynamic_ncols=True)
+    t_last, step_last = time.perf_counter(), run.step
+    for opt in run.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    while run.step < config.max_steps:
+        log_now = (run.step + 1) % config.log_every == 0 or run.step + 1 == config.max_steps
+        logs = _train_step(run, data, log_now=log_now)
         bar.update(1)
-
         if log_now:
-            keys = sorted(sums)
-            local = torch.stack([sums[k] for k in keys] + [grad_norms[k].float() for k in grad_norms]) if keys or grad_norms else torch.zeros(0, device=device)
-            mean = accelerator.gather(local[None]).mean(0).tolist()
             now = time.perf_counter()
-            last_logs = dict(zip(keys + [f"grad_norm/{k}" for k in grad_norms], mean))
-            last_logs.update(lrs)
-            last_logs["samples_per_s"] = (step - step_last) * config.batch_size / max(now - t_last, 1e-9)
-            if nan_skipped:
-                last_logs["nan_skipped"] = float(nan_skipped)
-            t_last, step_last = now, step
-            if is_main:
-                metrics_csv.append(step, last_logs)
-                if writer is not None:
-                    for k, v in last_logs.items():
-                        writer.add_scalar(k, v, step)
-                bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k: f"{v:.4g}" for k, v in last_logs.items()
-                                 if k.startswith(("loss/", "lr/")) or k == "samples_per_s"}, refresh=False)
-        if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
-            evaluate(step)
-        if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-            last_ckpt = save(step)
+            _log(run, logs, seconds=now - t_last, steps=run.step - step_last, bar=bar)
+            t_last, step_last = now, run.step
+        if config.eval_every and run.step % config.eval_every == 0 and run.step < config.max_steps:
+            _evaluate(run, run.step)
+        if config.save_every and run.step % config.save_every == 0 and run.step < config.max_steps:
+            run.last_ckpt = _save(run, run.step)
     bar.close()
-
-    final = last_ckpt if last_ckpt is not None and last_ckpt.name == f"step_{step:08d}" else save(step)
-    final_eval = evaluate(step)
-    artifacts = out_dir / "final"
-    if is_main:
-        claim_output_dir(artifacts, kind="final")
-        with torch.no_grad(), (ema.swapped() if ema is not None else contextlib.nullcontext()):
-            task.save_artifacts(modules=modules, out_dir=artifacts)
-        if writer is not None:
-            writer.close()
-    accelerator.wait_for_everyone()
-    return TrainResult(step=step, logs=last_logs, eval=final_eval, out_dir=out_dir, checkpoint=final,
-                       artifacts_dir=artifacts, metrics_csv=logs_dir / "metrics.csv")
+    return _finish(run, seconds=time.perf_counter() - start)
 
 
-def _nonfinite(losses: dict[str, Tensor], *, world: int, accelerator: Any) -> list[str]:
+def _nonfinite(losses: dict[str, Tensor], *, accelerator: Any) -> list[str]:
     """Names of losses that are NaN/inf on any process (one device sync per micro-step)."""
     if not losses:
         return []
     flags = torch.stack([(~torch.isfinite(v.detach().float())).any().float() for v in losses.values()])
-    if world > 1:
+    if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, "sum")
     return [k for k, f in zip(losses, flags.tolist()) if f > 0]
 
