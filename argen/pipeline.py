@@ -348,3 +348,31 @@ class Pipeline:
             images.append(self.vq.decode(c).clamp(-1, 1).float().cpu())
         return GenerationResult(images=torch.cat(images), codes=torch.cat(codes), prompts=rows, sample_index=ks,
                                 row_seeds=seeds, sampling=sampling, forward_passes=passes)
+
+    # ------------------------------------------------------------------------------- editing and control (argen.edit)
+    def inpaint(self, image, prompt: str, *, mask=None, box=None, **kwargs) -> list:
+        """Regenerate the region `mask` (white / nonzero) or `box` (x0, y0, x1, y1) of `image` under `prompt` ->
+        PIL images; keyword arguments and the full result (codes, snapped mask, PSNR): `argen.edit.inpaint`."""
+        from argen.edit import inpaint
+
+        return inpaint(self, image, prompt, mask=mask, box=box, **kwargs).pil()
+
+    def outpaint(self, image, prompt: str, *, keep=None, keep_box=None, **kwargs) -> list:
+        """Keep the region `keep` (a mask) or `keep_box` of `image` and generate around it -> PIL images
+        (`argen.edit.outpaint`)."""
+        from argen.edit import outpaint
+
+        return outpaint(self, image, prompt, keep=keep, keep_box=keep_box, **kwargs).pil()
+
+    def complete(self, image, prompt: str, *, keep_rows: int, **kwargs) -> list:
+        """Keep the top `keep_rows` pixel rows of `image` and generate the rest -> PIL images (`argen.edit.complete`)."""
+        from argen.edit import complete
+
+        return complete(self, image, prompt, keep_rows=keep_rows, **kwargs).pil()
+
+    def rerank(self, prompts, *, clip, n: int = 8, **kwargs) -> list:
+        """Best of `n` draws per prompt by the generator-side CLIP `clip` -> one PIL image per prompt
+        (`argen.rerank.rerank`)."""
+        from argen.rerank import rerank
+
+        return rerank(self, prompts, clip=clip, n=n, **kwargs).pil()

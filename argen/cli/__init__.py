@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "argen.cli.compare",
     "argen.cli.eval",
     "argen.cli.serve",
+    "argen.cli.edit",
 )
 
 

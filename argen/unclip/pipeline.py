@@ -271,3 +271,28 @@ class UnclipPipeline:
             embeds.append(e.float().cpu())
         return UnclipGeneration(images=torch.cat(images), image_embeds=torch.cat(embeds), prompts=rows, sample_index=ks,
                                 row_seeds=seeds, sampling=sampling)
+
+    # ------------------------------------------------------------------------------- controls (argen.unclip.controls)
+    def variations(self, image, *, n: int = 4, **kwargs) -> list:
+        """`n` decodings of `image`'s CLIP image embedding -> PIL images (`argen.unclip.controls.variations`)."""
+        from argen.unclip.controls import variations
+
+        return variations(self, image, n=n, **kwargs).pil()
+
+    def interpolate(self, image_a, image_b, *, steps: int = 5, **kwargs) -> list:
+        """Decodings along slerp(z_a, z_b, t), t from 0 to 1 -> PIL images (`argen.unclip.controls.interpolate`)."""
+        from argen.unclip.controls import interpolate
+
+        return interpolate(self, image_a, image_b, steps=steps, **kwargs).pil()
+
+    def text_diff(self, image, source_caption: str, target_caption: str, **kwargs) -> list:
+        """`image` moved along the text diff source -> target caption -> PIL images (`argen.unclip.controls.text_diff`)."""
+        from argen.unclip.controls import text_diff
+
+        return text_diff(self, image, source_caption, target_caption, **kwargs).pil()
+
+    def sdedit(self, image, caption: str, *, strength: float = 0.5, **kwargs) -> list:
+        """`image` noised to `strength` and denoised under `caption` -> PIL images (`argen.unclip.controls.sdedit`)."""
+        from argen.unclip.controls import sdedit
+
+        return sdedit(self, image, caption, strength=strength, **kwargs).pil()
