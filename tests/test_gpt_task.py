@@ -4,6 +4,7 @@ exact resume."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 import warnings
 from pathlib import Path
@@ -23,8 +24,11 @@ from argen.data.codes import (
     write_caption_ids,
 )
 from argen.layout import LayoutMismatchError, SequenceLayout
+from argen.model.gpt import GPTConfig
 from argen.tasks.gpt import (
+    DERIVED_GPT_FIELDS,
     CaptionedCodes,
+    GPTArchitecture,
     GPTExperiment,
     GPTTask,
     code_features,
@@ -96,6 +100,13 @@ def test_config_has_no_derived_sizes_and_checks_the_architecture(parts, tmp_path
         experiment_for(parts, tmp_path, "model.n_head=3")
     with pytest.raises(ConfigError, match=r"cond_drop_prob must be in \[0, 1\], got 1.5"):
         experiment_for(parts, tmp_path, "cond_drop_prob=1.5")
+
+
+def test_architecture_is_gpt_config_without_the_derived_sizes():
+    arch = {f.name: (f.type, f.default) for f in dataclasses.fields(GPTArchitecture)}
+    full = {f.name: (f.type, f.default) for f in dataclasses.fields(GPTConfig) if f.name not in DERIVED_GPT_FIELDS}
+    assert arch == full
+    assert set(DERIVED_GPT_FIELDS) <= {f.name for f in dataclasses.fields(GPTConfig)}
 
 
 def test_captions_are_tokenized_once_into_the_shard_and_batches_come_from_memmaps(parts, tmp_path):

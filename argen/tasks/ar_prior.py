@@ -108,7 +108,7 @@ class ARPriorExperiment:
     """One AR prior run: the quantizer, then a GPT (the GPT task's model/train/optimizer/eval sections) over
     [caption | BOI | dot token, PCA tokens]. cond_drop_prob: share of captions dropped for CFG."""
 
-    model: GPTArchitecture  # type: ignore[valid-type]
+    model: GPTArchitecture
     data: ARPriorDataConfig
     quantizer: QuantizerSettings = field(default_factory=QuantizerSettings)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -7,7 +7,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,27 +36,29 @@ from tokenizers_img.vq_model import VQModel
 DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid")  # set by the sequence layout, never typed in YAML
 
 
-def _check_architecture(self: Any) -> None:
-    """Validate with GPTConfig's own checks (placeholder derived sizes), so a bad YAML fails at load time."""
-    GPTConfig(vocab_size=1, prefix_len=1, image_grid=(1, 1), **architecture_kwargs(self))
+@dataclass
+class GPTArchitecture:
+    """The `model` section: GPTConfig without the sizes the sequence layout derives (DERIVED_GPT_FIELDS). Fields,
+    defaults and meanings are GPTConfig's; a test keeps the two in step."""
 
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_kv_head: int | None = None
+    ffn_hidden: int | None = None
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    attn_backend: Literal["auto", "sdpa", "xformers", "math"] = "auto"
+    grad_checkpointing: bool = False
+    init_std: float = 0.02
+    abs_pos_emb: bool = False
+    code_features: int = 0
 
-def _architecture_class() -> type:
-    hints = get_type_hints(GPTConfig)
-    specs = []
-    for f in dataclasses.fields(GPTConfig):
-        if f.name in DERIVED_GPT_FIELDS:
-            continue
-        default = {} if f.default is dataclasses.MISSING else {"default": f.default}
-        specs.append((f.name, hints[f.name], field(**default)))
-    cls = dataclasses.make_dataclass("GPTArchitecture", specs, namespace={"__post_init__": _check_architecture})
-    cls.__module__ = __name__
-    cls.__doc__ = (f"The `model` section: GPTConfig without the sizes the layout derives ({', '.join(DERIVED_GPT_FIELDS)}). "
-                   "Fields and meanings are GPTConfig's.")
-    return cls
-
-
-GPTArchitecture = _architecture_class()
+    def __post_init__(self) -> None:
+        """Validate with GPTConfig's own checks (placeholder derived sizes), so a bad YAML fails at load time."""
+        GPTConfig(vocab_size=1, prefix_len=1, image_grid=(1, 1), **architecture_kwargs(self))
 
 
 def architecture_kwargs(arch: Any) -> dict[str, Any]:
@@ -118,7 +120,7 @@ class GPTExperiment:
     """One GPT run. cond_drop_prob: share of training captions replaced by the empty caption (for CFG).
     text_loss_weight: weight of text-token targets relative to image tokens (DALL-E style; 0 = image tokens only)."""
 
-    model: GPTArchitecture  # type: ignore[valid-type]
+    model: GPTArchitecture
     data: GPTDataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
