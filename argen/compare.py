@@ -4,6 +4,7 @@ and cost, each quality figure with a 95% prompt-bootstrap interval, plus grids, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from argen.eval.generation import judge_images, prompt_kind
 from argen.eval.judge import ATTRIBUTES
 from argen.eval.stats import Interval, PromptBootstrap
 from argen.unclip.clip import ClipEncoder
+from argen.unclip.priors import PRIORS, prior_label
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 
 
@@ -132,20 +134,14 @@ class GPTSystem:
 
 
 class UnclipSystem:
-    """The unCLIP road with one prior ("diffusion", "ar" or "none") of a unCLIP pipeline directory."""
+    """The unCLIP road with one prior (a kind of argen.unclip.priors.PRIORS, or "none") of a unCLIP pipeline directory."""
 
     family = "unclip"
 
     def __init__(self, pipeline, sampling, *, name: str) -> None:
         self.pipeline, self.sampling, self.name = pipeline, sampling, name
         s = sampling
-        self.settings: dict[str, Any] = {"prior": s.prior}
-        if s.prior == "diffusion":
-            self.settings.update(prior_sampler=s.diffusion.sampler, prior_steps=s.diffusion.steps,
-                                 prior_cfg=s.diffusion.cfg_scale, best_of=s.diffusion.best_of)
-        elif s.prior == "ar":
-            self.settings.update(prior_cfg=s.ar.tokens.cfg_scale, prior_top_k=s.ar.tokens.top_k,
-                                 dot_quantile=s.ar.dot_quantile)
+        self.settings: dict[str, Any] = {"prior": s.prior, **(PRIORS[s.prior].settings(s) if s.prior in PRIORS else {})}
         self.settings.update(decoder_sampler=s.decoder.sampler, decoder_steps=s.decoder.steps,
                              decoder_cfg=s.decoder.cfg_scale)
 
@@ -467,20 +463,18 @@ def run_compare(out: str | Path, *, judge_clip: str | Path, gpt_pipeline: str | 
     train = ShapesDataset("train")
     floor = scorer.real_floor(torch.stack([train[i]["image"] for i in range(n_images)]))
 
-    def systems_for(gpt_s, unclip_s: dict[str, Any]) -> list:
+    def systems_for(gpt_s, unclip_s: UnclipSampling) -> list:
         systems = []
         if gpt_pipeline is not None:
             systems.append(GPTSystem(gpt_pipeline, gpt_s))
         if unclip is not None:
-            names = {"ar": "unCLIP AR prior", "diffusion": "unCLIP diffusion prior", "none": "unCLIP no prior"}
             for prior in unclip.priors:
-                systems.append(UnclipSystem(unclip, UnclipSampling(prior=prior, **unclip_s), name=names[prior]))
+                systems.append(UnclipSystem(unclip, dataclasses.replace(unclip_s, prior=prior), name=prior_label(prior)))
         return systems
 
-    base_kwargs = {"diffusion": base.diffusion, "ar": base.ar, "decoder": base.decoder}
     results: dict[str, SystemResult] = {}
     gens: dict[str, Generation] = {}
-    for system in systems_for(gpt_sampling, base_kwargs):
+    for system in systems_for(gpt_sampling, base):
         print(f"[compare] {system.name}: {len(prompt_set.prompts)} prompts x {settings.n_per_prompt}", flush=True)
         result, gen = run_system(system, scorer, n_per_prompt=settings.n_per_prompt, seed=settings.seed,
                                  samples_dir=out / "samples" / _slug(system.name))
@@ -496,8 +490,6 @@ def run_compare(out: str | Path, *, judge_clip: str | Path, gpt_pipeline: str | 
 
     sweeps: dict[str, list[tuple[float, SystemResult]]] = {}
     sweep_prompts = prompt_set.prompts[: settings.sweep_prompts]
-    import dataclasses
-
     def sweep(knob: str, values, make) -> None:
         for v in values:
             system = make(v)
@@ -510,16 +502,10 @@ def run_compare(out: str | Path, *, judge_clip: str | Path, gpt_pipeline: str | 
         sweep("GPT cfg", settings.sweep_gpt_cfg,
               lambda v: GPTSystem(gpt_pipeline, dataclasses.replace(gpt_sampling, cfg_scale=v), name=f"AR token GPT cfg {v:g}"))
     if unclip is not None:
-        for prior in (p for p in unclip.priors if p != "none"):
+        for prior in (p for p in unclip.priors if p in PRIORS):
             if settings.sweep_prior_cfg:
                 def make_prior(v, prior=prior):
-                    if prior == "diffusion":
-                        s = UnclipSampling(prior=prior, diffusion=dataclasses.replace(base.diffusion, cfg_scale=v),
-                                           ar=base.ar, decoder=base.decoder)
-                    else:
-                        tokens = dataclasses.replace(base.ar.tokens, cfg_scale=v)
-                        s = UnclipSampling(prior=prior, diffusion=base.diffusion,
-                                           ar=dataclasses.replace(base.ar, tokens=tokens), decoder=base.decoder)
+                    s = PRIORS[prior].with_cfg(dataclasses.replace(base, prior=prior), v)
                     return UnclipSystem(unclip, s, name=f"{prior} prior cfg {v:g}")
                 sweep(f"{prior} prior cfg", settings.sweep_prior_cfg, make_prior)
         if "diffusion" in unclip.priors and settings.sweep_prior_steps:

@@ -21,6 +21,7 @@ from argen.data.transforms import tensor_to_pil
 from argen.layout import SequenceLayout
 from argen.model import GPT, CompiledDecoding, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, decode_image_tokens
+from argen.saved import SavedDirError, read_manifest, trained_with
 from argen.text import TOKENIZER_FILE, TextTokenizer, tokenizer_file_hash
 from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import (
@@ -30,7 +31,6 @@ from tokenizers_img.serialization import (
     path_inside,
     pretrained_hash,
     read_json_object,
-    read_pretrained_config,
 )
 from tokenizers_img.vq_model import VQModel
 
@@ -38,14 +38,15 @@ PIPELINE_FILE = "pipeline.json"
 VQ_DIR = "vq"
 GPT_DIR = "gpt"  # the GPT's place in a pipeline directory and in a GPT run's final/ directory
 FORMAT = "argen-pipeline"
-FORMAT_VERSION = 1
-TRAINED_WITH_KEY = "_trained_with"  # the GPT's config.json records what it was trained with (see argen.tasks.gpt)
+FORMAT_VERSION = 2  # v2: every part records its class and its content_hash under "hash" (v1 is read through _from_v1)
+PART_CLASSES = {"vq": "tokenizers_img.vq_model.VQModel", "text_tokenizer": "argen.text.TextTokenizer",
+                "gpt": "argen.model.gpt.GPT"}
 SAMPLING_KEY = "sampling"  # pipeline.json's recommended sampler settings (argen demo writes what its sweep chose)
 # What a pipeline samples with when its pipeline.json recommends nothing: guidance 2, plain temperature.
 FALLBACK_SAMPLING = SamplingConfig(cfg_scale=2.0)
 
 
-class PipelineError(ValueError):
+class PipelineError(SavedDirError):
     """A pipeline directory is missing a part, a part was swapped, or the GPT was not trained with these tokenizers."""
 
 
@@ -55,12 +56,8 @@ def _short(h: str | None) -> str:
 
 def gpt_training_record(gpt_dir: str | Path) -> dict[str, Any]:
     """What the GPT in `gpt_dir` was trained with (text tokenizer sha256, VQ hash, text_len, ...), from its config.json."""
-    record = read_pretrained_config(gpt_dir).get(TRAINED_WITH_KEY)
-    if not isinstance(record, dict) or "vq_hash" not in record or "text_tokenizer_sha256" not in record:
-        raise PipelineError(f"the GPT in {str(gpt_dir)!r} does not record which tokenizers it was trained with (no "
-                            f"'{TRAINED_WITH_KEY}' in its config.json), so a pipeline cannot vouch for the pairing. "
-                            "Use a GPT written by `argen train gpt`.")
-    return record
+    return trained_with(gpt_dir, needs=("vq_hash", "text_tokenizer_sha256"), made_by="`argen train gpt`",
+                        error=PipelineError)
 
 
 def check_pairing(*, gpt_dir: Path, record: dict[str, Any], vq_dir: Path, vq_hash: str, tokenizer: Path,
@@ -79,27 +76,18 @@ def check_pairing(*, gpt_dir: Path, record: dict[str, Any], vq_dir: Path, vq_has
                             "captions made by these.")
 
 
-def manifest_parts(manifest: dict[str, Any], file: Path, *, required: tuple[str, ...],
-                   error: type[ValueError] = PipelineError) -> dict[str, dict[str, Any]]:
-    """`manifest["parts"]`, checked to hold every `required` part and each part to give a string "path" and a string
-    hash ("hash" or "sha256"); `error` naming `file` and what is wrong otherwise."""
-    parts = manifest.get("parts")
-    if not isinstance(parts, dict):
-        raise error(f"{file} has no 'parts' table: the file is damaged; rebuild the pipeline.")
-    missing = [name for name in required if name not in parts]
-    if missing:
-        raise error(f"{file} lists no {', '.join(map(repr, missing))} part: the file is damaged; rebuild the pipeline.")
-    for name, part in parts.items():
-        ok = isinstance(part, dict) and isinstance(part.get("path"), str)
-        if not ok or not isinstance(part.get("hash", part.get("sha256")), str):
-            raise error(f"{file}: part {name!r} needs a 'path' and a hash, got {part!r}: the file is damaged; rebuild "
-                        "the pipeline.")
-    return parts
-
-
 def part_hashes(manifest: dict[str, Any]) -> dict[str, str]:
     """The hash pipeline.json records for each part, by part name ("vq", "gpt", "text_tokenizer")."""
-    return {name: part.get("hash") or part.get("sha256") for name, part in manifest["parts"].items()}
+    return {name: part["hash"] for name, part in manifest["parts"].items()}
+
+
+def _from_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 pipeline.json read as format 2: the hashes are the same, but the text tokenizer's was under
+    "sha256" and no part named its class."""
+    parts = {name: {**{k: v for k, v in part.items() if k != "sha256"}, "hash": part.get("hash", part.get("sha256")),
+                    "class": PART_CLASSES.get(name)} if isinstance(part, dict) else part
+             for name, part in (manifest.get("parts") or {}).items()}
+    return {**manifest, "format_version": FORMAT_VERSION, "parts": parts}
 
 
 def _layout(text: TextTokenizer, vq_config: Any, gpt_config: Any) -> SequenceLayout:
@@ -140,10 +128,11 @@ def build_pipeline(out: str | Path, *, vq_dir: str | Path, tokenizer: str | Path
         "text_len": layout.text_len,
         "layout": layout.summary(),
         "parts": {
-            "vq": {"path": VQ_DIR, "hash": vq_hash, "num_codes": layout.num_codes, "resolution": vq_config.resolution},
-            "text_tokenizer": {"path": TOKENIZER_FILE, "sha256": text.sha256, "pad_token": text.pad_token,
-                               "vocab_size": text.vocab_size},
-            "gpt": {"path": GPT_DIR, "hash": gpt_hash, "config": to_dict(gpt_config)},
+            "vq": {"path": VQ_DIR, "class": PART_CLASSES["vq"], "hash": vq_hash, "num_codes": layout.num_codes,
+                   "resolution": vq_config.resolution},
+            "text_tokenizer": {"path": TOKENIZER_FILE, "class": PART_CLASSES["text_tokenizer"], "hash": text.sha256,
+                               "pad_token": text.pad_token, "vocab_size": text.vocab_size},
+            "gpt": {"path": GPT_DIR, "class": PART_CLASSES["gpt"], "hash": gpt_hash, "config": to_dict(gpt_config)},
         },
         "gpt_trained_with": {k: v for k, v in record.items() if k != "text_ids_seen"},
     }
@@ -273,11 +262,12 @@ class Pipeline:
         if not file.is_file():
             raise PipelineError(f"{str(path)!r} is not a pipeline directory: {PIPELINE_FILE} is missing. A pipeline is "
                                 f"made by `argen train gpt` (with data.vq_tokenizer set) or argen.pipeline.build_pipeline.")
-        manifest = read_json_object(file)
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise PipelineError(f"{file} has format {manifest.get('format')!r} v{manifest.get('format_version')}, this argen "
-                                f"reads {FORMAT!r} v{FORMAT_VERSION}.")
-        parts = manifest_parts(manifest, file, required=("vq", "gpt", "text_tokenizer"))
+        manifest, parts = read_manifest(file, format=FORMAT, version=FORMAT_VERSION, required=tuple(PART_CLASSES),
+                                        error=PipelineError, upgrade=_from_v1)
+        for name, part_class in PART_CLASSES.items():
+            if parts[name]["class"] != part_class:
+                raise PipelineError(f"{file}: part {name!r} is a {parts[name]['class']}, but a pipeline's {name} is a "
+                                    f"{part_class}.")
         vq_dir, gpt_dir, tok_file = (path_inside(path, parts[name]["path"], named_in=file) for name in ("vq", "gpt", "text_tokenizer"))
         for what, where in (("VQ tokenizer", vq_dir), ("GPT", gpt_dir), ("text tokenizer", tok_file)):
             if not where.exists():

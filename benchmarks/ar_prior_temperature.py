@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from argen.eval.prior_metrics import trivial_priors
 from argen.sample import SamplingConfig
-from argen.tasks.ar_prior import load_embeddings, score_ar_prior, trivial_prior_metrics
+from argen.tasks.ar_prior import score_ar_prior
 from argen.unclip.ar_prior_sampling import ARPrior, ARPriorSamplingConfig
+from argen.unclip.embeddings import EmbeddingSet
 from tokenizers_img.serialization import atomic_write_bytes
 
 SETTINGS = [(1.0, 1.0), (0.7, 1.0), (0.5, 1.0), (0.0, 1.0), (1.0, 2.0), (0.5, 2.0)]  # (temperature, CFG scale)
@@ -31,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     prior = ARPrior.load(args.stack / "prior_ar" / "final")
-    train = load_embeddings([str(args.stack / "emb_train")], clip_sha256=prior.clip_sha256)
-    val = load_embeddings([str(args.stack / "emb_val")], clip_sha256=prior.clip_sha256)
-    rows = [{"prior": "nearest training caption", **_pick(trivial_prior_metrics(train, val, max_items=args.items), "nearest_caption/")}]
+    train = EmbeddingSet([str(args.stack / "emb_train")], clip_sha256=prior.clip_sha256)
+    val = EmbeddingSet([str(args.stack / "emb_val")], clip_sha256=prior.clip_sha256)
+    nearest = trivial_priors(train, val, max_items=args.items)["nearest_caption"].summary("")
+    rows = [{"prior": "nearest training caption", **_pick(nearest, "")}]
     for temperature, cfg_scale in SETTINGS:
         start = time.perf_counter()
         config = ARPriorSamplingConfig(tokens=SamplingConfig(temperature=temperature, cfg_scale=cfg_scale))

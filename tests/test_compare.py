@@ -4,6 +4,7 @@ samples reproduce under `argen data judge`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -14,8 +15,11 @@ import torch
 
 from argen.cli import main
 from argen.data.registry import build_dataset
+from argen.saved import SavedDirError
+from argen.unclip.clip import ClipMismatchError
 from argen.unclip.embeddings import encode_embedding_shard
 from argen.unclip.pipeline import (
+    UNCLIP_FILE,
     DecoderSampling,
     DiffusionPriorSampling,
     UnclipPipeline,
@@ -52,7 +56,7 @@ def stack(tmp_path_factory):
     _train("prior", "prior_ar_tiny.yaml", *shards, f"train.out_dir={root / 'pa'}", "train.max_steps=4")
     _train("decoder", "decoder_tiny.yaml", f"clip={clips['clip']}", f"train.out_dir={root / 'dec'}", "train.max_steps=2")
     pipe = build_unclip_pipeline(root / "pipe", clip=clips["clip"], decoder=root / "dec" / "final" / "decoder",
-                                 diffusion_prior=root / "pd" / "final" / "prior", ar_prior=root / "pa" / "final")
+                                 priors={"diffusion": root / "pd" / "final" / "prior", "ar": root / "pa" / "final"})
     return {"root": root, "pipe": pipe, "judge": clips["judge"], "clip": clips["clip"]}
 
 
@@ -90,6 +94,25 @@ def test_a_part_of_another_clip_or_a_replaced_part_is_refused(stack, tmp_path):
     shutil.copytree(stack["root"] / "pd" / "final" / "prior", copy / "prior_ar")
     with pytest.raises(UnclipPipelineError, match="prior_ar.* has hash .* but .* records"):
         UnclipPipeline.load(copy)
+
+
+def test_a_format_1_unclip_pipeline_is_checked_by_its_own_hashes(stack, tmp_path):
+    pipe = tmp_path / "v1"
+    shutil.copytree(stack["pipe"], pipe)
+    manifest = json.loads((pipe / UNCLIP_FILE).read_text())
+    for part in manifest["parts"].values():  # format 1 hashed every file of a part, output markers included
+        digest = hashlib.sha256()
+        for f in sorted(x for x in (pipe / part["path"]).rglob("*") if x.is_file()):
+            digest.update(f.relative_to(pipe / part["path"]).as_posix().encode() + f.read_bytes())
+        part["sha256"] = digest.hexdigest()
+        del part["hash"], part["class"]
+    manifest["format_version"] = 1
+    (pipe / UNCLIP_FILE).write_text(json.dumps(manifest))
+    assert UnclipPipeline.load(pipe).priors == ("diffusion", "ar", "none")
+    (pipe / "decoder" / "config.json").write_text((pipe / "decoder" / "config.json").read_text() + " ")
+    with pytest.raises(UnclipPipelineError, match="decoder .* has hash .* the part was replaced"):
+        UnclipPipeline.load(pipe)
+    assert issubclass(UnclipPipelineError, SavedDirError) and issubclass(ClipMismatchError, SavedDirError)
 
 
 def test_argen_sample_runs_a_unclip_pipeline(stack, tmp_path):

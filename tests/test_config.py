@@ -97,11 +97,12 @@ def test_every_shipped_prior_config_names_its_kind():
     """`argen train prior` dispatches on the top-level `kind`; a shipped prior config without it cannot be run."""
     import yaml
 
-    from argen.cli.train import PRIOR_KINDS
     from argen.configs import ROOT
+    from argen.unclip.priors import PRIORS
 
     configs = sorted([*(ROOT / "unclip").glob("*prior*.yaml"), *(Path(__file__).resolve().parent / "configs").glob("*prior*.yaml")])
     assert len(configs) >= 4  # the shipped presets and the tests' tiny ones
     for path in configs:
         kind = yaml.safe_load(path.read_text()).get("kind")
-        assert kind in PRIOR_KINDS and (kind == "ar") == ("_ar" in path.stem), f"{path.name}: kind {kind!r}"
+        assert kind in PRIORS and (kind == "ar") == ("_ar" in path.stem), f"{path.name}: kind {kind!r}"
+    assert {PRIORS[k].preset for k in PRIORS} <= {p.stem for p in configs}  # every kind's preset ships

@@ -10,19 +10,17 @@ import pytest
 import torch
 from transformers import CLIPConfig
 
-from argen.pipeline import TRAINED_WITH_KEY
 from argen.sample import classifier_free_guidance
+from argen.saved import TRAINED_WITH_KEY
 from argen.tasks.decoder import (
-    DecoderClipMismatchError,
     DecoderExperiment,
     denoising_loss,
-    load_decoder,
     loss_weights,
     train_decoder,
 )
 from argen.text import dataset_captions, train_text_tokenizer
-from argen.unclip.clip import ClipEncoder, TextEncoding
-from argen.unclip.decoder import DecoderArchitecture, DecoderConfig, UnCLIPDecoder
+from argen.unclip.clip import ClipEncoder, ClipMismatchError, TextEncoding
+from argen.unclip.decoder import DecoderArchitecture, DecoderConfig, UnCLIPDecoder, load_decoder
 from argen.unclip.decoder_sampling import denoise, initial_noise, sample_decoder
 from argen.unclip.schedulers import NoiseSchedule, training_scheduler
 from tokenizers_img.config import ConfigError, load_config
@@ -304,7 +302,7 @@ def test_train_decoder_records_its_clip_and_evaluates(clip, tmp_path):
     other = ClipEncoder.build(CLIPConfig(text_config=clip.model.config.text_config.to_dict(),
                                          vision_config=clip.model.config.vision_config.to_dict(), projection_dim=D),
                               clip.tokenizer, text_len=28, seed=1)
-    with pytest.raises(DecoderClipMismatchError, match="trained with CLIP"):
+    with pytest.raises(ClipMismatchError, match="trained with CLIP"):
         load_decoder(final, clip=other)
 
 

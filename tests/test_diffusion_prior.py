@@ -162,11 +162,11 @@ def test_training_reduces_the_loss_and_final_records_the_clip(clip, tmp_path):
         PRIOR_DIR,
         DiffusionPriorExperiment,
         EmbeddingSet,
-        PriorClipMismatchError,
         denoising_loss,
-        load_diffusion_prior,
         train_diffusion_prior,
     )
+    from argen.unclip.clip import ClipMismatchError
+    from argen.unclip.diffusion_prior import load_diffusion_prior
     from tokenizers_img.config import load_config
 
     clip.save(tmp_path / "clip")
@@ -197,5 +197,5 @@ def test_training_reduces_the_loss_and_final_records_the_clip(clip, tmp_path):
     assert set(report["baselines"]) == {"mean_embedding", "nearest_caption"}
     assert {"val/cosine", "val/top1", "val/top5", "val/median_rank", "val/loss"} <= set(result.eval)
     other = ClipEncoder.build(clip.model.config, clip.tokenizer, text_len=clip.text_len, seed=1)
-    with pytest.raises(PriorClipMismatchError, match="trained with CLIP"):
+    with pytest.raises(ClipMismatchError, match="trained with CLIP"):
         load_diffusion_prior(result.artifacts_dir / PRIOR_DIR, clip=other)

@@ -16,6 +16,7 @@ from test_gpt_task import CAPTIONS, experiment_for, make_parts, tiny_vq
 from argen.cli import main
 from argen.pipeline import Pipeline, PipelineError, build_pipeline
 from argen.sample import SamplingConfig
+from argen.saved import SavedDirError
 from argen.text import train_text_tokenizer
 from tokenizers_img.serialization import pretrained_hash
 
@@ -130,7 +131,7 @@ def test_sample_cli_writes_grid_images_and_record(trained, tmp_path, capsys):
 @pytest.mark.parametrize("damage, match", [
     (lambda m: m.pop("parts"), "has no 'parts' table"),
     (lambda m: m["parts"].pop("gpt"), "lists no 'gpt' part"),
-    (lambda m: m["parts"]["vq"].pop("path"), "part 'vq' needs a 'path' and a hash"),
+    (lambda m: m["parts"]["vq"].pop("path"), "part 'vq' needs a 'path', a 'class' and a 'hash'"),
     (lambda m: m["parts"]["vq"].update(path="../elsewhere"), "names the path '../elsewhere': parts must be relative"),
     (lambda m: m["parts"]["vq"].update(path="/abs/vq"), "names the path '/abs/vq'"),
 ])
@@ -143,6 +144,25 @@ def test_a_damaged_pipeline_json_is_named_not_a_traceback(trained, tmp_path, dam
     with pytest.raises(ValueError, match=match) as err:
         Pipeline.load(pipe)
     assert str(pipe / "pipeline.json") in str(err.value)
+
+
+def test_a_format_1_pipeline_loads_and_a_wrong_part_class_is_named(trained, tmp_path):
+    pipe = tmp_path / "v1"
+    shutil.copytree(trained.final, pipe)
+    manifest = json.loads((pipe / "pipeline.json").read_text())
+    v2 = Pipeline.load(pipe).manifest
+    text = manifest["parts"]["text_tokenizer"]
+    manifest["format_version"] = 1  # as argen wrote it before: no classes, the text tokenizer's hash under "sha256"
+    text["sha256"] = text.pop("hash")
+    for part in manifest["parts"].values():
+        part.pop("class")
+    (pipe / "pipeline.json").write_text(json.dumps(manifest))
+    assert Pipeline.load(pipe).manifest["parts"] == v2["parts"]
+    assert json.loads((pipe / "pipeline.json").read_text())["format_version"] == 1  # read, never rewritten
+    manifest = v2 | {"parts": {**v2["parts"], "gpt": {**v2["parts"]["gpt"], "class": "argen.unclip.decoder.UnCLIPDecoder"}}}
+    (pipe / "pipeline.json").write_text(json.dumps(manifest))
+    with pytest.raises(SavedDirError, match="part 'gpt' is a argen.unclip.decoder.UnCLIPDecoder, but a pipeline's gpt"):
+        Pipeline.load(pipe)
 
 
 def test_pipeline_parts_cannot_lead_outside_it(trained, tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from argen.unclip.stack import run_side_by_side
+from argen.tasks.unclip_stack import run_side_by_side
 
 
 def test_side_by_side_jobs_write_their_own_logs(tmp_path):

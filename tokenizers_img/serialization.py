@@ -396,15 +396,29 @@ class PretrainedMixin:
         return model.to(device).eval()
 
 
-def pretrained_hash(path: str | Path) -> str:
-    """SHA-256 over a saved directory's config.json and model.safetensors: identifies one exact model."""
+def content_hash(path: str | Path) -> str:
+    """The one hash of a saved thing: SHA-256 of a file's bytes, or of a directory's files (each relative path, then
+    its bytes, in sorted order; OUTPUT_MARKER files left out, as they say who wrote the directory, not what it is)."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != OUTPUT_MARKER)
+    else:
+        raise FileNotFoundError(f"{path} not found: nothing to hash.")
     digest = hashlib.sha256()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        file = Path(path) / name
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} not found: {str(path)!r} is not a saved model directory.")
-        digest.update(name.encode())
+    for file in files:
+        if file != path:  # a directory's file: its place in the directory is part of what it is
+            digest.update(file.relative_to(path).as_posix().encode())
         with open(file, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def pretrained_hash(path: str | Path) -> str:
+    """`content_hash` of a saved model directory (config.json + model.safetensors): identifies one exact model."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (Path(path) / name).is_file():
+            raise FileNotFoundError(f"{Path(path) / name} not found: {str(path)!r} is not a saved model directory.")
+    return content_hash(path)

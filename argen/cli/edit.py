@@ -12,6 +12,7 @@ from typing import Any
 
 from argen.cli.args import device, float_in, fraction, int_in, positive_int, seed
 from argen.sample import DECODINGS, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW
+from argen.unclip.priors import PRIOR_CHOICES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("prompt", help="the new caption")
     c.add_argument("--strength", type=fraction, default=0.5, help="noise level in [0, 1]: 0 keeps the image, 1 is pure "
                    "noise (default 0.5)")
-    c.add_argument("--prior", choices=("diffusion", "ar", "none"), default=None,
+    c.add_argument("--prior", choices=PRIOR_CHOICES, default=None,
                    help="the prior giving the caption's image embedding (default: the pipeline's first)")
     c.set_defaults(func=run_unclip_control)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from argen.cli.args import device, float_in, int_in, positive_int, seed
 from argen.sample import DECODINGS, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW
+from argen.unclip.priors import PRIOR_CHOICES, PRIORS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CPU: compile the GPT's decode step with torch.compile (needs a C++ compiler; about 30 s once "
                         "for the demo GPT, then faster decoding: for many images, not for one grid)")
     u = p.add_argument_group("unCLIP pipelines")
-    u.add_argument("--prior", choices=("diffusion", "ar", "none"), default=None,
+    u.add_argument("--prior", choices=PRIOR_CHOICES, default=None,
                    help="which prior (default: diffusion when the pipeline has one, else ar); none feeds the decoder the "
                    "text embedding")
     u.add_argument("--prior-cfg", type=float_in(0.0, MAX_CFG_SCALE), default=1.0, help="guidance scale of the prior (default 1)")
@@ -198,8 +199,6 @@ def _write_images(out: Path, images, prompts: list[str], sample_index: list[int]
 
 
 def _run_sample_unclip(args: argparse.Namespace, prompts: list[str], device: str) -> int:
-    from argen.sample import SamplingConfig
-    from argen.unclip.ar_prior_sampling import ARPriorSamplingConfig
     from argen.unclip.pipeline import DecoderSampling, DiffusionPriorSampling, UnclipPipeline, UnclipSampling
     from tokenizers_img.serialization import write_marked_json
 
@@ -207,11 +206,11 @@ def _run_sample_unclip(args: argparse.Namespace, prompts: list[str], device: str
         raise ValueError("a unCLIP pipeline needs non-empty prompts (its CLIP embeds the caption).")
     pipe = UnclipPipeline.load(args.pipeline, device=device, verify=not args.no_verify)
     prior = args.prior or pipe.priors[0]
-    sampling = UnclipSampling(
-        prior=prior, diffusion=DiffusionPriorSampling(steps=args.prior_steps, cfg_scale=args.prior_cfg),
-        ar=ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=args.prior_cfg)),
-        decoder=DecoderSampling(steps=args.decoder_steps,
-                                **({} if args.cfg is None else {"cfg_scale": args.cfg})))
+    sampling = UnclipSampling(prior=prior, diffusion=DiffusionPriorSampling(steps=args.prior_steps),
+                              decoder=DecoderSampling(steps=args.decoder_steps,
+                                                      **({} if args.cfg is None else {"cfg_scale": args.cfg})))
+    if prior in PRIORS:
+        sampling = PRIORS[prior].with_cfg(sampling, args.prior_cfg)
     start = time.perf_counter()
     result = pipe.generate(prompts, n_per_prompt=args.num, seed=args.seed, sampling=sampling, batch_size=args.batch_size)
     seconds = time.perf_counter() - start

@@ -126,25 +126,19 @@ def run_train_clip(args: argparse.Namespace) -> int:
     return 0
 
 
-PRIOR_KINDS = ("diffusion", "ar")
-
-
 @ends_processes
 def run_train_prior(args: argparse.Namespace) -> int:
     import yaml
 
+    from argen.unclip.priors import PRIORS
     from tokenizers_img.config import load_config
 
     data = yaml.safe_load(resolve_config("unclip", args.config).read_text()) or {}
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in PRIOR_KINDS:
-        raise ValueError(f"{args.config}: a prior config needs a top-level `kind: diffusion` or `kind: ar`, got {kind!r}.")
-    if kind == "diffusion":
-        from argen.tasks.diffusion_prior import DiffusionPriorExperiment as experiment_class
-        from argen.tasks.diffusion_prior import train_diffusion_prior as train_fn
-    else:
-        from argen.tasks.ar_prior import ARPriorExperiment as experiment_class
-        from argen.tasks.ar_prior import train_ar_prior as train_fn
+    if kind not in PRIORS:
+        raise ValueError(f"{args.config}: a prior config needs a top-level `kind:` naming the prior, one of "
+                         f"{', '.join(PRIORS)}; got {kind!r}.")
+    experiment_class, train_fn = PRIORS[kind].trainer()
     experiment = load_config(data, experiment_class, args.overrides)
     result = train_fn(experiment, resume=args.resume, overwrite=args.overwrite)
     if not result.main_process:
@@ -168,18 +162,18 @@ def run_train_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
-UNCLIP_STAGES = ("clip", "prior_diffusion", "prior_ar", "decoder", "judge_clip")
-
-
 @ends_processes
 def run_train_unclip(args: argparse.Namespace) -> int:
-    from argen.unclip.stack import train_unclip_stack
+    from argen.tasks.unclip_stack import train_unclip_stack
+    from argen.unclip.priors import PRIORS
+
+    stages = ("clip", *(p.part_dir for p in PRIORS.values()), "decoder", "judge_clip")
 
     overrides: dict[str, list[str]] = {}
     for item in args.overrides:
         stage, _, rest = item.partition(".")
-        if stage not in UNCLIP_STAGES or "=" not in rest:
-            raise ValueError(f"override {item!r} must look like STAGE.key.path=value with STAGE one of {UNCLIP_STAGES}.")
+        if stage not in stages or "=" not in rest:
+            raise ValueError(f"override {item!r} must look like STAGE.key.path=value with STAGE one of {stages}.")
         overrides.setdefault(stage, []).append(rest)
     train_unclip_stack(args.out, overrides=overrides)
     return 0

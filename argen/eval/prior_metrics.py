@@ -114,3 +114,31 @@ def nearest_caption_prior(train_text_embeds: Tensor, train_image_embeds: Tensor,
     queries = F.normalize(query_text_embeds.float().to(keys.device), dim=-1)
     index = torch.cat([(queries[s:s + chunk_size] @ keys.T).argmax(-1) for s in range(0, len(queries), chunk_size)])
     return train_image_embeds[index.to(train_image_embeds.device)].float()
+
+
+def trivial_priors(train, val, *, max_items: int | None = None) -> dict[str, PriorMetrics]:
+    """The two priors every real prior must beat, scored on the first `max_items` items of `val` (an EmbeddingSet,
+    as is `train`): "mean_embedding" and "nearest_caption" (above)."""
+    n = len(val.captions) if max_items is None else min(max_items, len(val.captions))
+    true = val.image_embeds[:n]
+    return {"mean_embedding": prior_metrics(mean_embedding_prior(train.image_embeds, n), true),
+            "nearest_caption": prior_metrics(nearest_caption_prior(train.text_embeds, train.image_embeds,
+                                                                   val.text_embeds[:n]), true)}
+
+
+@dataclass
+class PriorEvalConfig:
+    """How a trained prior is scored: its samples for the first `max_items` val captions (None: all; 0: not scored)
+    against their true image embeddings, in batches of `batch_size`, at guidance `cfg_scale`, noise seeded `seed`."""
+
+    max_items: int | None = 1000
+    batch_size: int = 250
+    cfg_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.max_items is not None and self.max_items < 0) or self.batch_size < 1:
+            raise ValueError(f"max_items must be >= 0 or null and batch_size >= 1, got {self.max_items} and "
+                             f"{self.batch_size}.")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}.")

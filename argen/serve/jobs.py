@@ -83,26 +83,23 @@ class GPTSystem:
 
 
 class UnclipSystem:
-    """One prior ("diffusion", "ar" or "none") of a unCLIP pipeline directory (argen.unclip.pipeline.UnclipPipeline)."""
+    """One prior (a kind of argen.unclip.priors.PRIORS, or "none") of a unCLIP pipeline directory."""
 
     def __init__(self, pipe, prior: str, info: SystemInfo) -> None:
         self.pipe, self.prior, self.info = pipe, prior, info
 
     def sampling(self, request: JobRequest):
         """The UnclipSampling of a request, built as `argen sample` builds it from the same options."""
-        from argen.sample import SamplingConfig
-        from argen.unclip.ar_prior_sampling import ARPriorSamplingConfig
         from argen.unclip.pipeline import DecoderSampling, DiffusionPriorSampling, UnclipSampling
+        from argen.unclip.priors import PRIORS
 
         u = request.unclip
-        return UnclipSampling(
-            prior=self.prior, diffusion=DiffusionPriorSampling(steps=u["prior_steps"], cfg_scale=u["prior_cfg"]),
-            ar=ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=u["prior_cfg"])),
-            decoder=DecoderSampling(steps=u["decoder_steps"], cfg_scale=u["decoder_cfg"]))
+        sampling = UnclipSampling(prior=self.prior, diffusion=DiffusionPriorSampling(steps=u["prior_steps"]),
+                                  decoder=DecoderSampling(steps=u["decoder_steps"], cfg_scale=u["decoder_cfg"]))
+        return PRIORS[self.prior].with_cfg(sampling, u["prior_cfg"]) if self.prior in PRIORS else sampling
 
     def modules(self) -> list[nn.Module]:
-        ar_gpt = self.pipe.ar_prior.gpt if self.pipe.ar_prior is not None else None
-        return [m for m in (self.pipe.decoder, self.pipe.diffusion_prior, ar_gpt) if isinstance(m, nn.Module)]
+        return self.pipe.modules()  # the decoder and each prior's network
 
     def expected_calls(self, request: JobRequest) -> int:
         per_batch = self.pipe.calls_per_image(self.sampling(request)) - 1  # the CLIP text tower is not watched
@@ -115,9 +112,6 @@ class UnclipSystem:
 
     def unseen_words(self, prompt: str) -> list[str]:
         return []  # CLIP's tokenizer has no record of the captions it saw
-
-
-PRIOR_NAMES = {"diffusion": "unCLIP, diffusion prior", "ar": "unCLIP, AR prior", "none": "unCLIP, no prior"}
 
 
 def load_systems(pipeline: str | None, unclip: str | None, *, device: str = "cpu", verify: bool = True) -> list[System]:
@@ -134,11 +128,12 @@ def load_systems(pipeline: str | None, unclip: str | None, *, device: str = "cpu
         systems.append(GPTSystem(pipe, SystemInfo("gpt", "AR token GPT", "gpt", str(pipeline))))
     if unclip is not None:
         from argen.unclip.pipeline import UnclipPipeline
+        from argen.unclip.priors import prior_label
 
         upipe = UnclipPipeline.load(unclip, device=device, verify=verify)
         for prior in upipe.priors:
-            name = PRIOR_NAMES.get(prior, f"unCLIP, {prior} prior")
-            systems.append(UnclipSystem(upipe, prior, SystemInfo(f"unclip-{prior}", name, "unclip", str(unclip))))
+            systems.append(UnclipSystem(upipe, prior, SystemInfo(f"unclip-{prior}", prior_label(prior), "unclip",
+                                                                 str(unclip))))
     return systems
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from argen.data.codes import CodeShardMeta, CodeShardWriter
-from argen.eval.prior_metrics import PriorMetrics, mean_embedding_prior, nearest_caption_prior, prior_metrics
+from argen.eval.prior_metrics import PriorEvalConfig, PriorMetrics, prior_metrics, trivial_priors
 from argen.pipeline import GPT_DIR
 from argen.sample import SamplingConfig
 from argen.tasks.gpt import GPTArchitecture, GPTDataConfig, GPTEvalConfig, GPTExperiment, train_gpt
@@ -30,7 +30,7 @@ from argen.unclip.ar_prior_sampling import (
     sample_ar_prior,
 )
 from argen.unclip.clip import ClipEncoder
-from argen.unclip.embeddings import EmbeddingShard
+from argen.unclip.embeddings import EmbeddingSet
 from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir, claim_output_dir, pretrained_hash
 
@@ -88,22 +88,6 @@ class QuantizerSettings:
 
 
 @dataclass
-class PriorEvalConfig:
-    """After training, the prior's samples for the first `max_items` val captions (0: skip) are scored against their
-    true image embeddings (argen.eval.prior_metrics), beside the mean-embedding and nearest-caption priors."""
-
-    max_items: int = 1000
-    cfg_scale: float = 1.0
-    batch_size: int = 250
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_items < 0 or self.batch_size < 1:
-            raise ValueError(f"prior_eval.max_items must be >= 0 and batch_size >= 1, got {self.max_items} and "
-                             f"{self.batch_size}.")
-
-
-@dataclass
 class ARPriorExperiment:
     """One AR prior run: the quantizer, then a GPT (the GPT task's model/train/optimizer/eval sections) over
     [caption | BOI | dot token, PCA tokens]. cond_drop_prob: share of captions dropped for CFG."""
@@ -123,24 +107,6 @@ class ARPriorExperiment:
             raise ValueError(f"kind={self.kind!r}: this experiment trains the ar prior (kind: ar).")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}.")
-
-
-@dataclass
-class EmbeddingSet:
-    """Embedding shards concatenated: captions and (N, D) float32 raw CLIP text and image embeddings."""
-
-    paths: list[str]
-    captions: list[str]
-    text_embeds: torch.Tensor
-    image_embeds: torch.Tensor
-
-
-def load_embeddings(paths: list[str], *, clip_sha256: str) -> EmbeddingSet:
-    """Read and concatenate embedding shards, each checked to come from the CLIP `clip_sha256`."""
-    shards = [EmbeddingShard(p, clip_sha256=clip_sha256) for p in paths]
-    return EmbeddingSet(paths=[str(s.path) for s in shards], captions=[c for s in shards for c in s.captions],
-                        text_embeds=torch.cat([s.text_embeds for s in shards]),
-                        image_embeds=torch.cat([s.image_embeds for s in shards]))
 
 
 def write_token_shard(quantizer: EmbeddingQuantizer, embeddings: EmbeddingSet, out: Path, *, quantizer_hash: str,
@@ -171,16 +137,6 @@ def score_ar_prior(prior: ARPrior, embeddings: EmbeddingSet, *, config: ARPriorS
     return prior_metrics(predicted, embeddings.image_embeds[:n])
 
 
-def trivial_prior_metrics(train: EmbeddingSet, val: EmbeddingSet, *, max_items: int | None = None) -> dict[str, float]:
-    """The two priors every real prior must beat, on the first `max_items` val items: the mean training image
-    embedding and the image of the nearest training caption."""
-    n = len(val.captions) if max_items is None else min(max_items, len(val.captions))
-    true = val.image_embeds[:n]
-    mean = prior_metrics(mean_embedding_prior(train.image_embeds, n), true)
-    nearest = prior_metrics(nearest_caption_prior(train.text_embeds, train.image_embeds, val.text_embeds[:n]), true)
-    return {**mean.summary("mean_embedding/"), **nearest.summary("nearest_caption/")}
-
-
 def _same_quantizer(a: EmbeddingQuantizer, b: EmbeddingQuantizer) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return to_dict(a.config) == to_dict(b.config) and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -209,8 +165,8 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False, overw
     tok_file = resolve_tokenizer_file(data.clip)
     text = TextTokenizer.load(tok_file)
     text_len = data.text_len if data.text_len is not None else clip.text_len - 1
-    train_set = load_embeddings(data.train, clip_sha256=clip_sha256)
-    val_set = load_embeddings(data.val, clip_sha256=clip_sha256) if data.val else None
+    train_set = EmbeddingSet(data.train, clip_sha256=clip_sha256)
+    val_set = EmbeddingSet(data.val, clip_sha256=clip_sha256) if data.val else None
 
     quantizer = EmbeddingQuantizer.fit(train_set.image_embeds, text_embeds=train_set.text_embeds,
                                        num_buckets=settings.num_buckets, variance=settings.variance,
@@ -273,12 +229,13 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False, overw
     report = json.loads(metrics_file.read_text())
     report.update(ar_prior=str(final), quantizer=fitted, wall_seconds=train_seconds)
     ev = experiment.prior_eval
-    if val_set is not None and ev.max_items > 0:
+    if val_set is not None and ev.max_items != 0:
         config = ARPriorSamplingConfig(tokens=SamplingConfig(cfg_scale=ev.cfg_scale))
         scores = score_ar_prior(ARPrior.load(final), val_set, config=config, seed=ev.seed, batch_size=ev.batch_size,
                                 max_items=ev.max_items)
         report["prior_eval"] = {"sampling": to_dict(config), **scores.summary("ar_prior/"),
-                                **trivial_prior_metrics(train_set, val_set, max_items=ev.max_items)}
+                                **{k: v for name, m in trivial_priors(train_set, val_set, max_items=ev.max_items).items()
+                                   for k, v in m.summary(f"{name}/").items()}}
         print("AR prior on val: " + ", ".join(f"{k} {v:.4g}" for k, v in report["prior_eval"].items()
                                               if k.endswith(("cosine", "top1", "top5"))))
     atomic_write_bytes(metrics_file, json.dumps(report, indent=2).encode())

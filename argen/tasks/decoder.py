@@ -15,21 +15,16 @@ from torch import Tensor, nn
 
 from argen.data.registry import DatasetConfig
 from argen.data.skips import SkipReport, collate
-from argen.pipeline import TRAINED_WITH_KEY
+from argen.saved import TRAINED_WITH_KEY
 from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, seeded, train
 from argen.unclip.clip import ClipEncoder, TextEncoding
 from argen.unclip.decoder import DecoderArchitecture, DecoderConfig, UnCLIPDecoder
 from argen.unclip.decoder_sampling import sample_decoder
-from argen.unclip.schedulers import SAMPLERS, training_scheduler
+from argen.unclip.schedulers import SAMPLERS, noised_and_target, training_scheduler
 from tokenizers_img.config import to_dict
 from tokenizers_img.metrics import psnr
-from tokenizers_img.serialization import read_pretrained_config
 
 DECODER_DIR = "decoder"  # final/decoder: the UnCLIPDecoder (save_pretrained); its config.json records its CLIP
-
-
-class DecoderClipMismatchError(ValueError):
-    """A decoder is used with a CLIP other than the one it was trained with."""
 
 
 @dataclass
@@ -144,9 +139,7 @@ def denoising_loss(decoder: nn.Module, images: Tensor, image_embeds: Tensor, *, 
     noise, t, u = noise.to(device), t.to(device), u.to(device)
     drop_image = u[:, 0] < image_drop_prob
     drop_text = u[:, 1] < text_drop_prob if text is not None else None
-    x_t = scheduler.add_noise(images, noise, t)
-    kind = scheduler.config.prediction_type
-    target = images if kind == "sample" else noise if kind == "epsilon" else scheduler.get_velocity(images, noise, t)
+    x_t, target = noised_and_target(scheduler, images, noise, t)
     out = decoder(x_t, t, image_embeds, text=text, drop_image=drop_image, drop_text=drop_text)
     per_image = (out.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
     weights = loss_weights(scheduler, t, min_snr_gamma=min_snr_gamma)
@@ -325,25 +318,6 @@ class DecoderTask:
 
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         modules["decoder"].save_pretrained(Path(out_dir) / DECODER_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
-
-
-def decoder_training_record(decoder_dir: str | Path) -> dict[str, Any]:
-    """What a saved decoder was trained with: {"clip_sha256", "clip_path", "dataset", ...}."""
-    record = read_pretrained_config(decoder_dir).get(TRAINED_WITH_KEY)
-    if not record:
-        raise DecoderClipMismatchError(f"{decoder_dir} records no training CLIP ('{TRAINED_WITH_KEY}' in its "
-                                       "config.json); it was not written by train_decoder.")
-    return record
-
-
-def load_decoder(decoder_dir: str | Path, *, clip: ClipEncoder, device: str | torch.device = "cpu") -> UnCLIPDecoder:
-    """Load a trained decoder for use with `clip`, which must be the CLIP it was trained with (same sha256)."""
-    record = decoder_training_record(decoder_dir)
-    if record["clip_sha256"] != clip.sha256:
-        raise DecoderClipMismatchError(
-            f"the decoder in {decoder_dir} was trained with CLIP {record['clip_sha256'][:12]} ({record['clip_path']}), "
-            f"but the CLIP given is {clip.sha256[:12]} ({clip.source}); use the decoder's CLIP or retrain the decoder.")
-    return UnCLIPDecoder.from_pretrained(decoder_dir, device=device)
 
 
 def train_decoder(experiment: DecoderExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:

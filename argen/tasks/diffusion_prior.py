@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from argen.eval.prior_metrics import PriorMetrics, mean_embedding_prior, nearest_caption_prior, prior_metrics
-from argen.pipeline import TRAINED_WITH_KEY
+from argen.eval.prior_metrics import PriorEvalConfig, prior_metrics, trivial_priors
+from argen.saved import TRAINED_WITH_KEY
 from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, seeded, train
 from argen.unclip.clip import ClipEncoder, TextEncoding
 from argen.unclip.diffusion_prior import (
@@ -21,17 +21,12 @@ from argen.unclip.diffusion_prior import (
     DiffusionPriorConfig,
     normalize,
 )
-from argen.unclip.embeddings import EmbeddingShard
+from argen.unclip.embeddings import EmbeddingSet
 from argen.unclip.prior_sampling import sample_diffusion_prior
-from argen.unclip.schedulers import SAMPLERS, training_scheduler
+from argen.unclip.schedulers import SAMPLERS, noised_and_target, training_scheduler
 from tokenizers_img.config import to_dict
-from tokenizers_img.serialization import read_pretrained_config
 
 PRIOR_DIR = "prior"  # final/prior: the DiffusionPrior (save_pretrained), its config.json records the CLIP it needs
-
-
-class PriorClipMismatchError(ValueError):
-    """A prior is used with a CLIP other than the one it was trained with."""
 
 
 @dataclass
@@ -53,30 +48,25 @@ class PriorDataConfig:
 
 
 @dataclass
-class PriorEvalConfig:
-    """Validation: the denoising loss at fixed noise, and prior metrics of sampled embeddings against the true image
-    embeddings of the first `max_items` val items (retrieval among those same items). Sampling as in
-    `sample_diffusion_prior`; `seed` fixes the noise, so evaluations at different steps are comparable."""
+class DiffusionPriorEvalConfig(PriorEvalConfig):
+    """Validation during training: the denoising loss at fixed noise, and PriorEvalConfig's scoring of sampled
+    embeddings (retrieval among the same val items), sampled as `sample_diffusion_prior` with these settings; `seed`
+    fixes the noise, so evaluations at different steps are comparable."""
 
-    max_items: int | None = 1000
     batch_size: int = 500
     sampler: str = "ddim"
     steps: int = 25
-    cfg_scale: float = 1.0
     best_of: int = 1
     project_x0: bool = False
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_items is not None and self.max_items < 1:
-            raise ValueError(f"eval.max_items must be >= 1 or null, got {self.max_items}.")
-        if self.batch_size < 1 or self.steps < 1 or self.best_of < 1:
-            raise ValueError(f"eval.batch_size, eval.steps and eval.best_of must be >= 1, got {self.batch_size}, "
-                             f"{self.steps}, {self.best_of}.")
+        super().__post_init__()
+        if self.max_items == 0:
+            raise ValueError("eval.max_items must be >= 1 or null: the diffusion prior's validation scores its samples.")
+        if self.steps < 1 or self.best_of < 1:
+            raise ValueError(f"eval.steps and eval.best_of must be >= 1, got {self.steps} and {self.best_of}.")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"eval.sampler={self.sampler!r} is not one of {SAMPLERS}.")
-        if self.cfg_scale < 0:
-            raise ValueError(f"eval.cfg_scale must be >= 0, got {self.cfg_scale}.")
 
 
 @dataclass
@@ -88,7 +78,7 @@ class DiffusionPriorExperiment:
     data: PriorDataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    eval: PriorEvalConfig = field(default_factory=PriorEvalConfig)
+    eval: DiffusionPriorEvalConfig = field(default_factory=DiffusionPriorEvalConfig)
     cond_drop_prob: float = 0.1
     kind: str = "diffusion"  # which prior `argen train prior` trains; fixed for this experiment
 
@@ -117,30 +107,8 @@ def denoising_loss(prior: nn.Module, x0: Tensor, text: TextEncoding, *, schedule
     noise = torch.randn(x0.shape, generator=generator).to(device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (B,), generator=generator).to(device)
     drop = (torch.rand(B, generator=generator) < cond_drop_prob).to(device) if cond_drop_prob > 0 else None
-    x_t = scheduler.add_noise(x0, noise, t)
-    kind = scheduler.config.prediction_type
-    target = x0 if kind == "sample" else noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    x_t, target = noised_and_target(scheduler, x0, noise, t)
     return F.mse_loss(prior(x_t, t, text, drop_text=drop).float(), target.float())
-
-
-class EmbeddingSet(torch.utils.data.ConcatDataset):
-    """Embedding shards read back and concatenated, all checked against one CLIP's sha256; items as EmbeddingShard's."""
-
-    def __init__(self, paths: list[str], *, clip_sha256: str) -> None:
-        self.shards = [EmbeddingShard(p, clip_sha256=clip_sha256) for p in paths]
-        super().__init__(self.shards)
-
-    @property
-    def captions(self) -> list[str]:
-        return [c for s in self.shards for c in s.captions]
-
-    @property
-    def text_embeds(self) -> Tensor:
-        return torch.cat([s.text_embeds for s in self.shards])
-
-    @property
-    def image_embeds(self) -> Tensor:
-        return torch.cat([s.image_embeds for s in self.shards])
 
 
 @torch.no_grad()
@@ -155,18 +123,6 @@ def sample_for_captions(prior: DiffusionPrior, clip: ClipEncoder, captions: list
         text = clip.encode_text(captions[start:start + batch_size])
         out.append(sample_diffusion_prior(prior, text, generator=generator, **sampling).cpu())
     return torch.cat(out)
-
-
-def baseline_metrics(train_set: EmbeddingSet, val_set: EmbeddingSet, *, max_items: int | None) -> dict[str, PriorMetrics]:
-    """The two trivial priors on the val items an evaluation scores: the mean training image embedding, and the
-    image embedding of the nearest training caption."""
-    n = len(val_set) if max_items is None else min(max_items, len(val_set))
-    true = val_set.image_embeds[:n]
-    return {
-        "mean_embedding": prior_metrics(mean_embedding_prior(train_set.image_embeds, n), true),
-        "nearest_caption": prior_metrics(nearest_caption_prior(train_set.text_embeds, train_set.image_embeds,
-                                                               val_set.text_embeds[:n]), true),
-    }
 
 
 class DiffusionPriorTask:
@@ -238,33 +194,13 @@ class DiffusionPriorTask:
     def report(self, result: TrainResult) -> dict[str, Any]:
         baselines = {}
         if self.val_dataset is not None and self.train_dataset is not None:
-            baselines = {name: m.summary() for name, m in baseline_metrics(
+            baselines = {name: m.summary() for name, m in trivial_priors(
                 self.train_dataset, self.val_dataset, max_items=self.experiment.eval.max_items).items()}
         return {"baselines": baselines, "prior": str(result.artifacts_dir / PRIOR_DIR),
                 "num_params": self.prior.num_params()}
 
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         modules["prior"].save_pretrained(Path(out_dir) / PRIOR_DIR, extra={TRAINED_WITH_KEY: self.trained_with})
-
-
-def prior_training_record(prior_dir: str | Path) -> dict[str, Any]:
-    """What a saved prior was trained with: {"clip_sha256", "clip_path", "train_shards", ...}."""
-    record = read_pretrained_config(prior_dir).get(TRAINED_WITH_KEY)
-    if not record:
-        raise PriorClipMismatchError(f"{prior_dir} records no training CLIP ('{TRAINED_WITH_KEY}' in its config.json); "
-                                     "it was not written by train_diffusion_prior.")
-    return record
-
-
-def load_diffusion_prior(prior_dir: str | Path, *, clip: ClipEncoder,
-                         device: str | torch.device = "cpu") -> DiffusionPrior:
-    """Load a trained prior for use with `clip`, which must be the CLIP it was trained with (same sha256)."""
-    record = prior_training_record(prior_dir)
-    if record["clip_sha256"] != clip.sha256:
-        raise PriorClipMismatchError(f"the prior in {prior_dir} was trained with CLIP {record['clip_sha256'][:12]} "
-                                     f"({record['clip_path']}), but the CLIP given is {clip.sha256[:12]} ({clip.source}); "
-                                     "use the prior's CLIP or retrain the prior.")
-    return DiffusionPrior.from_pretrained(prior_dir, device=device)
 
 
 def train_diffusion_prior(experiment: DiffusionPriorExperiment, *, resume: bool = False,

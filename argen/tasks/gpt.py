@@ -18,7 +18,8 @@ from argen.data.codes import CODES_NAME, CaptionIds, CodeShardDataset, caption_i
 from argen.layout import LayoutMismatchError, SequenceLayout
 from argen.model.gpt import GPT, GPTConfig
 from argen.model.pca import fit_pca
-from argen.pipeline import GPT_DIR, TRAINED_WITH_KEY, build_pipeline
+from argen.pipeline import GPT_DIR, build_pipeline
+from argen.saved import TRAINED_WITH_KEY
 from argen.text import TextTokenizer
 from argen.train.loop import (
     OptimizerConfig,

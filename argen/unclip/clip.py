@@ -7,12 +7,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from argen.model.onednn import use_onednn_linears
+from argen.saved import SavedDirError, trained_with
 from argen.text import TOKENIZER_FILE, TextTokenizer
 from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir
 
@@ -24,8 +26,23 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipError(ValueError):
+class ClipError(SavedDirError):
     """A CLIP directory is incomplete or not a CLIP, or its parts disagree."""
+
+
+class ClipMismatchError(SavedDirError):
+    """A decoder or prior is used with a CLIP other than the one it was trained with."""
+
+
+def trained_with_clip(part_dir: str | Path, *, made_by: str, clip: ClipEncoder | None = None) -> dict[str, Any]:
+    """The training record of a saved decoder or prior (its CLIP's sha256, path, data ...); with `clip`, checked to
+    be that CLIP (ClipMismatchError naming both otherwise)."""
+    record = trained_with(part_dir, needs=("clip_sha256",), made_by=made_by, error=ClipMismatchError)
+    if clip is not None and record["clip_sha256"] != clip.sha256:
+        raise ClipMismatchError(f"{str(part_dir)!r} was trained with CLIP {record['clip_sha256'][:12]} "
+                                f"({record.get('clip_path', '?')}), but the CLIP given is {clip.sha256[:12]} ({clip.source}); "
+                                "use its own CLIP or retrain it.")
+    return record
 
 
 @dataclass

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from argen.model.onednn import use_onednn_linears
-from argen.unclip.clip import TextEncoding
+from argen.unclip.clip import ClipEncoder, TextEncoding, trained_with_clip
 from argen.unclip.diffusion_prior import normalize
 from argen.unclip.schedulers import NoiseSchedule
 from tokenizers_img.serialization import PretrainedMixin
@@ -207,3 +208,9 @@ class UnCLIPDecoder(PretrainedMixin, nn.Module):
         out = self.unet(x, timesteps, encoder_hidden_states=context, class_labels=z.to(context.dtype),
                         encoder_attention_mask=mask).sample
         return F.pixel_shuffle(out, arch.patch_size) if arch.patch_size > 1 else out  # (B, 3, R, R)
+
+
+def load_decoder(decoder_dir: str | Path, *, clip: ClipEncoder, device: str | torch.device = "cpu") -> UnCLIPDecoder:
+    """Load a trained decoder for use with `clip`, which must be the CLIP it was trained with (ClipMismatchError)."""
+    trained_with_clip(decoder_dir, clip=clip, made_by="`argen train decoder`")
+    return UnCLIPDecoder.from_pretrained(decoder_dir, device=device)

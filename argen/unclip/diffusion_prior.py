@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from argen.model.attention import BACKENDS
 from argen.model.gpt import Block, GPTConfig, rope_tables
-from argen.unclip.clip import TextEncoding
+from argen.unclip.clip import ClipEncoder, TextEncoding, trained_with_clip
 from argen.unclip.schedulers import NoiseSchedule
 from tokenizers_img.serialization import PretrainedMixin
 
@@ -190,3 +191,10 @@ class DiffusionPrior(PretrainedMixin, nn.Module):
         for block in self.blocks:
             h = block(h, self.rope_cos, self.rope_sin)
         return self.out(self.norm(h[:, -1]))  # (B, D), read at the query
+
+
+def load_diffusion_prior(prior_dir: str | Path, *, clip: ClipEncoder,
+                         device: str | torch.device = "cpu") -> DiffusionPrior:
+    """Load a trained prior for use with `clip`, which must be the CLIP it was trained with (ClipMismatchError)."""
+    trained_with_clip(prior_dir, clip=clip, made_by="`argen train prior diffusion`")
+    return DiffusionPrior.from_pretrained(prior_dir, device=device)

@@ -106,3 +106,16 @@ class EmbeddingShard(torch.utils.data.Dataset):
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+
+class EmbeddingSet(torch.utils.data.ConcatDataset):
+    """Embedding shards read back and concatenated, each checked against one CLIP's sha256: items as EmbeddingShard's,
+    and the whole set's captions and (N, D) float32 text and image embeddings."""
+
+    def __init__(self, paths: list[str], *, clip_sha256: str) -> None:
+        self.shards = [EmbeddingShard(p, clip_sha256=clip_sha256) for p in paths]
+        super().__init__(self.shards)
+        self.paths = [str(s.path) for s in self.shards]
+        self.captions = [c for s in self.shards for c in s.captions]
+        self.text_embeds = torch.cat([s.text_embeds for s in self.shards])
+        self.image_embeds = torch.cat([s.image_embeds for s in self.shards])

@@ -6,75 +6,57 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from argen.pipeline import manifest_parts, row_seed
+from argen.pipeline import row_seed
 from argen.sample import NonFiniteSamplingError
-from argen.unclip.ar_prior_sampling import ARPrior, ARPriorSamplingConfig, sample_ar_prior
-from argen.unclip.clip import ClipEncoder, TextEncoding
+from argen.saved import SavedDirError, read_manifest
+from argen.unclip.ar_prior_sampling import ARPrior, ARPriorSamplingConfig
+from argen.unclip.clip import ClipEncoder, TextEncoding, trained_with_clip
+from argen.unclip.decoder import load_decoder
 from argen.unclip.decoder_sampling import sample_decoder
-from argen.unclip.prior_sampling import sample_diffusion_prior
+from argen.unclip.priors import NO_PRIOR, PRIOR_CHOICES, PRIORS
 from argen.unclip.schedulers import SAMPLERS
-from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir, path_inside, read_json_object
+from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir, content_hash, path_inside
 
 UNCLIP_FILE = "unclip.json"
 FORMAT = "argen-unclip"
-FORMAT_VERSION = 1
-PRIORS = ("diffusion", "ar", "none")
-PART_DIRS = {"clip": "clip", "decoder": "decoder", "diffusion": "prior_diffusion", "ar": "prior_ar"}
+FORMAT_VERSION = 2  # v2: parts record their class and content_hash under "hash" (v1 is read through _from_v1)
+PART_DIRS = {"clip": "clip", "decoder": "decoder", **{k.name: k.part_dir for k in PRIORS.values()}}
+PART_CLASSES = {"clip": "argen.unclip.clip.ClipEncoder", "decoder": "argen.unclip.decoder.UnCLIPDecoder",
+                **{k.name: k.part_class for k in PRIORS.values()}}
 
 
-class UnclipPipelineError(ValueError):
+class UnclipPipelineError(SavedDirError):
     """A unCLIP pipeline directory is missing a part, a part was swapped, or its parts were trained with different CLIPs."""
-
-
-def directory_hash(path: str | Path) -> str:
-    """SHA-256 over every file of a directory: relative paths and contents, in sorted order."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode())
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _part_clip_sha(name: str, part_dir: Path) -> str:
     """The sha256 of the CLIP a decoder or prior directory records it was trained with."""
     if name == "decoder":
-        from argen.tasks.decoder import decoder_training_record
-
-        return decoder_training_record(part_dir)["clip_sha256"]
-    if name == "diffusion":
-        from argen.tasks.diffusion_prior import prior_training_record
-
-        return prior_training_record(part_dir)["clip_sha256"]
-    from argen.unclip.ar_prior_sampling import AR_PRIOR_FILE
-
-    return json.loads((part_dir / AR_PRIOR_FILE).read_text())["clip_sha256"]
+        return trained_with_clip(part_dir, made_by="`argen train decoder`")["clip_sha256"]
+    return PRIORS[name].clip_sha256(part_dir)
 
 
-def build_unclip_pipeline(out: str | Path, *, clip: str | Path, decoder: str | Path, diffusion_prior: str | Path | None = None,
-                          ar_prior: str | Path | None = None) -> Path:
-    """Copy the parts into one directory with unclip.json (each part's hash and the CLIP they share), atomically.
+def build_unclip_pipeline(out: str | Path, *, clip: str | Path, decoder: str | Path,
+                          priors: Mapping[str, str | Path] | None = None) -> Path:
+    """Copy the parts into one directory with unclip.json (each part's class and hash, and the CLIP they share),
+    atomically. `priors` maps a kind of argen.unclip.priors.PRIORS to its trained directory.
 
     Every part must have been trained with this CLIP (its recorded sha256); a mismatch is refused, naming both.
-    `diffusion_prior` is a `train_diffusion_prior` final/prior directory; `ar_prior` a `train_ar_prior` final/.
     """
     clip_model = ClipEncoder.load(clip)
-    sources = {"clip": Path(clip), "decoder": Path(decoder)}
-    if diffusion_prior is not None:
-        sources["diffusion"] = Path(diffusion_prior)
-    if ar_prior is not None:
-        sources["ar"] = Path(ar_prior)
+    unknown = sorted(set(priors or {}) - set(PRIORS))
+    if unknown:
+        raise UnclipPipelineError(f"unknown prior kind(s) {unknown}; the kinds are {sorted(PRIORS)}.")
+    sources = {"clip": Path(clip), "decoder": Path(decoder), **{k: Path(v) for k, v in (priors or {}).items()}}
     for name, src in sources.items():
         if not src.is_dir():
             raise FileNotFoundError(f"{name} directory {src} not found.")
@@ -86,12 +68,30 @@ def build_unclip_pipeline(out: str | Path, *, clip: str | Path, decoder: str | P
         parts = {}
         for name, src in sources.items():
             shutil.copytree(src, tmp / PART_DIRS[name])
-            parts[name] = {"path": PART_DIRS[name], "sha256": directory_hash(tmp / PART_DIRS[name]), "source": str(src)}
+            parts[name] = {"path": PART_DIRS[name], "class": PART_CLASSES[name],
+                           "hash": content_hash(tmp / PART_DIRS[name]), "source": str(src)}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "clip_sha256": clip_model.sha256,
                     "parts": parts}
         atomic_write_bytes(tmp / UNCLIP_FILE, json.dumps(manifest, indent=2).encode())
 
     return atomic_write_dir(out, write)
+
+
+def _from_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 unclip.json read as format 2. Its part hashes ("sha256") counted the output-marker files that
+    content_hash leaves out, so they are kept as "v1_hash" and checked with the format-1 rule (_v1_hash)."""
+    parts = {name: {**part, "class": PART_CLASSES.get(name, "?"), "hash": "", "v1_hash": part.get("sha256")}
+             if isinstance(part, dict) else part for name, part in (manifest.get("parts") or {}).items()}
+    return {**manifest, "format_version": FORMAT_VERSION, "parts": parts}
+
+
+def _v1_hash(path: Path) -> str:
+    """Format 1's part hash: SHA-256 over every file of the directory (relative path, then bytes), markers included."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- sampling settings
@@ -129,7 +129,8 @@ class DecoderSampling:
 
 @dataclass
 class UnclipSampling:
-    """Which prior ("diffusion", "ar" or "none": the decoder reads the text embedding) and each stage's sampler."""
+    """Which prior (a kind of argen.unclip.priors.PRIORS, or "none": the decoder reads the text embedding) and each
+    stage's sampler; a prior kind's settings are the field of its name."""
 
     prior: str = "diffusion"
     diffusion: DiffusionPriorSampling = field(default_factory=DiffusionPriorSampling)
@@ -137,12 +138,8 @@ class UnclipSampling:
     decoder: DecoderSampling = field(default_factory=DecoderSampling)
 
     def __post_init__(self) -> None:
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior={self.prior!r} is not one of {PRIORS}.")
-
-    def prior_calls(self, ar_tokens: int) -> int:
-        """Sequential prior network evaluations per image."""
-        return {"diffusion": self.diffusion.steps, "ar": ar_tokens, "none": 0}[self.prior]
+        if self.prior not in PRIOR_CHOICES:
+            raise ValueError(f"prior={self.prior!r} is not one of {PRIOR_CHOICES}.")
 
 
 @dataclass
@@ -162,81 +159,72 @@ class UnclipGeneration:
 class UnclipPipeline:
     """A loaded unCLIP pipeline directory. Use `UnclipPipeline.load(dir)`."""
 
-    def __init__(self, *, clip: ClipEncoder, decoder, diffusion_prior=None, ar_prior: ARPrior | None = None,
+    def __init__(self, *, clip: ClipEncoder, decoder, priors: dict[str, Any] | None = None,
                  manifest: dict[str, Any] | None = None, path: Path | None = None) -> None:
         self.clip, self.decoder = clip, decoder
-        self.diffusion_prior, self.ar_prior = diffusion_prior, ar_prior
+        self.prior_models = dict(priors or {})  # kind -> loaded prior (argen.unclip.priors.PRIORS)
         self.manifest, self.path = manifest or {}, path
 
     @property
     def priors(self) -> tuple[str, ...]:
         """The priors this pipeline can sample with ("none" always)."""
-        have = {"diffusion": self.diffusion_prior is not None, "ar": self.ar_prior is not None, "none": True}
-        return tuple(p for p in PRIORS if have[p])
+        return (*(k for k in PRIORS if k in self.prior_models), NO_PRIOR)
 
     @property
     def device(self) -> torch.device:
         return next(self.decoder.parameters()).device
 
+    def modules(self) -> list[nn.Module]:
+        """The networks it runs (the CLIP aside): the decoder and each prior's."""
+        priors = [m.gpt if isinstance(m, ARPrior) else m for m in self.prior_models.values()]
+        return [m for m in (self.decoder, *priors) if isinstance(m, nn.Module)]
+
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> UnclipPipeline:
         """Load a unCLIP pipeline directory; with `verify` every part's hash is recomputed against unclip.json."""
-        from argen.tasks.decoder import load_decoder
-        from argen.tasks.diffusion_prior import load_diffusion_prior
-
         path = Path(path)
         file = path / UNCLIP_FILE
         if not file.is_file():
             raise UnclipPipelineError(f"{str(path)!r} is not a unCLIP pipeline directory: {UNCLIP_FILE} is missing. "
                                       "Make one with argen.unclip.pipeline.build_unclip_pipeline.")
-        manifest = read_json_object(file)
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise UnclipPipelineError(f"{file} has format {manifest.get('format')!r} v{manifest.get('format_version')}; "
-                                      f"this argen reads {FORMAT!r} v{FORMAT_VERSION}.")
-        parts = manifest_parts(manifest, file, required=("clip", "decoder"), error=UnclipPipelineError)
+        manifest, parts = read_manifest(file, format=FORMAT, version=FORMAT_VERSION, required=("clip", "decoder"),
+                                        error=UnclipPipelineError, upgrade=_from_v1)
         for name, part in parts.items():
-            where = path_inside(path, part.get("path"), named_in=file)
+            if name not in PART_CLASSES or part["class"] != PART_CLASSES[name]:
+                raise UnclipPipelineError(f"{file}: part {name!r} ({part['class']}) is not one this argen knows; the "
+                                          f"parts are {sorted(PART_CLASSES)}.")
+            where = path_inside(path, part["path"], named_in=file)
             if not where.is_dir():
                 raise UnclipPipelineError(f"unCLIP pipeline {str(path)!r} is missing its {name} at {str(where)!r}.")
-            if verify and (have := directory_hash(where)) != (recorded := str(part.get("sha256"))):
+            recorded = part.get("v1_hash") or part["hash"]
+            if verify and (have := (_v1_hash(where) if part.get("v1_hash") else content_hash(where))) != recorded:
                 raise UnclipPipelineError(f"{name} {str(where)!r} has hash {have[:12]}, but {file} records "
-                                          f"{recorded[:12]}: the part was replaced after the pipeline was built. "
+                                          f"{str(recorded)[:12]}: the part was replaced after the pipeline was built. "
                                           "Restore it or rebuild the pipeline.")
         clip = ClipEncoder.load(path_inside(path, parts["clip"]["path"], named_in=file), device=device)
         if clip.sha256 != manifest.get("clip_sha256"):
             raise UnclipPipelineError(f"{path}: the CLIP is {clip.sha256[:12]} but {file} records "
                                       f"{str(manifest.get('clip_sha256'))[:12]}.")
         decoder = load_decoder(path_inside(path, parts["decoder"]["path"], named_in=file), clip=clip, device=device)
-        diffusion = ar = None
-        if "diffusion" in parts:
-            diffusion = load_diffusion_prior(path_inside(path, parts["diffusion"]["path"], named_in=file), clip=clip, device=device)
-        if "ar" in parts:
-            ar = ARPrior.load(path_inside(path, parts["ar"]["path"], named_in=file), device=device)
-            if ar.clip_sha256 != clip.sha256:
-                raise UnclipPipelineError(f"the AR prior in {path} was trained with CLIP {ar.clip_sha256[:12]}, but the "
-                                          f"pipeline's CLIP is {clip.sha256[:12]}.")
-        return cls(clip=clip, decoder=decoder, diffusion_prior=diffusion, ar_prior=ar, manifest=manifest, path=path)
+        priors = {name: kind.load(path_inside(path, parts[name]["path"], named_in=file), clip, device)
+                  for name, kind in PRIORS.items() if name in parts}
+        return cls(clip=clip, decoder=decoder, priors=priors, manifest=manifest, path=path)
 
     def calls_per_image(self, sampling: UnclipSampling) -> int:
         """Sequential network evaluations per image: the CLIP text tower, the prior, the decoder's steps."""
-        ar_tokens = self.ar_prior.quantizer.num_tokens if self.ar_prior is not None else 0
-        return 1 + sampling.prior_calls(ar_tokens) + sampling.decoder.steps
+        prior = 0 if sampling.prior == NO_PRIOR else PRIORS[sampling.prior].calls(self.prior_models[sampling.prior], sampling)
+        return 1 + prior + sampling.decoder.steps
 
     def image_embeddings(self, rows: Sequence[str], text: TextEncoding, *, sampling: UnclipSampling,
                          seeds: Sequence[int]) -> Tensor:
         """The unit-norm embeddings the decoder is conditioned on, one per row (rows[i] seeded by seeds[i])."""
         if sampling.prior not in self.priors:
             raise UnclipPipelineError(f"prior {sampling.prior!r} is not in this pipeline; it has {self.priors}.")
-        if sampling.prior == "none":
+        if sampling.prior == NO_PRIOR:
             return F.normalize(text.embeds.float(), dim=-1)
         gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        if sampling.prior == "ar":
-            embeds = text.embeds if self.ar_prior.quantizer.config.text_tokens else None
-            return F.normalize(sample_ar_prior(self.ar_prior, list(rows), text_embeds=embeds, config=sampling.ar,
-                                               generator=gens), dim=-1)
-        d = sampling.diffusion
-        return F.normalize(sample_diffusion_prior(self.diffusion_prior, text, sampler=d.sampler, steps=d.steps,
-                                                  cfg_scale=d.cfg_scale, best_of=d.best_of, generator=gens), dim=-1)
+        embeds = PRIORS[sampling.prior].embed(self.prior_models[sampling.prior], rows, text, sampling, gens)
+        return F.normalize(embeds, dim=-1)
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], *, n_per_prompt: int = 1, seed: int = 0,

@@ -81,3 +81,10 @@ def initial_noise(shape: tuple[int, ...], *, generator: Generators = None,
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for {shape[0]} images; pass one per image or a single one.")
     return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+
+
+def noised_and_target(scheduler, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, the regression target at x_t): x_0, epsilon or v, per the schedule's prediction_type."""
+    kind = scheduler.config.prediction_type
+    target = x0 if kind == "sample" else noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    return scheduler.add_noise(x0, noise, t), target

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from argen.configs import resolve as resolve_config
+from argen.unclip.priors import PRIORS
 from tokenizers_img.config import load_config
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 
@@ -38,17 +39,11 @@ def _stage(name: str, done: Path, run: Callable[[], None], timings: dict[str, fl
     print(f"[{name}: {timings[name] / 60:.1f} min]", flush=True)
 
 
-PRIOR_CONFIGS = {"prior_diffusion": "shapes_prior_diffusion.yaml", "prior_ar": "shapes_prior_ar.yaml"}
-
-
-def train_prior_stage(stage: str, overrides: list[str], resume: bool) -> None:
-    """Train the stack's diffusion or AR prior (`stage` a key of PRIOR_CONFIGS) from its shapes YAML + overrides."""
-    if stage == "prior_diffusion":
-        from argen.tasks.diffusion_prior import DiffusionPriorExperiment, train_diffusion_prior
-        train_diffusion_prior(load_config(_config(PRIOR_CONFIGS[stage]), DiffusionPriorExperiment, overrides), resume=resume)
-    else:
-        from argen.tasks.ar_prior import ARPriorExperiment, train_ar_prior
-        train_ar_prior(load_config(_config(PRIOR_CONFIGS[stage]), ARPriorExperiment, overrides), resume=resume)
+def train_prior_stage(kind: str, overrides: list[str], resume: bool) -> None:
+    """Train the stack's prior of `kind` (argen.unclip.priors.PRIORS) from its shapes preset + overrides."""
+    prior = PRIORS[kind]
+    experiment, train_fn = prior.trainer()
+    train_fn(load_config(_config(prior.preset + ".yaml"), experiment, overrides), resume=resume)
 
 
 def _run_logged(log: Path, threads: int, target: Callable, args: tuple) -> None:
@@ -114,13 +109,12 @@ def run_side_by_side(jobs: dict[str, tuple[Callable, tuple]], logs: Path, *, thr
 def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict[str, list[str]] | None = None) -> dict:
     """Train every unCLIP part into `out` and build `out/pipeline` (a unCLIP pipeline directory).
 
-    `overrides` maps a stage ("clip", "prior_diffusion", "prior_ar", "decoder", "judge_clip") to `key=value`
-    overrides of its YAML. Returns (and writes to out/stack.json) the seconds each stage took.
+    `overrides` maps a stage ("clip", each prior's part_dir such as "prior_diffusion", "decoder", "judge_clip") to
+    `key=value` overrides of its YAML. Returns (and writes to out/stack.json) the seconds each stage took.
     """
     from argen.data.registry import build_dataset
     from argen.tasks.clip import CLIP_DIR, CLIPExperiment, train_clip
     from argen.tasks.decoder import DECODER_DIR, DecoderExperiment, train_decoder
-    from argen.tasks.diffusion_prior import PRIOR_DIR
     from argen.unclip.clip import ClipEncoder
     from argen.unclip.embeddings import encode_embedding_shard
     from argen.unclip.pipeline import UNCLIP_FILE, build_unclip_pipeline
@@ -131,9 +125,8 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
     side_by_side: dict[str, float] = {}  # each prior's own seconds when they train at once
     clip_dir = out / "clip" / "final" / CLIP_DIR
     emb = {"train": out / "emb_train", "val": out / "emb_val"}
-    prior_diffusion = out / "prior_diffusion" / "final" / PRIOR_DIR
-    prior_ar = out / "prior_ar" / "final"
-    prior_done = {"prior_diffusion": prior_diffusion, "prior_ar": prior_ar / "ar_prior.json"}
+    priors = {kind: out / prior.part_dir / prior.final for kind, prior in PRIORS.items()}
+    prior_done = {kind: priors[kind] / PRIORS[kind].written_last for kind in PRIORS}
     decoder = out / "decoder" / "final" / DECODER_DIR
     judge = out / "judge_clip" / "final" / CLIP_DIR
 
@@ -148,12 +141,13 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
             encode_embedding_shard(clip, dataset, emb[split], dataset_spec="shapes", split=split, limit=limit,
                                    overwrite=True, seed=0, resolution=32)
 
-    def prior_args(stage: str) -> tuple[str, list[str], bool]:
-        return (stage, [f"data.clip={clip_dir}", f"data.train=[{emb['train']}]", f"data.val=[{emb['val']}]",
-                        f"train.out_dir={out / stage}", *overrides.get(stage, [])], (out / stage / "checkpoints").is_dir())
+    def prior_args(kind: str) -> tuple[str, list[str], bool]:
+        stage = PRIORS[kind].part_dir
+        return (kind, [f"data.clip={clip_dir}", f"data.train=[{emb['train']}]", f"data.val=[{emb['val']}]",
+                       f"train.out_dir={out / stage}", *overrides.get(stage, [])], (out / stage / "checkpoints").is_dir())
 
     def priors_side_by_side() -> None:
-        jobs = {stage: (train_prior_stage, prior_args(stage)) for stage in PRIOR_CONFIGS}
+        jobs = {PRIORS[kind].part_dir: (train_prior_stage, prior_args(kind)) for kind in PRIORS}
         side_by_side.update(run_side_by_side(jobs, out / "logs", threads=torch.get_num_threads()))
 
     def decoder_run() -> None:
@@ -167,17 +161,17 @@ def train_unclip_stack(out: str | Path = "runs/unclip_stack", *, overrides: dict
         train_clip(exp, resume=(out / "judge_clip" / "checkpoints").is_dir())
 
     def pipeline_run() -> None:
-        build_unclip_pipeline(out / "pipeline", clip=clip_dir, decoder=decoder, diffusion_prior=prior_diffusion,
-                              ar_prior=prior_ar)
+        build_unclip_pipeline(out / "pipeline", clip=clip_dir, decoder=decoder, priors=priors)
 
     _stage("1/7 CLIP", clip_dir, clip_run, timings)
     _stage("2/7 embedding shards", emb["val"], embed_run, timings)
-    todo = [stage for stage, done in prior_done.items() if not done.exists()]
-    if len(todo) == 2 and torch.get_num_threads() >= 2 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        _stage("3+4/7 diffusion prior and AR prior, side by side", prior_diffusion, priors_side_by_side, timings)
+    todo = [kind for kind, done in prior_done.items() if not done.exists()]
+    if len(todo) == len(PRIORS) > 1 and torch.get_num_threads() >= 2 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _stage("3+4/7 the priors side by side", prior_done[todo[0]], priors_side_by_side, timings)
     else:
-        _stage("3/7 diffusion prior", prior_diffusion, lambda: train_prior_stage(*prior_args("prior_diffusion")), timings)
-        _stage("4/7 AR prior", prior_ar / "ar_prior.json", lambda: train_prior_stage(*prior_args("prior_ar")), timings)
+        for number, (kind, prior) in zip((3, 4), PRIORS.items()):
+            _stage(f"{number}/7 {prior.label}", prior_done[kind], lambda kind=kind: train_prior_stage(*prior_args(kind)),
+                   timings)
     _stage("5/7 decoder", decoder, decoder_run, timings)
     _stage("6/7 pipeline", out / "pipeline" / UNCLIP_FILE, pipeline_run, timings)
     _stage("7/7 judge CLIP (for argen compare; not part of the generator)", judge, judge_run, timings)
