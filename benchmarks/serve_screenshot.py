@@ -1,10 +1,15 @@
-"""A screenshot of the `argen serve` page after generating, taken by headless Chromium (the README's docs/serve.png).
+"""A screenshot of the `argen serve` page after generating (and inpainting), taken by headless Chromium (the README's
+docs/serve.png).
 
     python benchmarks/serve_screenshot.py --pipeline runs/demo/gpt_run/final -o docs/serve.png \
-        --prompt "a small blue circle above a small red circle" -n 8 --seed 0
+        --prompt "a small blue circle above a small red circle" -n 8 --seed 0 \
+        --inpaint "a small blue circle above a small yellow square" --size 1100,980
 
-Starts `argen serve` on a free loopback port, types the prompt and the number of images, clicks Generate, waits for
-the images and saves the window. Needs Debian's chromium and chromium-driver, and selenium.
+Starts `argen serve` on a free loopback port, types the prompt and the number of images, clicks Generate and waits for
+the images. With --inpaint it then clicks Inpaint under image --inpaint-image, paints --stroke on the editor's canvas
+with the mouse (a polyline in fractions of the image's width and height), types the prompt, clicks the editor's
+Inpaint and waits for the new images. Then it saves the window. Needs Debian's chromium and chromium-driver, and
+selenium.
 """
 
 from __future__ import annotations
@@ -32,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default="1100,560", help="window width,height in pixels")
+    p.add_argument("--inpaint", default=None, metavar="PROMPT", help="then inpaint the stroke's region under PROMPT")
+    p.add_argument("--inpaint-image", type=int, default=0, help="which generated image to inpaint (default 0)")
+    p.add_argument("--stroke", default="0.1,0.45,0.25,0.45,0.25,0.6,0.1,0.6",
+                   help="x,y,x,y,... in fractions of the image: the mouse path painted (default: over the lower-left "
+                        "object of the demo's default prompt)")
+    p.add_argument("--brush", type=int, default=32, help="brush width in the editor's 256 px canvas (default 32)")
     p.add_argument("-o", "--out", type=Path, default=Path("docs/serve.png"))
     args = p.parse_args(argv)
 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -70,10 +82,31 @@ def main(argv: list[str] | None = None) -> int:
                     field = driver.find_element(By.ID, name)
                     field.clear()
                     field.send_keys(str(value))
+                shown_job = lambda d: d.find_element(By.ID, "zip").get_attribute("href").split("/")[-2]
+                done_after = lambda job: lambda d: (
+                    d.find_element(By.ID, "status").get_attribute("data-state") == "done" and shown_job(d) != job
+                    and d.execute_script("return Array.from(document.querySelectorAll('#results img'))"
+                                         ".every((i) => i.complete && i.naturalWidth > 0)"))
                 driver.find_element(By.ID, "generate").click()
-                wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "done")
-                wait.until(lambda d: d.execute_script(
-                    "return Array.from(document.images).every((i) => i.complete && i.naturalWidth > 0)"))
+                wait.until(done_after(""))
+                if args.inpaint is not None:
+                    driver.find_element(By.CSS_SELECTOR, f'#column-gpt figure[data-index="{args.inpaint_image}"] '
+                                                         "button.tool").click()
+                    driver.execute_script(f"document.getElementById('editor-brush').value = {args.brush}")
+                    canvas = driver.find_element(By.ID, "editor-mask")
+                    side = canvas.size["width"]
+                    xy = [float(v) * side for v in args.stroke.split(",")]
+                    points = [(round(x - side / 2), round(y - side / 2)) for x, y in zip(xy[::2], xy[1::2])]
+                    chain = ActionChains(driver).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
+                    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+                        chain = chain.move_by_offset(x1 - x0, y1 - y0)
+                    chain.release().perform()
+                    prompt = driver.find_element(By.ID, "editor-prompt")
+                    prompt.clear()
+                    prompt.send_keys(args.inpaint)
+                    generated = shown_job(driver)
+                    driver.find_element(By.ID, "editor-run").click()
+                    wait.until(done_after(generated))
                 driver.execute_script("window.scrollTo(0, 0)")
                 driver.save_screenshot(str(args.out))
             finally:

@@ -1,4 +1,5 @@
-"""The page's generation jobs: the models behind its columns, a bounded queue and the one worker thread that runs it.
+"""The page's jobs (generations and edits of one image): the models behind its columns, a bounded queue and the one
+worker thread that runs it.
 
 Cancelling is cooperative: every network call of a column (each GPT decode step, each diffusion step of a unCLIP
 prior or decoder) first checks the job's cancel flag, through a PyTorch forward pre-hook held only while the
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from argen.serve.settings import JobRequest, SystemInfo, sample_command
+from argen.serve.settings import EDIT_CONFIG, JobRequest, SystemInfo, sample_command
 
 log = logging.getLogger("argen.serve")
 
@@ -51,6 +52,9 @@ class System(Protocol):
     def generate(self, request: JobRequest) -> Tensor:
         """The request's images (n, 3, H, W) float32 in [-1, 1]."""
 
+    def edit(self, request: JobRequest) -> Tensor:
+        """The edit request's images (n, 3, H, W) float32 in [-1, 1] (`request.edit` says which image and how)."""
+
     def unseen_words(self, prompt: str) -> list[str]:
         """Words of `prompt` the model never saw in a training caption."""
 
@@ -66,11 +70,27 @@ class GPTSystem:
         return [gpt] if isinstance(gpt, nn.Module) else []
 
     def expected_calls(self, request: JobRequest) -> int:
-        return math.ceil(request.n / MAX_BATCH) * self.pipe.layout.num_image_tokens  # prefill + one call per next token
+        per_batch = self.pipe.layout.num_image_tokens  # prefill + one call per next token
+        if request.edit is not None:  # "resample": the drafts of a batch in one pass, then their scoring forwards
+            from argen.edit import SCORE_ROWS
+
+            per_batch += math.ceil(min(request.n, MAX_BATCH) * EDIT_CONFIG.proposals / SCORE_ROWS)
+        return math.ceil(request.n / MAX_BATCH) * per_batch
 
     def generate(self, request: JobRequest) -> Tensor:
         out = self.pipe.generate(request.prompt, n_per_prompt=request.n, sampling=request.sampling, seed=request.seed,
                                  batch_size=MAX_BATCH)
+        return out.images
+
+    def edit(self, request: JobRequest) -> Tensor:
+        """Inpaint the source image's region under the request's prompt (argen.edit.inpaint, as Pipeline.inpaint)."""
+        from argen.data.transforms import load_image
+        from argen.edit import inpaint
+
+        e = request.edit
+        out = inpaint(self.pipe, load_image(e.image, name="the source image"), request.prompt,
+                      mask=e.region.requested[0], n=request.n, sampling=request.sampling, config=EDIT_CONFIG,
+                      seed=request.seed, batch_size=MAX_BATCH)
         return out.images
 
     def unseen_words(self, prompt: str) -> list[str]:
@@ -102,12 +122,24 @@ class UnclipSystem:
         return self.pipe.modules()  # the decoder and each prior's network
 
     def expected_calls(self, request: JobRequest) -> int:
+        if request.edit is not None:
+            return request.unclip["decoder_steps"]  # variations: the decoder's steps, all images in one batch
         per_batch = self.pipe.calls_per_image(self.sampling(request)) - 1  # the CLIP text tower is not watched
         return math.ceil(request.n / MAX_BATCH) * per_batch
 
     def generate(self, request: JobRequest) -> Tensor:
         out = self.pipe.generate(request.prompt, n_per_prompt=request.n, seed=request.seed,
                                  sampling=self.sampling(request), batch_size=MAX_BATCH)
+        return out.images
+
+    def edit(self, request: JobRequest) -> Tensor:
+        """Variations of the source image: its CLIP image embedding decoded n times (argen.unclip.controls.variations,
+        as UnclipPipeline.variations), with the request's decoder settings."""
+        from argen.data.transforms import load_image
+        from argen.unclip.controls import variations
+
+        out = variations(self.pipe, load_image(request.edit.image, name="the source image"), n=request.n,
+                         seed=request.seed, decoder=self.sampling(request).decoder)
         return out.images
 
     def unseen_words(self, prompt: str) -> list[str]:
@@ -125,15 +157,17 @@ def load_systems(pipeline: str | None, unclip: str | None, *, device: str = "cpu
 
         pipe = Pipeline.load(pipeline, device=device, verify=verify)
         pipe.sampler_gpt()  # pack the sampling copy now rather than in the first user's job
-        systems.append(GPTSystem(pipe, SystemInfo("gpt", "AR token GPT", "gpt", str(pipeline))))
+        vq = pipe.vq.config
+        systems.append(GPTSystem(pipe, SystemInfo("gpt", "AR token GPT", "gpt", str(pipeline), vq.resolution,
+                                                  vq.grid_size)))
     if unclip is not None:
         from argen.unclip.pipeline import UnclipPipeline
         from argen.unclip.priors import prior_label
 
         upipe = UnclipPipeline.load(unclip, device=device, verify=verify)
         for prior in upipe.priors:
-            systems.append(UnclipSystem(upipe, prior, SystemInfo(f"unclip-{prior}", prior_label(prior), "unclip",
-                                                                 str(unclip))))
+            systems.append(UnclipSystem(upipe, prior, SystemInfo(f"unclip-{prior}", prior_label(prior), "unclip", str(unclip),
+                                                                 upipe.decoder.config.resolution)))
     return systems
 
 
@@ -195,13 +229,21 @@ class Job:
         return sum(len(png) for c in self.columns for png in c.images)
 
     def settings(self) -> dict[str, Any]:
-        """The request and each column's settings, as downloaded with the images."""
+        """The request and each column's settings, as downloaded with the images; an edit's says what it edited."""
         r = self.request
-        return {"prompt": r.prompt, "n": r.n, "seed": r.seed, "gpt_sampling": dataclasses.asdict(r.sampling),
-                "unclip_sampling": r.unclip, "columns": [
-                    {"id": c.system.id, "name": c.system.name, "pipeline": c.system.path, "note": c.note,
-                     "files": [f"{c.system.id}/{k:02d}.png" for k in range(len(c.images))],
-                     "command": sample_command(c.system, r)} for c in self.columns]}
+        if r.edit is None:
+            out = {"prompt": r.prompt, "n": r.n, "seed": r.seed, "gpt_sampling": dataclasses.asdict(r.sampling),
+                   "unclip_sampling": r.unclip}
+        elif r.edit.tool == "inpaint":  # an edit records only the settings it reads
+            out = {"edit": r.edit.record(), "prompt": r.prompt, "n": r.n, "seed": r.seed,
+                   "gpt_sampling": dataclasses.asdict(r.sampling)}
+        else:
+            out = {"edit": r.edit.record(), "n": r.n, "seed": r.seed,
+                   "decoder_sampling": {k: r.unclip[k] for k in ("decoder_steps", "decoder_cfg")}}
+        return {**out, "columns": [
+            {"id": c.system.id, "name": c.system.name, "pipeline": c.system.path, "note": c.note,
+             "files": [f"{c.system.id}/{k:02d}.png" for k in range(len(c.images))],
+             "command": sample_command(c.system, r)} for c in self.columns]}
 
 
 class JobQueue:
@@ -258,6 +300,8 @@ class JobQueue:
     def _plan(self, request: JobRequest) -> tuple[list[Column], list[str]]:
         """The job's columns (with a note for any that cannot run it) and the warnings to show with it."""
         columns, warnings = [], []
+        if request.edit is not None and request.edit.tool == "variations":  # reads the image, no prompt
+            return [Column(self.systems[sid].info) for sid in request.systems], []
         if not request.prompt:
             warnings.append("The empty prompt samples the unconditional model (no caption).")
         for sid in request.systems:
@@ -306,7 +350,7 @@ class JobQueue:
             position = self._waiting.index(job) + 1 if job in self._waiting else 0
             return {"id": job.id, "state": job.state, "message": job.message, "warnings": job.warnings,
                     "progress": round(job.progress, 4), "position": position, "prompt": job.request.prompt,
-                    "n": job.request.n,
+                    "n": job.request.n, "edit": job.request.edit.summary() if job.request.edit is not None else None,
                     "columns": [{"id": c.system.id, "name": c.system.name, "images": len(c.images), "note": c.note,
                                  "seconds": c.seconds} for c in job.columns]}
 
@@ -349,7 +393,8 @@ class JobQueue:
                 self._finish(job, state, message)
 
     def _run(self, job: Job) -> str:
-        """Generate every column of `job` in turn; returns the job's closing message."""
+        """Generate every column of `job` in turn (an edit job: edit its one image); returns the job's closing
+        message."""
         runnable = [c for c in job.columns if not c.note]
         for i, column in enumerate(runnable):
             if job.cancel.is_set():
@@ -366,7 +411,7 @@ class JobQueue:
 
             start = time.perf_counter()
             with watch_calls(system.modules(), on_call):
-                images = system.generate(job.request)
+                images = system.generate(job.request) if job.request.edit is None else system.edit(job.request)
             pngs = [png_bytes(im) for im in images]
             with self._lock:
                 column.images, column.seconds = pngs, round(time.perf_counter() - start, 3)

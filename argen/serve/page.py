@@ -46,6 +46,20 @@ _PAGE = r"""<!doctype html>
                                 background: #eceff1; }
   figure .pending { background: repeating-linear-gradient(45deg, #eceff1, #eceff1 6px, #e3e7ea 6px, #e3e7ea 12px); }
   figcaption { font-size: 11px; color: #777; }
+  figcaption button { font-size: 11px; padding: 1px 5px; margin: 2px 2px 0 0; }
+  #editor { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; background: white; border: 1px solid #ddd;
+            border-radius: 4px; padding: 8px; margin-bottom: 10px; }
+  #editor h2 { font-size: 14px; margin: 0 0 6px; }
+  #canvas-box { position: relative; flex: 0 0 256px; width: 256px; height: 256px; background: #eceff1; }
+  #canvas-box img, #canvas-box canvas { position: absolute; left: 0; top: 0; width: 256px; height: 256px;
+                                        image-rendering: pixelated; }
+  #editor-mask { opacity: 0.55; cursor: crosshair; touch-action: none; }
+  #editor .controls { flex: 1; min-width: 220px; max-width: 420px; }
+  #editor .hint { color: #555; font-size: 12px; margin: 4px 0 6px; }
+  #editor-run { background: #1565c0; color: white; border: 0; border-radius: 3px; }
+  #editor-run:disabled { background: #90a4ae; }
+  #edit-report { display: flex; gap: 8px; align-items: center; margin-bottom: 8px; color: #37474f; }
+  #edit-report img { width: 48px; height: 48px; image-rendering: pixelated; border: 1px solid #ccc; }
 </style>
 </head>
 <body>
@@ -60,8 +74,6 @@ _PAGE = r"""<!doctype html>
     <fieldset id="systems"><legend>Models, side by side</legend></fieldset>
     <fieldset id="gpt-fields"><legend>AR token GPT sampler</legend></fieldset>
     <fieldset id="unclip-fields" hidden><legend>unCLIP sampler</legend></fieldset>
-    <!-- Editing controls (inpainting with a drawn mask, variations) go in a fieldset here when the library has them;
-         per-image actions go in IMAGE_TOOLS below. -->
     <button id="generate" type="submit">Generate</button><button id="cancel" type="button" disabled>Cancel</button>
   </form>
   <section id="output">
@@ -69,6 +81,22 @@ _PAGE = r"""<!doctype html>
     <ul id="warnings"></ul>
     <div id="status" data-state="idle"><progress id="progress" max="1" value="0" hidden></progress>
       <span id="state"></span></div>
+    <div id="editor" hidden>
+      <div id="canvas-box"><img id="editor-image" alt="the image to inpaint"><canvas id="editor-cells" width="256"
+        height="256"></canvas><canvas id="editor-mask" width="256" height="256"></canvas></div>
+      <div class="controls">
+        <h2>Inpaint <span id="editor-source"></span></h2>
+        <div class="hint">Paint over the part to regenerate (mouse, pen or finger). It is snapped outward to the
+          model's code grid (outlined); the pixels outside it are kept. Number of images, seed and sampler: the form's.</div>
+        <label class="field">brush <input id="editor-brush" type="range" min="4" max="64" value="24"></label>
+        <div id="editor-count" class="hint"></div>
+        <label for="editor-prompt">prompt for the new region's image</label>
+        <textarea id="editor-prompt" rows="2"></textarea>
+        <button id="editor-run" type="button">Inpaint</button><button id="editor-clear" type="button">Clear</button><button
+          id="editor-close" type="button">Close</button>
+      </div>
+    </div>
+    <div id="edit-report" hidden><img id="edit-source" alt="the edited image"><span id="edit-text"></span></div>
     <div id="downloads" hidden><a id="zip" href="#">Download images + settings (zip)</a>
       <a id="settings" href="#">settings.json</a></div>
     <div id="results"></div>
@@ -77,11 +105,17 @@ _PAGE = r"""<!doctype html>
 <script>
 "use strict";
 // Per-image actions: each {label, applies(column), run(jobId, column, index)} adds a button under every image of the
-// columns it applies to. Editing (variations, inpainting) will register here.
-const IMAGE_TOOLS = [];
+// columns it applies to.
+const IMAGE_TOOLS = [
+  {label: "Inpaint", applies: (column) => family(column.id) === "gpt", run: openEditor},
+  {label: "Variations", applies: (column) => family(column.id) === "unclip", run: variations},
+];
 const POLL_MS = 300;
-let config = null, job = null, timer = null;
+const EDITOR_PX = 256;  // the editor's canvas side in CSS pixels; the mask sent has the image's own size
+let config = null, job = null, timer = null, busy = false, editor = null, stroke = null;
 const $ = (id) => document.getElementById(id);
+const family = (id) => config.systems.find((s) => s.id === id).family;
+const imageUrl = (jobId, columnId, k) => "/api/jobs/" + jobId + "/images/" + columnId + "/" + k + ".png";
 
 async function api(path, options) {
   let response;
@@ -156,27 +190,140 @@ function collect() {
   return request;
 }
 
-function setBusy(busy) { $("generate").disabled = busy; $("cancel").disabled = !busy; }
+function setBusy(value) {
+  busy = value;
+  $("generate").disabled = busy; $("cancel").disabled = !busy; $("editor-run").disabled = busy;
+  for (const b of document.querySelectorAll("button.tool")) b.disabled = busy;
+}
 
 async function generate(event) {
   event.preventDefault();
+  await startJob("/api/jobs", collect());
+}
+
+// Queue a job (a generation, or an edit of one image) and follow it; a refusal leaves the results as they were.
+async function startJob(path, body) {
   showMessage("");
   $("warnings").replaceChildren();
-  $("downloads").hidden = true;
   let started;
   try {
-    started = await api("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
-                                      body: JSON.stringify(collect())});
+    started = await api(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
   } catch (err) {
     showMessage(err.message);
     $("status").dataset.state = "refused";
     return;
   }
-  job = {id: started.id, rendered: {}};
+  $("downloads").hidden = true;
+  job = {id: started.id, rendered: {}, prompt: started.prompt, edit: started.edit};
   $("results").replaceChildren();
+  showEdit(started.edit);
   setBusy(true);
   render(started);
   timer = setTimeout(poll, POLL_MS);
+}
+
+function showEdit(edit) {
+  $("edit-report").hidden = !edit;
+  if (!edit) return;
+  const name = config.systems.find((s) => s.id === edit.column).name;
+  const source = name + " image " + (edit.index + 1) + " of job " + edit.job.slice(0, 8);
+  $("edit-source").src = imageUrl(edit.job, edit.column, edit.index);
+  $("edit-text").textContent = edit.tool === "inpaint" ? "Inpainting " + source + ": " + edit.region + "." :
+    "Variations of " + source + ": its CLIP image embedding decoded again, each image from its own noise.";
+}
+
+// ------------------------------------------------------------------------------------------ editing tools
+function variations(jobId, column, k) {
+  const r = collect();
+  startJob("/api/jobs/" + jobId + "/images/" + column.id + "/" + k + "/variations", {n: r.n, seed: r.seed, unclip: r.unclip});
+}
+
+function openEditor(jobId, column, k) {
+  const system = config.systems.find((s) => s.id === column.id);
+  editor = {jobId: jobId, column: column.id, index: k, resolution: system.resolution, grid: system.grid};
+  $("editor-source").textContent = "(" + column.name + ", image " + (k + 1) + ")";
+  $("editor-image").src = imageUrl(jobId, column.id, k);
+  $("editor-prompt").value = job.prompt;
+  $("editor").hidden = false;
+  clearMask();
+  $("editor").scrollIntoView({block: "nearest"});
+}
+
+function clearMask() {
+  $("editor-mask").getContext("2d").clearRect(0, 0, EDITOR_PX, EDITOR_PX);
+  showCells();
+}
+
+function maskPoint(event) {
+  const r = $("editor-mask").getBoundingClientRect();
+  return [(event.clientX - r.left) * EDITOR_PX / r.width, (event.clientY - r.top) * EDITOR_PX / r.height];
+}
+
+function paintTo(point) {  // a round brush from the stroke's last point to `point`
+  const ctx = $("editor-mask").getContext("2d"), width = Number($("editor-brush").value);
+  ctx.strokeStyle = ctx.fillStyle = "#7c4dff";
+  ctx.lineWidth = width; ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath(); ctx.moveTo(stroke[0], stroke[1]); ctx.lineTo(point[0], point[1]); ctx.stroke();
+  ctx.beginPath(); ctx.arc(point[0], point[1], width / 2, 0, 2 * Math.PI); ctx.fill();
+  stroke = point;
+}
+
+function maskPixels() {  // (R * R,) row-major: 1 where the paint covers at least half of an image pixel's centre
+  const R = editor.resolution, marked = new Uint8Array(R * R);
+  const d = $("editor-mask").getContext("2d").getImageData(0, 0, EDITOR_PX, EDITOR_PX).data;
+  for (let y = 0; y < EDITOR_PX; y++) for (let x = 0; x < EDITOR_PX; x++) {
+    if (d[4 * (y * EDITOR_PX + x) + 3] > 127) marked[Math.floor(y * R / EDITOR_PX) * R + Math.floor(x * R / EDITOR_PX)] = 1;
+  }
+  return marked;
+}
+
+function showCells() {  // outline the codes the server will regenerate: the mask snapped outward to the code grid
+  if (!editor) return;
+  const R = editor.resolution, g = editor.grid, f = R / g, side = EDITOR_PX / g, marked = maskPixels();
+  const cells = new Uint8Array(g * g);
+  marked.forEach((m, i) => { if (m) cells[Math.floor(Math.floor(i / R) / f) * g + Math.floor((i % R) / f)] = 1; });
+  const ctx = $("editor-cells").getContext("2d");
+  ctx.clearRect(0, 0, EDITOR_PX, EDITOR_PX);
+  ctx.strokeStyle = "rgba(255, 255, 255, 0.35)"; ctx.lineWidth = 1;
+  for (let i = 1; i < g; i++) {
+    ctx.beginPath(); ctx.moveTo(i * side, 0); ctx.lineTo(i * side, EDITOR_PX); ctx.moveTo(0, i * side);
+    ctx.lineTo(EDITOR_PX, i * side); ctx.stroke();
+  }
+  ctx.strokeStyle = "#ffd600"; ctx.lineWidth = 2;
+  cells.forEach((c, i) => { if (c) ctx.strokeRect((i % g) * side + 1, Math.floor(i / g) * side + 1, side - 2, side - 2); });
+  const n = cells.reduce((a, b) => a + b, 0);
+  $("editor-count").textContent = n ? n + " of " + g * g + " codes marked (" + f + "×" + f + " px each)" : "nothing marked yet";
+}
+
+function maskPng() {  // the mask at the image's size: white = regenerate, black = keep (opaque, as argen edit --mask reads)
+  const R = editor.resolution, marked = maskPixels(), canvas = document.createElement("canvas");
+  canvas.width = canvas.height = R;
+  const ctx = canvas.getContext("2d"), image = ctx.createImageData(R, R);
+  marked.forEach((m, i) => { image.data.fill(m ? 255 : 0, 4 * i, 4 * i + 3); image.data[4 * i + 3] = 255; });
+  ctx.putImageData(image, 0, 0);
+  return canvas.toDataURL("image/png");
+}
+
+function inpaint() {
+  const r = collect();
+  startJob("/api/jobs/" + editor.jobId + "/images/" + editor.column + "/" + editor.index + "/inpaint",
+           {prompt: $("editor-prompt").value, mask: maskPng(), n: r.n, seed: r.seed, gpt: r.gpt});
+}
+
+function setUpEditor() {
+  const mask = $("editor-mask");
+  mask.addEventListener("pointerdown", (event) => {
+    if (event.pointerType === "mouse" && event.button !== 0) return;
+    event.preventDefault();
+    mask.setPointerCapture(event.pointerId);
+    stroke = maskPoint(event);
+    paintTo(stroke);
+  });
+  mask.addEventListener("pointermove", (event) => { if (stroke) { paintTo(maskPoint(event)); showCells(); } });
+  for (const type of ["pointerup", "pointercancel"]) mask.addEventListener(type, () => { stroke = null; showCells(); });
+  $("editor-clear").addEventListener("click", clearMask);
+  $("editor-close").addEventListener("click", () => { $("editor").hidden = true; editor = null; });
+  $("editor-run").addEventListener("click", inpaint);
 }
 
 async function poll() {
@@ -205,6 +352,7 @@ function render(status) {
   $("state").textContent = words[status.state];
   $("status").dataset.state = status.state;
   if (status.state === "failed") showMessage(status.message);
+  if (status.prompt !== undefined) job.prompt = status.prompt;
   for (const column of status.columns) renderColumn(column, status);
   if (status.state === "done" || (status.state === "cancelled" && status.columns.some((c) => c.images))) {
     $("zip").href = "/api/jobs/" + job.id + "/images.zip";
@@ -249,10 +397,10 @@ function figure(column, k, ready) {
   fig.dataset.system = column.id;
   fig.dataset.index = k;
   if (!ready) { const box = document.createElement("div"); box.className = "pending"; fig.append(box); return fig; }
-  const url = "/api/jobs/" + job.id + "/images/" + column.id + "/" + k + ".png";
+  const url = imageUrl(job.id, column.id, k);
   const link = document.createElement("a");
   link.href = url;
-  link.download = column.id + "_" + String(k).padStart(2, "0") + ".png";
+  link.download = (job.edit ? job.edit.tool + "_" : "") + column.id + "_" + String(k).padStart(2, "0") + ".png";
   const img = document.createElement("img");
   img.src = url;
   img.alt = column.name + ", image " + (k + 1);
@@ -263,7 +411,9 @@ function figure(column, k, ready) {
     const caption = document.createElement("figcaption");
     for (const t of tools) {
       const b = document.createElement("button");
-      b.type = "button"; b.textContent = t.label; b.onclick = () => t.run(job.id, column, k);
+      b.type = "button"; b.className = "tool"; b.textContent = t.label; b.disabled = busy;
+      const jobId = job.id;
+      b.onclick = () => t.run(jobId, column, k);
       caption.append(b);
     }
     fig.append(caption);
@@ -280,6 +430,7 @@ async function cancel() {
 $("prompt").addEventListener("input", () => { $("uncond").hidden = $("prompt").value.trim() !== ""; });
 $("form").addEventListener("submit", generate);
 $("cancel").addEventListener("click", cancel);
+setUpEditor();
 loadConfig().then(() => { $("uncond").hidden = $("prompt").value.trim() !== ""; $("status").dataset.state = "ready"; },
                   (err) => showMessage("could not load the settings: " + err.message));
 </script>

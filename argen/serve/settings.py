@@ -1,8 +1,11 @@
-"""The web page's settings: form fields generated from the sampler dataclasses, and the checked job request."""
+"""The web page's settings: form fields generated from the sampler dataclasses, and the checked job and edit requests."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import math
 import shlex
 import types
@@ -10,6 +13,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+from PIL import Image
+
+from argen.edit import EditConfig, GridMask, mask_pixels
 from argen.sample import MAX_CFG_SCALE, MAX_SEED, MAX_TEMPERATURE, MAX_WINDOW, SamplingConfig
 
 MAX_IMAGES = 64  # images per column and job: seconds on a laptop CPU for the demo GPT, longer for unCLIP
@@ -153,18 +159,72 @@ def unclip_fields() -> list[FormField]:
 
 @dataclass(frozen=True)
 class SystemInfo:
-    """One column of the page: `id` names it in URLs, `family` is "gpt" or "unclip", `path` its pipeline directory."""
+    """One column of the page: `id` names it in URLs, `family` is "gpt" or "unclip", `path` its pipeline directory,
+    `resolution` the side of its images in pixels and `grid` the side of its code grid (token pipelines: an inpainting
+    mask is snapped outward to it)."""
 
     id: str
     name: str
     family: str
     path: str
+    resolution: int | None = None
+    grid: int | None = None
+
+
+# The per-image edits: tool -> the family of the columns whose images it takes.
+EDIT_TOOLS = {"inpaint": "gpt", "variations": "unclip"}
+FAMILY_NAMES = {"gpt": "AR token GPT", "unclip": "unCLIP"}
+EDIT_CONFIG = EditConfig()  # how the page inpaints: argen.edit's default method ("resample") and its settings
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What an edit job starts from: image `index` of column `column` in job `job` (its PNG bytes `image`), and the
+    `tool` applied to it. "inpaint" regenerates `region` (the mask as drawn, True = regenerate, snapped outward to
+    the code grid: argen.edit.GridMask over one image) under the request's prompt with EDIT_CONFIG; "variations" decodes
+    the image's CLIP image embedding again (argen.unclip.controls.variations)."""
+
+    tool: str
+    job: str
+    column: str
+    index: int
+    image: bytes
+    region: GridMask | None = None
+
+    def mask_box(self) -> list[int]:
+        """The bounding box (x0, y0, x1, y1) of the mask as drawn, in pixels, x1 and y1 exclusive."""
+        ys, xs = self.region.requested[0].nonzero(as_tuple=True)
+        return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+    def mask_png(self) -> bytes:
+        """The mask as drawn: a greyscale PNG of the image's size, white = regenerate (what `argen edit --mask` reads)."""
+        buf = io.BytesIO()
+        Image.fromarray(self.region.requested[0].numpy().astype("uint8") * 255, mode="L").save(buf, format="PNG")
+        return buf.getvalue()
+
+    def summary(self) -> dict[str, Any]:
+        """What the page shows of the edit: the tool, its source and, for inpainting, the snapped region."""
+        out: dict[str, Any] = {"tool": self.tool, "job": self.job, "column": self.column, "index": self.index}
+        if self.region is not None:
+            out.update(region=self.region.describe(0), mask_box=self.mask_box(),
+                       cells=self.region.cells[0].int().tolist())
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """The edit's settings, as downloaded with its images (source.png and mask.png are in the zip)."""
+        out: dict[str, Any] = {"tool": self.tool, "source": {"job": self.job, "column": self.column, "index": self.index,
+                                                             "file": "source.png"}}
+        if self.region is not None:
+            out.update(mask_file="mask.png", mask_box=self.mask_box(), region=self.region.describe(0),
+                       **self.region.as_dict(0), config=dataclasses.asdict(EDIT_CONFIG))
+        return out
 
 
 @dataclass(frozen=True)
 class JobRequest:
     """A checked request: `n` images per column of `prompt` ("" is the unconditional GPT) under `seed`, from the
-    columns `systems`, with the GPT sampler `sampling` and the unCLIP settings `unclip` (field name -> value)."""
+    columns `systems`, with the GPT sampler `sampling` and the unCLIP settings `unclip` (field name -> value).
+    With `edit`, the job edits one earlier image instead (one column: the image's)."""
 
     prompt: str
     n: int
@@ -172,6 +232,7 @@ class JobRequest:
     sampling: SamplingConfig
     unclip: dict[str, Any]
     systems: tuple[str, ...]
+    edit: EditRequest | None = None
 
 
 N_FIELD = FormField("n", "number of images", "int", 8, minimum=1, maximum=MAX_IMAGES,
@@ -200,16 +261,7 @@ class Form:
         """A JobRequest from the submitted JSON object; SettingsError with a message for the page otherwise."""
         if not isinstance(data, dict):
             raise SettingsError(f"the request must be a JSON object of settings, got {type(data).__name__}.")
-        prompt = data.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise SettingsError(f"the prompt must be text, got {type(prompt).__name__}.")
-        prompt = prompt.strip()
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise SettingsError(f"the prompt has {len(prompt)} characters; the page takes at most {MAX_PROMPT_CHARS}.")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise SettingsError("the prompt is not valid Unicode text (it holds a lone surrogate); retype it.") from None
+        prompt = _prompt(data.get("prompt", ""))
         n = N_FIELD.parse(data.get("n", N_FIELD.default), where="the")
         seed = SEED_FIELD.parse(data.get("seed", SEED_FIELD.default), where="the")
         known = {s.id for s in self.systems}
@@ -224,6 +276,40 @@ class Form:
         unclip = self._group(self.unclip, data.get("unclip", {}), where="unCLIP")
         order = [s.id for s in self.systems if s.id in systems]
         return JobRequest(prompt=prompt, n=n, seed=seed, sampling=sampling, unclip=unclip, systems=tuple(order))
+
+    def parse_edit(self, tool: str, data: Any, *, job: str, column: str, index: int, image: bytes) -> JobRequest:
+        """A JobRequest applying `tool` (EDIT_TOOLS) to image `index` of `column` in job `job` (PNG bytes `image`),
+        from the submitted JSON object; SettingsError with a message for the page otherwise.
+
+        inpaint: {"prompt", "mask" (a PNG of the image's size, white = regenerate, as a data: URL or base64) or
+        "box" ([x0, y0, x1, y1] pixels, x1 and y1 exclusive), "n", "seed", "gpt": {sampler}}.
+        variations: {"n", "seed", "unclip": {the unCLIP fields; the decoder's are used}}."""
+        if tool not in EDIT_TOOLS:
+            raise SettingsError(f"unknown edit {tool!r}; this server has {sorted(EDIT_TOOLS)}.")
+        system = next((s for s in self.systems if s.id == column), None)
+        if system is None:
+            raise SettingsError(f"unknown column {column!r}; this server has {[s.id for s in self.systems]}.")
+        if system.family != EDIT_TOOLS[tool]:
+            takes = ", ".join(s.id for s in self.systems if s.family == EDIT_TOOLS[tool]) or "none on this server"
+            raise SettingsError(f"{tool} edits images of the {FAMILY_NAMES[EDIT_TOOLS[tool]]} columns ({takes}); "
+                                f"{column!r} is not one.")
+        if not isinstance(data, dict):
+            raise SettingsError(f"the {tool} request must be a JSON object of settings, got {type(data).__name__}.")
+        known = {"inpaint": {"prompt", "mask", "box", "n", "seed", "gpt"}, "variations": {"n", "seed", "unclip"}}[tool]
+        if unknown := sorted(set(data) - known):
+            raise SettingsError(f"unknown {tool} setting(s) {unknown}; known: {sorted(known)}.")
+        n = N_FIELD.parse(data.get("n", N_FIELD.default), where="the")
+        seed = SEED_FIELD.parse(data.get("seed", SEED_FIELD.default), where="the")
+        source = dict(tool=tool, job=job, column=column, index=index, image=image)
+        if tool == "variations":
+            unclip = self._group(self.unclip, data.get("unclip", {}), where="unCLIP")
+            return JobRequest(prompt="", n=n, seed=seed, sampling=self.defaults, unclip=unclip, systems=(column,),
+                              edit=EditRequest(**source))
+        prompt = _prompt(data.get("prompt", ""))
+        region = GridMask.snap(_mask(data.get("mask"), data.get("box"), resolution=system.resolution),
+                               grid=system.grid)
+        return JobRequest(prompt=prompt, n=n, seed=seed, sampling=self._sampling(data.get("gpt", {})), unclip={},
+                          systems=(column,), edit=EditRequest(**source, region=region))
 
     def _group(self, fields: list[FormField], values: Any, *, where: str) -> dict[str, Any]:
         if not isinstance(values, dict):
@@ -241,24 +327,111 @@ class Form:
             raise SettingsError(f"GPT sampler: {err}") from None
 
 
+def _prompt(prompt: Any) -> str:
+    """The submitted prompt, stripped; SettingsError when it is not text, too long or not valid Unicode."""
+    if not isinstance(prompt, str):
+        raise SettingsError(f"the prompt must be text, got {type(prompt).__name__}.")
+    prompt = prompt.strip()
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise SettingsError(f"the prompt has {len(prompt)} characters; the page takes at most {MAX_PROMPT_CHARS}.")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SettingsError("the prompt is not valid Unicode text (it holds a lone surrogate); retype it.") from None
+    return prompt
+
+
+def _mask(mask: Any, box: Any, *, resolution: int):
+    """The pixels (R, R) bool to regenerate, from exactly one of `mask` (a PNG of the image's size as a data: URL or
+    base64; white, > 127 in grey, is regenerated) and `box` ([x0, y0, x1, y1] pixels); SettingsError otherwise,
+    an empty mask included."""
+    from argen.data.transforms import load_image
+
+    if (mask is None) == (box is None):
+        raise SettingsError("give exactly one of a mask (a PNG image, white = regenerate) and a box [x0, y0, x1, y1].")
+    if box is not None:
+        if not (isinstance(box, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise SettingsError(f"the box must be a list of four numbers [x0, y0, x1, y1] in pixels, got {box!r}.")
+        try:
+            return mask_pixels(box=box, resolution=resolution)
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
+    if not isinstance(mask, str):
+        raise SettingsError(f"the mask must be a PNG image as a data: URL or base64 text, got {type(mask).__name__}.")
+    try:
+        data = base64.b64decode(mask.split(",", 1)[1] if mask.startswith("data:") else mask, validate=True)
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as header:  # reads the header only
+            size = header.size
+    except (binascii.Error, ValueError, IndexError, OSError):
+        raise SettingsError("the mask is not a PNG image in base64 (a data:image/png;base64,... URL or its base64 "
+                            "part).") from None
+    if size != (resolution, resolution):
+        raise SettingsError(f"the mask is {size[0]}x{size[1]} px, but the image is {resolution}x{resolution}: give a "
+                            "mask of the image's size.")
+    try:
+        pixels = mask_pixels(mask=load_image(data, name="the mask"), resolution=resolution)
+    except ValueError as err:
+        raise SettingsError(str(err)) from None
+    if not pixels.any():
+        raise SettingsError("the mask is empty: paint over the part of the image to regenerate (white in a mask "
+                            "image), then inpaint.")
+    return pixels
+
+
+# How the `argen sample` / `argen edit` options spell the sampler's fields, and what they read as None (off).
+SAMPLER_OPTIONS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg",
+                   "cfg_schedule": "--cfg-schedule", "decoding": "--decoding", "window": "--window"}
+SAMPLER_OFF = {"top_k": "0", "top_p": "1"}
+
+
+def _sampler_args(sampling: SamplingConfig) -> list[str] | None:
+    """The GPT sampler as command-line options, every field given (so the pipeline's recommendation does not fill
+    any in), or None when a setting has no option."""
+    plain = SamplingConfig()
+    args = []
+    for f in dataclasses.fields(SamplingConfig):
+        value = getattr(sampling, f.name)
+        if f.name not in SAMPLER_OPTIONS:
+            if value != getattr(plain, f.name):
+                return None
+        elif value is None:
+            if f.name not in SAMPLER_OFF:
+                return None
+            args += [SAMPLER_OPTIONS[f.name], SAMPLER_OFF[f.name]]
+        else:
+            args += [SAMPLER_OPTIONS[f.name], f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
 def sample_command(system: SystemInfo, request: JobRequest) -> str | None:
-    """The `argen sample` command that makes the same images as `system`'s column, or None when a setting has no
-    command-line option."""
+    """The `argen sample` command that makes the same images as `system`'s column (the `argen edit` command for an
+    edit job, see `edit_command`), or None when a setting has no command-line option."""
+    if request.edit is not None:
+        return edit_command(system, request)
     base = ["argen", "sample", "--pipeline", system.path, request.prompt, "-n", str(request.n), "--seed", str(request.seed)]
     if system.family == "unclip":
         u = request.unclip
         return shlex.join(base + ["--prior", system.id.removeprefix("unclip-"), "--cfg", f"{u['decoder_cfg']:g}",
                                   "--prior-cfg", f"{u['prior_cfg']:g}", "--prior-steps", str(u["prior_steps"]),
                                   "--decoder-steps", str(u["decoder_steps"])])
-    options = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg",
-               "cfg_schedule": "--cfg-schedule", "decoding": "--decoding", "window": "--window"}
-    plain = SamplingConfig()
-    args = []
-    for f in dataclasses.fields(SamplingConfig):
-        value = getattr(request.sampling, f.name)
-        if f.name in options:
-            if value is not None:
-                args += [options[f.name], f"{value:g}" if isinstance(value, float) else str(value)]
-        elif value != getattr(plain, f.name):
-            return None
-    return shlex.join(base + args)
+    args = _sampler_args(request.sampling)
+    return None if args is None else shlex.join(base + args)
+
+
+def edit_command(system: SystemInfo, request: JobRequest) -> str | None:
+    """The `argen edit` command that makes the same images as the edit job `request`, run where the zip's source.png
+    and mask.png lie; None when a setting has no command-line option."""
+    edit = request.edit
+    common = ["-n", str(request.n), "--seed", str(request.seed), "--image", "source.png"]
+    if edit.tool == "variations":
+        u = request.unclip
+        return shlex.join(["argen", "edit", "variations", "--unclip", system.path, *common, "--cfg",
+                           f"{u['decoder_cfg']:g}", "--decoder-steps", str(u["decoder_steps"])])
+    args = _sampler_args(request.sampling)
+    if args is None:
+        return None
+    c = EDIT_CONFIG
+    method = ["--method", c.method, "--proposals", str(c.proposals), "--passes", str(c.passes), "--candidates",
+              str(c.candidates), *(["--no-paste"] if not c.paste else [])]
+    return shlex.join(["argen", "edit", "inpaint", "--pipeline", system.path, request.prompt, *common, "--mask",
+                       "mask.png", *method, *args])
