@@ -160,7 +160,7 @@ def test_rope_positions_are_1d_for_text_and_2d_for_image_tokens():
 
 def test_2d_rope_scores_depend_only_on_the_row_and_column_offsets():
     cfg = tiny(prefix_len=2, image_grid=(4, 4), n_embd=64, n_head=4)
-    cos, sin = rope_tables(cfg)
+    cos, sin = rope_tables(rope_positions(cfg), head_dim=cfg.head_dim, theta=cfg.rope_theta)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, cfg.head_dim, generator=g, dtype=torch.float64)
 

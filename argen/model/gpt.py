@@ -16,6 +16,51 @@ from argen.model.onednn import Linear
 from tokenizers_img.serialization import PretrainedMixin
 
 
+def swiglu_width(n_embd: int) -> int:
+    """The default SwiGLU hidden width: 8/3 n_embd (as many weights as a 4x GELU MLP), rounded up to 64."""
+    return 64 * math.ceil(8 * n_embd / 3 / 64)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One pre-norm transformer block (`Block`): width, heads (kv_heads < n_head: grouped-query attention), SwiGLU
+    hidden width, RMSNorm eps, dropout and attention backend. The GPT's is `GPTConfig.block`; the diffusion prior
+    builds its own."""
+
+    n_embd: int
+    n_head: int
+    kv_heads: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        sizes = {"n_head": self.n_head, "n_embd": self.n_embd, "n_kv_head": self.kv_heads, "ffn_hidden": self.ffn_dim}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads} (grouped-query attention).")
+        if self.head_dim % 4:
+            raise ValueError(
+                f"head_dim = n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim} must be divisible by 4: "
+                "2-D RoPE rotates one half of each head by the row and the other half by the column, in pairs."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}.")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.attn_backend!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
 @dataclass
 class GPTConfig:
     """Architecture of the image-token GPT.
@@ -60,31 +105,20 @@ class GPTConfig:
         self.image_grid = tuple(self.image_grid)  # JSON/YAML give a list
         if len(self.image_grid) != 2 or any(not isinstance(s, int) or s < 1 for s in self.image_grid):
             raise ValueError(f"image_grid must be two positive ints (h, w), got {self.image_grid!r}.")
-        positive = {
-            "vocab_size": self.vocab_size, "prefix_len": self.prefix_len, "n_layer": self.n_layer,
-            "n_head": self.n_head, "n_embd": self.n_embd, "n_kv_head": self.kv_heads, "ffn_hidden": self.ffn_dim,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads} (grouped-query attention).")
-        if self.head_dim % 4:
-            raise ValueError(
-                f"head_dim = n_embd / n_head = {self.n_embd} / {self.n_head} = {self.head_dim} must be divisible by 4: "
-                "2-D RoPE rotates one half of each head by the row and the other half by the column, in pairs."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        for name in ("vocab_size", "prefix_len", "n_layer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        self.block  # noqa: B018  (BlockConfig checks the block's sizes, dropout, eps and backend)
         if self.code_features < 0:
             raise ValueError(f"code_features must be >= 0 (0: off), got {self.code_features}.")
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.attn_backend!r}.")
+
+    @property
+    def block(self) -> BlockConfig:
+        return BlockConfig(n_embd=self.n_embd, n_head=self.n_head, kv_heads=self.kv_heads, ffn_dim=self.ffn_dim,
+                           norm_eps=self.norm_eps, dropout=self.dropout, attn_backend=self.attn_backend)
 
     @property
     def kv_heads(self) -> int:
@@ -96,9 +130,7 @@ class GPTConfig:
 
     @property
     def ffn_dim(self) -> int:
-        if self.ffn_hidden is not None:
-            return self.ffn_hidden
-        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return swiglu_width(self.n_embd) if self.ffn_hidden is None else self.ffn_hidden
 
     @property
     def num_image_tokens(self) -> int:
@@ -124,16 +156,16 @@ def rope_positions(config: GPTConfig) -> torch.Tensor:
     return torch.stack([row, col], dim=-1)
 
 
-def rope_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(positions: torch.Tensor, *, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin float32 (block_size, head_dim // 2): the rotation angle of each (d, d + head_dim/2) pair.
 
     The first head_dim/4 pairs rotate with the row position, the last head_dim/4 with the column; each
     axis uses the usual RoPE frequencies theta^(-i / (head_dim/4)), i < head_dim/4 (Su et al. 2021, eq. 15,
     on head_dim/2 dimensions per axis).
     """
-    quarter = config.head_dim // 4
-    inv_freq = config.rope_theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    pos = rope_positions(config).to(torch.float64)  # (S, 2)
+    quarter = head_dim // 4
+    inv_freq = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    pos = positions.to(torch.float64)  # (S, 2): (row, col), or (p, p) for plain 1-D RoPE
     angles = torch.cat([pos[:, :1] * inv_freq, pos[:, 1:] * inv_freq], dim=-1)  # (S, D/2)
     return angles.cos().float(), angles.sin().float()
 
@@ -198,7 +230,7 @@ class RowPositions:
 class SelfAttention(nn.Module):
     """Fused q/k/v projection, RoPE on q and k, optional KV-cache write, `attention`, output projection."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: BlockConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         self.qkv = Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim)
@@ -244,7 +276,7 @@ class SelfAttention(nn.Module):
 class SwiGLU(nn.Module):
     """w2(silu(x w1) * x w3) with w1 and w3 fused into one projection (Shazeer 2020)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: BlockConfig):
         super().__init__()
         self.w13 = Linear(config.n_embd, 2 * config.ffn_dim)
         self.w2 = Linear(config.ffn_dim, config.n_embd)
@@ -257,7 +289,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: BlockConfig):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = SelfAttention(config)
@@ -296,7 +328,7 @@ class GPT(PretrainedMixin, nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.abs_pos_emb else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config.block) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         if config.tie_embeddings:
@@ -305,7 +337,7 @@ class GPT(PretrainedMixin, nn.Module):
             self.register_buffer("code_feat", torch.zeros(config.vocab_size, config.code_features))
             self.feat_in = Linear(config.code_features, config.n_embd)
             self.feat_out = Linear(config.n_embd, config.code_features)
-        cos, sin = rope_tables(config)
+        cos, sin = rope_tables(rope_positions(config), head_dim=config.head_dim, theta=config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim / 2)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from argen.model.attention import BACKENDS
-from argen.model.gpt import Block, GPTConfig, rope_tables
+from argen.model.gpt import Block, BlockConfig, rope_tables, swiglu_width
 from argen.unclip.clip import ClipEncoder, TextEncoding, trained_with_clip
 from argen.unclip.schedulers import NoiseSchedule
 from tokenizers_img.serialization import PretrainedMixin
@@ -59,7 +59,9 @@ class DiffusionPriorArchitecture:
             raise ValueError(f"embed_scale must be > 0 or null (sqrt(embed_dim)), got {self.embed_scale}.")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.attn_backend!r}.")
-        block_config(self, seq_len=1 + NUM_EXTRA_TOKENS)  # GPTConfig's own checks (head sizes, dropout, ...)
+        if self.n_layer < 1 or not self.init_std > 0:
+            raise ValueError(f"n_layer must be >= 1 and init_std > 0, got {self.n_layer} and {self.init_std}.")
+        block_config(self)  # BlockConfig's own checks (head sizes, dropout, ...)
 
 
 @dataclass
@@ -90,12 +92,11 @@ class DiffusionPriorConfig:
         return math.sqrt(self.embed_dim) if scale is None else float(scale)
 
 
-def block_config(arch: DiffusionPriorArchitecture, *, seq_len: int) -> GPTConfig:
-    """The GPTConfig whose `Block` and RoPE tables the prior reuses: `seq_len` 1-D positions (a text-only prefix,
-    no image grid and no token embedding, so vocab_size is a placeholder)."""
-    return GPTConfig(vocab_size=1, prefix_len=seq_len, image_grid=(1, 1), n_layer=arch.n_layer, n_head=arch.n_head,
-                     n_embd=arch.n_embd, ffn_hidden=arch.ffn_hidden, dropout=arch.dropout, norm_eps=arch.norm_eps,
-                     init_std=arch.init_std, attn_backend=arch.attn_backend)
+def block_config(arch: DiffusionPriorArchitecture) -> BlockConfig:
+    """The prior's transformer block: the GPT's `Block` at the architecture's sizes (no grouped-query attention)."""
+    return BlockConfig(n_embd=arch.n_embd, n_head=arch.n_head, kv_heads=arch.n_head,
+                       ffn_dim=swiglu_width(arch.n_embd) if arch.ffn_hidden is None else arch.ffn_hidden,
+                       norm_eps=arch.norm_eps, dropout=arch.dropout, attn_backend=arch.attn_backend)
 
 
 class DiffusionPrior(PretrainedMixin, nn.Module):
@@ -113,7 +114,7 @@ class DiffusionPrior(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         arch = config.architecture
-        gpt = block_config(arch, seq_len=config.seq_len)
+        block = block_config(arch)
         C, D = arch.n_embd, config.embed_dim
         self.text_state_proj = nn.Linear(config.text_width, C)
         self.text_embed_proj = nn.Linear(D, C)
@@ -126,10 +127,11 @@ class DiffusionPrior(PretrainedMixin, nn.Module):
         self.null_text_embed = nn.Parameter(torch.zeros(C))  # replaces the text embedding of a dropped caption
         self.query = nn.Parameter(torch.zeros(C))
         self.pos_emb = nn.Parameter(torch.zeros(config.seq_len, C))  # tells the kinds of token apart, with RoPE
-        self.blocks = nn.ModuleList(Block(gpt) for _ in range(arch.n_layer))
+        self.blocks = nn.ModuleList(Block(block) for _ in range(arch.n_layer))
         self.norm = nn.RMSNorm(C, eps=arch.norm_eps)
         self.out = nn.Linear(C, D)
-        cos, sin = rope_tables(gpt)
+        positions = torch.arange(config.seq_len)[:, None].expand(-1, 2)  # 1-D RoPE: position p is (p, p)
+        cos, sin = rope_tables(positions, head_dim=block.head_dim, theta=10000.0)
         self.register_buffer("rope_cos", cos.unsqueeze(1), persistent=False)  # (S, 1, head_dim / 2)
         self.register_buffer("rope_sin", sin.unsqueeze(1), persistent=False)
         self.reset_parameters()
