@@ -26,9 +26,9 @@ def read_manifest(file: Path, *, format: str, version: int, required: tuple[str,
                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(manifest, its parts) of a manifest file, checked: the format and version, every `required` part present, and
     each part a table with a string "path", "class" and "hash"; `error` naming `file` and what is wrong otherwise.
-    `upgrade` translates the format's version - 1 (in memory: the file is not rewritten)."""
+    `upgrade` translates the format's version - 1 (no version: 1), in memory: the file is not rewritten."""
     manifest = read_json_object(file)
-    if upgrade is not None and manifest.get("format") == format and manifest.get("format_version") == version - 1:
+    if upgrade is not None and manifest.get("format") == format and manifest.get("format_version", 1) == version - 1:
         manifest = upgrade(manifest)
     if manifest.get("format") != format or manifest.get("format_version") != version:
         raise error(f"{file} has format {manifest.get('format')!r} v{manifest.get('format_version')}; this argen reads "

@@ -24,6 +24,8 @@ from argen.unclip.ar_prior import DEQUANTIZE, EmbeddingQuantizer
 from argen.unclip.ar_prior_sampling import (
     AR_PRIOR_FILE,
     FORMAT,
+    FORMAT_VERSION,
+    PART_CLASSES,
     QUANTIZER_DIR,
     ARPrior,
     ARPriorSamplingConfig,
@@ -217,11 +219,12 @@ def train_ar_prior(experiment: ARPriorExperiment, *, resume: bool = False, overw
     final = result.artifacts_dir
     atomic_write_dir(final / QUANTIZER_DIR, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in quantizer_dir.iterdir()])
     manifest = {
-        "format": FORMAT, "clip_sha256": clip_sha256, "clip_path": str(Path(data.clip).resolve()),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "clip_sha256": clip_sha256, "clip_path": str(Path(data.clip).resolve()),
         "text_len": text_len, "train_shards": train_set.paths, "num_train_items": len(train_set.captions),
-        "parts": {"gpt": {"path": GPT_DIR, "hash": pretrained_hash(final / GPT_DIR)},
-                  "quantizer": {"path": QUANTIZER_DIR, "hash": quantizer_hash, **quantizer.summary()},
-                  "text_tokenizer": {"path": TOKENIZER_FILE, "sha256": text.sha256}},
+        "parts": {"gpt": {"path": GPT_DIR, "class": PART_CLASSES["gpt"], "hash": pretrained_hash(final / GPT_DIR)},
+                  "quantizer": {"path": QUANTIZER_DIR, "class": PART_CLASSES["quantizer"], "hash": quantizer_hash,
+                                **quantizer.summary()},
+                  "text_tokenizer": {"path": TOKENIZER_FILE, "class": PART_CLASSES["text_tokenizer"], "hash": text.sha256}},
     }
     atomic_write_bytes(final / AR_PRIOR_FILE, json.dumps(manifest, indent=2).encode())
     train_seconds = round(time.perf_counter() - start, 1)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
+from argen.saved import SavedDirError
 from tokenizers_img.serialization import (
     NotArgenOutputError,
     atomic_write_bytes,
@@ -32,7 +33,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 
 
-class BadCheckpointError(ValueError):
+class BadCheckpointError(SavedDirError):
     """A checkpoint that cannot be used: a file missing, truncated, altered or unreadable, or an unknown format.
     The message names the file."""
 

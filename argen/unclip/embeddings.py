@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from argen.saved import SavedDirError
 from argen.unclip.clip import ClipEncoder
 from tokenizers_img.serialization import atomic_write_bytes, atomic_write_dir
 
@@ -16,7 +17,7 @@ META_FILE = "meta.json"
 FORMAT = "argen-embeddings"
 
 
-class EmbeddingShardError(ValueError):
+class EmbeddingShardError(SavedDirError):
     """An embedding shard is incomplete, or was computed by another CLIP than the one in use."""
 
 
