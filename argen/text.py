@@ -153,12 +153,14 @@ def warn_truncated(lengths: Sequence[int], *, text_len: int, what: str = "prompt
 
 
 def train_text_tokenizer(captions: Sequence[str], *, vocab_size: int = 512, min_frequency: int = 2,
-                         lowercase: bool = True) -> TextTokenizer:
+                         lowercase: bool = False) -> TextTokenizer:
     """Train a byte-level BPE on `captions`; every byte has a token, so no text is ever unknown.
 
-    The normalizer (NFKC, optional lowercasing, whitespace runs collapsed and stripped) is saved in the file, so
-    `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` encodes exactly the same ids. `vocab_size` is an
-    upper bound: a small corpus (like shapes captions) stops merging earlier.
+    The normalizer (NFKC, lowercasing only with `lowercase=True`, whitespace runs collapsed and stripped) is saved in
+    the file, so a loaded tokenizer normalises as it did when saved (one trained lowercasing keeps lowercasing), and
+    `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` encodes exactly the same ids. Case is kept by
+    default: "Paris" and "paris" say different things in a caption. `vocab_size` is an upper bound: a small corpus
+    (like shapes captions) stops merging earlier.
     """
     from tokenizers import (
         Regex,
@@ -188,14 +190,15 @@ def train_text_tokenizer(captions: Sequence[str], *, vocab_size: int = 512, min_
 
 
 def dataset_captions(
-    spec: str, *, split: str = "train", limit: int | None = None, seed: int = 0,
+    spec: str, *, split: str = "train", limit: int | None = None, seed: int = 0, val_fraction: float = 0.05,
     follow_symlinks: bool = False, strict: bool = False, allow_pipe: bool = False,
 ) -> list[str]:
     """Captions of a dataset without decoding its images where possible.
 
     spec: `shapes`, `imagefolder:PATH`, `webdataset:PATTERN` (decodes samples), or `codes:DIR` (the captions of
     a code shard written by `argen tokenize`). `limit` caps the count (shapes train is a 1M-scene stream).
-    follow_symlinks, strict, allow_pipe: as for `argen.data.registry.build_dataset`.
+    val_fraction, follow_symlinks, strict, allow_pipe: as for `argen.data.registry.build_dataset` (val_fraction
+    decides which image-folder files and shards are "val", so it must be the training run's).
     """
     if spec.startswith("codes:"):
         file = Path(spec[len("codes:"):]) / "captions.jsonl"
@@ -216,12 +219,12 @@ def dataset_captions(
         from argen.data.imagefolder import index_folder, split_of
 
         files = index_folder(arg, follow_symlinks=follow_symlinks, strict=strict).files
-        caps = [f.caption for f in files if split == "all" or split_of(f.key, 0.05) == split]
+        caps = [f.caption for f in files if split == "all" or split_of(f.key, val_fraction) == split]
         return caps[:limit]
     from argen.data.registry import build_dataset
 
     caps = []
-    for item in build_dataset(spec, split=split, resolution=32, allow_pipe=allow_pipe):
+    for item in build_dataset(spec, split=split, resolution=32, val_fraction=val_fraction, allow_pipe=allow_pipe):
         if limit is not None and len(caps) >= limit:
             break
         if item.get("caption"):

@@ -67,7 +67,7 @@ def make_parts(root: Path) -> SimpleNamespace:
     """VQ dir, text tokenizer file and train/val code shards: 4 distinct (caption, codes) pairs, repeated."""
     vq_dir = tiny_vq(root / "vq")
     vq_hash = pretrained_hash(vq_dir)
-    text = train_text_tokenizer(dataset_captions("shapes", limit=500), vocab_size=512)
+    text = train_text_tokenizer(dataset_captions("shapes", limit=500), vocab_size=512, lowercase=True)
     text_file = text.save(root / "text")
     distinct = np.random.default_rng(0).integers(0, 32, size=(4, 16))
     rows = np.tile(np.arange(4), 8)  # 32 training rows

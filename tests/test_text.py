@@ -28,9 +28,18 @@ def test_round_trip_and_shapes_words_are_single_tokens(tok):
     assert 256 < tok.vocab_size <= 512 and tok.pad_token == PAD_TOKEN
     for caption in CAPTIONS[:50]:
         assert tok.decode(tok.tokenize(caption)) == caption
-    # the normalizer lowercases and collapses whitespace, so a user's spelling maps to the training ids
-    assert tok.tokenize("  A RED   circle ") == tok.tokenize("a red circle")
+    # the normalizer collapses whitespace, so a user's spacing maps to the training ids
+    assert tok.tokenize("  a red   circle ") == tok.tokenize("a red circle")
     assert len(tok.tokenize("a red circle")) == 3
+
+
+def test_case_is_kept_unless_asked_and_a_saved_lowercasing_tokenizer_still_lowercases(tok, tmp_path):
+    assert tok.tokenize("A Red circle") != tok.tokenize("a red circle")
+    assert tok.decode(tok.tokenize("A Red circle")) == "A Red circle"
+    lower = train_text_tokenizer(CAPTIONS, vocab_size=512, lowercase=True)
+    assert lower.tokenize("  A RED   circle ") == lower.tokenize("a red circle")
+    loaded = TextTokenizer.load(lower.save(tmp_path / "lower"))  # a file written lowercasing (as before case was kept)
+    assert loaded.sha256 == lower.sha256 and loaded.tokenize("A RED circle") == lower.tokenize("a red circle")
 
 
 def test_fixed_length_encoding_pads_and_empty_is_unconditional(tok):

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from argen.cli.args import add_dataset_options, dataset_options, int_in, positive_int, seed
+from argen.cli.args import add_dataset_options, dataset_options, float_in, int_in, positive_int, seed
 from argen.configs import resolve as resolve_config
 from argen.train.processes import ends_processes
 
@@ -52,6 +52,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "decoder, judge_clip; e.g. decoder.train.max_steps=500")
     u.set_defaults(func=run_train_unclip)
 
+    pl = models.add_parser("pipeline", help="every stage from a captioned dataset to a trained, evaluated pipeline: image "
+                           "tokenizer, codes, BPE, GPT, judge CLIP, samples, evaluation; finished stages are reused")
+    pl.add_argument("--dataset", required=True, help="shapes | imagefolder:PATH | webdataset:PATTERN")
+    pl.add_argument("--resolution", type=int_in(8), required=True,
+                    help="image side in pixels: 32, 64, 128 or 256 choose the presets (see argen/recipe.py)")
+    pl.add_argument("-o", "--out", required=True, help="output directory (finished stages in it are reused)")
+    pl.add_argument("--tokenizer-config", default=None, help="YAML or preset replacing the resolution's tokenizer preset")
+    pl.add_argument("--gpt-config", default=None, help="YAML or preset replacing the resolution's GPT preset")
+    pl.add_argument("--clip-config", default=None, help="YAML or preset replacing the resolution's judge-CLIP preset")
+    pl.add_argument("--train-items", type=positive_int, default=None,
+                    help="encode at most this many training items for the GPT (default: the whole train split)")
+    pl.add_argument("--val-fraction", type=float_in(0.0, 0.99), default=0.05,
+                    help="image folders and shards: share of files in val (default 0.05)")
+    pl.add_argument("--no-judge-clip", action="store_true", help="skip the judge CLIP and the argen.eval suite")
+    pl.add_argument("--eval-prompts", type=positive_int, default=200, help="val captions evaluated (default 200)")
+    pl.add_argument("--eval-reference", type=positive_int, default=1000,
+                    help="further real val images the distances compare with (default 1000)")
+    pl.add_argument("overrides", nargs="*", help="tokenizer.KEY=VALUE, gpt.KEY=VALUE, clip.KEY=VALUE, e.g. "
+                    "gpt.train.max_steps=2000 tokenizer.loss.perceptual_weight=0")
+    add_dataset_options(pl)
+    pl.set_defaults(func=run_train_pipeline)
+
     b = models.add_parser("text-tokenizer", help="train a byte-level BPE caption tokenizer; writes DIR/tokenizer.json")
     b.add_argument("--dataset", default="shapes",
                    help="shapes | imagefolder:PATH | webdataset:PATTERN | codes:DIR (a code shard's captions)")
@@ -59,7 +81,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--limit", type=positive_int, default=100_000, help="train on at most this many captions (default 100000)")
     b.add_argument("--vocab-size", type=int_in(16, 1 << 20), default=512, help="upper bound on the vocabulary, specials included")
     b.add_argument("--min-frequency", type=positive_int, default=2, help="a merge must occur at least this often")
-    b.add_argument("--keep-case", action="store_true", help="do not lowercase captions (the default lowercases)")
+    case = b.add_mutually_exclusive_group()
+    case.add_argument("--lowercase", action="store_true",
+                      help="lowercase captions (and every prompt encoded later); the default keeps case")
+    case.add_argument("--keep-case", action="store_true", help=argparse.SUPPRESS)  # the default since case is kept
+    b.add_argument("--val-fraction", type=float_in(0.0, 0.99), default=0.05,
+                   help="image folders and shards: share of files in val (default 0.05); use the training run's value")
     b.add_argument("--seed", type=seed, default=0, help="shapes scene seed")
     b.add_argument("-o", "--out", required=True, help="output directory")
     add_dataset_options(b)
@@ -179,6 +206,20 @@ def run_train_unclip(args: argparse.Namespace) -> int:
     return 0
 
 
+@ends_processes
+def run_train_pipeline(args: argparse.Namespace) -> int:
+    from argen.eval.suite import EvalSettings
+    from argen.recipe import RecipeSettings, run_recipe
+
+    settings = RecipeSettings(num_train_codes=args.train_items, judge_clip=not args.no_judge_clip,
+                              eval=EvalSettings(prompts=args.eval_prompts, reference=args.eval_reference))
+    run_recipe(args.out, dataset=args.dataset, resolution=args.resolution, overrides=tuple(args.overrides),
+               tokenizer_config=args.tokenizer_config, gpt_config=args.gpt_config, clip_config=args.clip_config,
+               settings=settings, val_fraction=args.val_fraction, follow_symlinks=args.follow_symlinks,
+               strict=args.strict_metadata, allow_pipe=args.allow_pipe)
+    return 0
+
+
 def run_train_text_tokenizer(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -186,9 +227,10 @@ def run_train_text_tokenizer(args: argparse.Namespace) -> int:
     from tokenizers_img.serialization import claim_output_dir
 
     out = claim_output_dir(args.out, kind="text-tokenizer")  # checked before the captions are read, not after
-    captions = dataset_captions(args.dataset, split=args.split, limit=args.limit, seed=args.seed, **dataset_options(args))
+    captions = dataset_captions(args.dataset, split=args.split, limit=args.limit, seed=args.seed,
+                                val_fraction=args.val_fraction, **dataset_options(args))
     tok = train_text_tokenizer(captions, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                               lowercase=not args.keep_case)
+                               lowercase=args.lowercase)
     file = tok.save(out / TOKENIZER_FILE)
     lengths = np.array([len(tok.tokenize(c)) for c in captions[:20_000]])
     print(f"trained on {len(captions)} captions of {args.dataset} ({args.split}): vocab {tok.vocab_size} "

@@ -3,6 +3,7 @@ to a dataset."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,19 @@ def build_dataset(
     from argen.data.webdataset import WebDatasetShards
 
     return WebDatasetShards(arg, split=split, resolution=resolution, val_fraction=val_fraction, allow_pipe=allow_pipe)
+
+
+def indexable(dataset: Any, *, max_images: int | None) -> Any:
+    """A dataset that can be indexed (an evaluation set): as it is, or the first `max_images` items of a stream, read once
+    and held in memory (every process reads the whole stream: torch.distributed is not asked to split it)."""
+    if not isinstance(dataset, IterableDataset):
+        return dataset
+    if max_images is None:
+        raise ValueError(f"the val split of {type(dataset).__name__} is a stream: set eval.max_images (its first "
+                         "images are read once and kept in memory).")
+    shards = getattr(dataset, "shard_items", None)  # WebDatasetShards: every shard in order, whatever the process
+    stream = (item for i in range(len(dataset.shards)) for item in shards(i)) if shards is not None else iter(dataset)
+    return list(itertools.islice(stream, max_images))
 
 
 def build_dataloader(

@@ -133,9 +133,11 @@ class RetrievalEvaluator:
 
     def __init__(self, spec: str, *, split: str = "val", resolution: int, seed: int = 0, candidates: int = 1000,
                  val_fraction: float = 0.05, batch_size: int = 250) -> None:
-        from argen.data.registry import build_dataset
+        from argen.data.registry import build_dataset, indexable
 
-        dataset = build_dataset(spec, split=split, resolution=resolution, seed=seed, val_fraction=val_fraction)
+        # a stream (WebDataset shards) is read once, its first `candidates` items kept in memory
+        dataset = indexable(build_dataset(spec, split=split, resolution=resolution, seed=seed, val_fraction=val_fraction),
+                            max_images=candidates)
         n = min(candidates, len(dataset))
         if n < 2:
             raise ValueError(f"the {split} split of {spec} has {len(dataset)} item(s); retrieval needs at least 2.")

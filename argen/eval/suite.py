@@ -62,7 +62,7 @@ class CaptionSet:
     reference_captions: list[str] = field(default_factory=list)  # (M,) their captions
 
 
-def _items(dataset) -> Iterator[dict[str, Any]]:
+def dataset_items(dataset) -> Iterator[dict[str, Any]]:
     if isinstance(dataset, IterableDataset):
         yield from dataset
     else:
@@ -78,7 +78,7 @@ def caption_set(spec: str, split: str, *, resolution: int, settings: EvalSetting
     dataset = build_dataset(spec, split=split, resolution=resolution, seed=settings.seed, **dataset_options)
     captions: dict[str, torch.Tensor] = {}
     reference: list[tuple[torch.Tensor, str]] = []
-    for item in _items(dataset):
+    for item in dataset_items(dataset):
         if item["caption"] not in captions and len(captions) < settings.prompts:
             captions[item["caption"]] = item["image"]
         elif len(reference) < settings.reference:

@@ -199,6 +199,7 @@ def clip_text_tokenizer(experiment: CLIPExperiment, *, resume: bool = False, ove
     data = experiment.data
     print(f"training a byte-level BPE on up to {BPE_CAPTIONS} {data.spec} train captions (set text_tokenizer to reuse one)")
     tokenizer = train_text_tokenizer(dataset_captions(data.spec, split="train", limit=BPE_CAPTIONS, seed=data.seed,
+                                                          val_fraction=data.val_fraction,
                                                           follow_symlinks=data.follow_symlinks, strict=data.strict))
     if process_state().is_main_process and (overwrite or latest_checkpoint(saved.parent) is None):  # never under a run's checkpoints
         claim_output_dir(saved.parent, kind="run")  # the run's folder: `train` refuses one argen did not write

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.utils.data import IterableDataset
 
-from argen.data.registry import DatasetConfig
+from argen.data.registry import DatasetConfig, indexable
 from argen.data.skips import SkipReport, collate
 from argen.eval.tokenizer import evaluate_tokenizer
 from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, TrainResult, seeded, train
@@ -76,6 +74,7 @@ class TokenizerTask:
         # Under FSDP2 the generator loss runs a whole copy of the discriminator (its parameters detached either way)
         self._disc_copy = copy.deepcopy(self.disc) if self.disc is not None else None
         self.val_dataset = None
+        self._loss_device = None  # where self.loss (LPIPS) was last moved: the loop moves only modules()
 
     def modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {"vq": self.vq}
@@ -95,6 +94,10 @@ class TokenizerTask:
 
     def training_step(self, batch: dict, *, modules: dict[str, nn.Module], step: int) -> StepOutput:
         images = batch["image"]
+        if self._loss_device != images.device:
+            # LPIPS is frozen and not checkpointed, so it is not one of modules(): the training device is first seen here
+            self.loss.to(images.device)
+            self._loss_device = images.device
         vq = modules["vq"]
         out = vq(images)
         q = out.quantizer_output
@@ -145,7 +148,7 @@ class TokenizerTask:
     def evaluate(self, *, modules: dict[str, nn.Module], accelerator, step: int) -> dict[str, float]:
         ev = self.experiment.eval
         if self.val_dataset is None:
-            self.val_dataset = _indexable(self.experiment.data.build(ev.split), max_images=ev.max_images)
+            self.val_dataset = indexable(self.experiment.data.build(ev.split), max_images=ev.max_images)
         metrics = evaluate_tokenizer(
             modules["vq"], self.val_dataset, batch_size=ev.batch_size,
             judge=ev.judge and self.experiment.data.spec == "shapes", max_images=ev.max_images,
@@ -156,19 +159,6 @@ class TokenizerTask:
 
     def save_artifacts(self, *, modules: dict[str, nn.Module], out_dir: Path) -> None:
         modules["vq"].save_pretrained(Path(out_dir) / TOKENIZER_DIR)
-
-
-def _indexable(dataset: Any, *, max_images: int | None) -> Any:
-    """A val split evaluate_tokenizer can index: as it is, or the first `max_images` items of a stream, read once
-    and held in memory (every process reads the whole stream: torch.distributed is not asked to split it)."""
-    if not isinstance(dataset, IterableDataset):
-        return dataset
-    if max_images is None:
-        raise ValueError(f"the val split of {type(dataset).__name__} is a stream: set eval.max_images (its first "
-                         "images are read once and kept in memory).")
-    shards = getattr(dataset, "shard_items", None)  # WebDatasetShards: every shard in order, whatever the process
-    stream = (item for i in range(len(dataset.shards)) for item in shards(i)) if shards is not None else iter(dataset)
-    return list(itertools.islice(stream, max_images))
 
 
 def train_tokenizer(experiment: TokenizerExperiment, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
