@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tokenizers_img.serialization import content_hash
+
 TOKENIZER_FILE = "tokenizer.json"
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS = (PAD_TOKEN,)
@@ -38,8 +40,8 @@ def resolve_tokenizer_file(path: str | Path) -> Path:
 
 
 def tokenizer_file_hash(path: str | Path) -> str:
-    """SHA-256 of the tokenizer.json bytes (a file, or a directory holding one): identifies one exact text tokenizer."""
-    return _sha256(resolve_tokenizer_file(path).read_bytes())
+    """`content_hash` of the tokenizer.json (a file, or a directory holding one): identifies one exact text tokenizer."""
+    return content_hash(resolve_tokenizer_file(path))
 
 
 class TextTokenizer:
@@ -89,6 +91,7 @@ class TextTokenizer:
 
     @property
     def sha256(self) -> str:
+        """SHA-256 of the tokenizer.json bytes: content_hash of the file it is saved as."""
         return _sha256(self._bytes)
 
     def save(self, path: str | Path) -> Path:
