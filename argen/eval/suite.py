@@ -252,8 +252,8 @@ def markdown(report: dict[str, Any]) -> str:
              "95% prompt-bootstrap intervals (recall: a point figure).", ""]
     for split, row in report["splits"].items():
         lines += [f"## {split} captions", "",
-                  f"R-precision: the image retrieves its own caption first among {report['settings']['candidates']} "
-                  f"(chance {row['chance r_precision']:.1f}%).", "",
+                  f"R-precision: the image retrieves its own caption first among "
+                  f"{round(100 / row['chance r_precision'])} (chance {row['chance r_precision']:.1f}%).", "",
                   "| images | R-precision % | CLIP score | FD images | FD image+caption | precision % | recall % |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
