@@ -56,3 +56,13 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
     assert again["sampler_sweep"] == report["sampler_sweep"] and again["generation"] == report["generation"]
     reloaded = GPT.from_pretrained(out / "gpt_run" / "final" / "gpt").state_dict()
     assert all(torch.equal(reloaded[k], weights[k]) for k in weights)
+
+
+def test_an_override_after_extra_scenes_is_named_not_taken_for_a_template(tmp_path):
+    import pytest
+
+    from argen.cli import main
+
+    with pytest.raises(SystemExit, match="put key.path=value overrides before --extra-scenes"):
+        main(["demo", "-o", str(tmp_path / "demo"), "--extra-scenes", "relation=10", "gpt.train.max_steps=1"])
+    assert not (tmp_path / "demo").exists()  # refused before any stage ran

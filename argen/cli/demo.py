@@ -48,6 +48,9 @@ def _extra_scenes(values: list[str]) -> dict[str, int]:
     out = {}
     for value in values:
         names, _, count = value.partition("=")
+        if "." in names:  # a key.path=value override after the flag: argparse gave it to --extra-scenes
+            raise SystemExit(f"argen demo: {value!r} follows --extra-scenes, which took it as TEMPLATES=N; put "
+                             "key.path=value overrides before --extra-scenes.")
         try:
             check_templates(tuple(names.split(",")))  # "" is an unknown name here, not "all" as in a dataset spec
             n = int(count)
