@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from argen.configs import resolve as resolve_config
+from argen.data.registry import has_heldout
 from argen.eval.suite import EvalSettings
 from argen.sample import SamplingConfig
 
@@ -314,7 +315,8 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
         start = begin(i)
         pipe = Pipeline.load(pipeline_dir)  # with the sampler setting just recorded
         eval_inputs = {"gpt": gpt_inputs, "judge_clip": to_dict(clip_exp), "sampling": dataclasses.asdict(pipe.sampling),
-                       "settings": dataclasses.asdict(settings.eval), "splits": ["val", "heldout"] if shapes else ["val"]}
+                       "settings": dataclasses.asdict(settings.eval),
+                       "splits": ["val", "heldout"] if has_heldout(dataset) else ["val"]}
         summary["judge_clip"] = {"dir": str(clip_dir), "config": str(configs["clip"]),
                                  "eval": json.loads((Path(clip_exp.train.out_dir) / "metrics.json").read_text()).get("eval")}
         summary["eval"] = _evaluate(pipe, clip_dir, dataset, eval_inputs, out=out / "eval", records=records,
@@ -349,7 +351,7 @@ def _score_tokenizer(vq, data, *, shapes: bool, settings: RecipeSettings, out: P
     from argen.eval.tokenizer import evaluate_tokenizer
     from argen.viz import reconstruction_sheet, save_png
 
-    splits = ("val", "heldout") if data.spec == "shapes" else ("val",)
+    splits = ("val", "heldout") if has_heldout(data.spec) else ("val",)
     metrics, first = {}, None
     for split in splits:
         dataset = data.build(split)

@@ -219,10 +219,10 @@ def dataset_captions(
         templates = parse_templates(arg)
         return [scene_and_caption(i, split, seed=seed, templates=templates)[1] for i in range(n)]
     if kind == "imagefolder":
-        from argen.data.imagefolder import index_folder, split_of
+        from argen.data.imagefolder import in_split, index_folder
 
         files = index_folder(arg, follow_symlinks=follow_symlinks, strict=strict).files
-        caps = [f.caption for f in files if split == "all" or split_of(f.key, val_fraction) == split]
+        caps = [f.caption for f in files if in_split(f.key, split, val_fraction)]
         return caps[:limit]
     from argen.data.registry import build_dataset
 

@@ -11,8 +11,8 @@ Layout (every split folder is also an image folder on its own; see argen.data.im
     OUT/manifest.json                    sources, rules, counts, held-out names and the command
 
 argen splits an image folder by a hash of each file name (split_of), so the salt S in each name is chosen to
-make that hash agree with the folder: `imagefolder:OUT` gives exactly train/ as "train" and val/ + heldout/ as
-"val"; `imagefolder:OUT/heldout --split all` (or OUT/val) scores one of them alone.
+make that hash agree with the folder, and a top-level heldout/ folder is its own split: `imagefolder:OUT` gives
+exactly train/ as "train", val/ as "val" and heldout/ as "heldout".
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 "splits": "heldout: every icon whose name (words, lower case) is picked by a seeded hash, so "
                           "held-out names occur in no train or val caption; val: a seeded hash of the rest; "
                           "file names carry a salt so argen's split_of with val_fraction puts train/ in 'train' "
-                          "and val/ + heldout/ in 'val'",
+                          "and val/ in 'val'; argen reads heldout/ as the 'heldout' split",
             },
             **counts,
         }

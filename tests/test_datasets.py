@@ -192,6 +192,28 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert {f.key for f in ImageFolderDataset(tmp_path, split="val", resolution=4, val_fraction=0.2).files} == val_keys - {"im000.png"}
 
 
+def test_a_heldout_folder_is_its_own_split_and_never_train_or_val(tmp_path):
+    from argen.data.registry import has_heldout
+    from argen.text import dataset_captions
+
+    for i in range(40):
+        _write_image(tmp_path / "icons" / f"im{i:03d}.png", size=(4, 4))
+        (tmp_path / "icons" / f"im{i:03d}.txt").write_text(f"seen {i}")
+    assert not has_heldout(f"imagefolder:{tmp_path}")
+    for i in range(5):
+        _write_image(tmp_path / "heldout" / f"h{i}.png", size=(4, 4))
+        (tmp_path / "heldout" / f"h{i}.txt").write_text(f"unseen {i}")
+    assert has_heldout(f"imagefolder:{tmp_path}") and has_heldout("shapes") and not has_heldout("shapes:relation")
+    keys = {s: {f.key for f in ImageFolderDataset(tmp_path, split=s, resolution=4, val_fraction=0.2).files}
+            for s in ("train", "val", "heldout", "all")}
+    assert keys["heldout"] == {f"heldout/h{i}.png" for i in range(5)}
+    assert keys["train"] | keys["val"] == keys["all"] - keys["heldout"] and keys["train"].isdisjoint(keys["val"])
+    assert len(keys["all"]) == 45
+    train_captions = dataset_captions(f"imagefolder:{tmp_path}", split="train", val_fraction=0.2)
+    assert train_captions and not any(c.startswith("unseen") for c in train_captions)  # the BPE never sees them
+    assert sorted(dataset_captions(f"imagefolder:{tmp_path}", split="heldout")) == [f"unseen {i}" for i in range(5)]
+
+
 def test_folder_errors_are_helpful(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

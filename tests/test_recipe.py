@@ -26,19 +26,23 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), 
            "white": (240, 240, 240)}
 
 
-def folder(root: Path, n: int = 60) -> Path:
-    """A captioned 32 px image folder: a coloured square in one of four corners on black, its caption in Title case."""
-    root.mkdir()
-    lines = []
+def folder(root: Path, n: int = 60, *, heldout: int = 0) -> Path:
+    """A captioned 32 px image folder: a coloured square in one of four corners on black, its caption in Title case;
+    with `heldout`, that many more in root/heldout/ (the held-out split)."""
     corners = ("Top left", "Top right", "Bottom left", "Bottom right")
-    for i in range(n):
-        colour, corner = list(COLOURS)[i % len(COLOURS)], corners[(i // len(COLOURS)) % 4]
-        image = Image.new("RGB", (32, 32))
-        x, y = (0 if "left" in corner else 16), (0 if "Top" in corner else 16)
-        image.paste(COLOURS[colour], (x, y, x + 16, y + 16))
-        image.save(root / f"{i:03d}.png")
-        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": f"{corner}: a {colour} square, number {i}"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    for where, numbers in ((root, range(n)), (root / "heldout", range(n, n + heldout))):
+        if not numbers:
+            continue
+        where.mkdir(parents=True)
+        lines = []
+        for i in numbers:
+            colour, corner = list(COLOURS)[i % len(COLOURS)], corners[(i // len(COLOURS)) % 4]
+            image = Image.new("RGB", (32, 32))
+            x, y = (0 if "left" in corner else 16), (0 if "Top" in corner else 16)
+            image.paste(COLOURS[colour], (x, y, x + 16, y + 16))
+            image.save(where / f"{i:03d}.png")
+            lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": f"{corner}: a {colour} square, number {i}"}))
+        (where / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -127,7 +131,7 @@ def _run(out: Path, data: Path, *extra: str, spec: str = "imagefolder") -> dict:
 def test_the_whole_command_on_an_image_folder_reports_reuses_resumes_and_redoes(tmp_path, capsys, monkeypatch):
     from argen.tasks.gpt import GPTTask
 
-    data, out = folder(tmp_path / "images"), tmp_path / "run"
+    data, out = folder(tmp_path / "images", heldout=10), tmp_path / "run"
     # the first run dies inside the GPT stage after its step-2 checkpoint (as a kill -9 would leave it)
     real_step = GPTTask.training_step
 
@@ -147,9 +151,11 @@ def test_the_whole_command_on_an_image_folder_reports_reuses_resumes_and_redoes(
     assert "reusing" in printed and f"resuming {out / 'gpt_run'} from its latest checkpoint" in printed
     assert f"training into {out / 'tokenizer_run'}" not in printed  # the tokenizer finished in the first run
     assert report["gpt"]["steps"] == 4
-    row = report["eval"]["splits"]["val"]
-    for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
-        assert row[name]["images"] == 4 and "estimate" in row[name]["r_precision"]
+    for split in ("val", "heldout"):  # the heldout/ folder is scored on its own
+        row = report["eval"]["splits"][split]
+        for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
+            assert row[name]["images"] == 4 and "estimate" in row[name]["r_precision"]
+    assert set(report["tokenizer"]["metrics"]) == {"val", "heldout"}
     markdown = (out / "report.md").read_text()
     assert "real (ceiling)" in markdown and "shuffled captions (floor)" in markdown and "eval/samples_val.png" in markdown
     for name in ("reconstructions.png", "samples_val.png", "eval/samples_val.png", "report.json"):

@@ -10,9 +10,10 @@ A `metadata.jsonl` may sit in any subfolder; its `file_name`s are relative to it
 file names relative to `root`, with forward slashes.
 
 Split: a file is in "val" when the first 8 bytes of sha1(key), read as a fraction of 2**64, are below
-`val_fraction` (default 0.05), else in "train"; "all" takes both. The split depends only on the file name, so
+`val_fraction` (default 0.05), else in "train"; "all" takes every file. The split depends only on the file name, so
 it is stable when files are added, removed or skipped. With fewer than about 1/val_fraction files the val
-split may be empty; asking for an empty split raises.
+split may be empty; asking for an empty split raises. Files under a top-level `heldout/` folder are neither train
+nor val but the "heldout" split: captions whose images are never trained on, evaluated on their own.
 
 Bad entries never crash a run; each is recorded as a `Skip` (see argen.data.skips) naming the file and why:
 - at index time: a listed file that does not exist, an image with no, an empty or a non-UTF-8 caption, a bad
@@ -47,7 +48,8 @@ from argen.data.skips import DatasetError, Skip, printable
 from argen.data.transforms import IMAGE_EXTENSIONS, ImageDecodeError, load_image_tensor
 
 METADATA_NAME = "metadata.jsonl"
-SPLITS = ("train", "val", "all")
+SPLITS = ("train", "val", "all")  # the hash splits (WebDataset shards use them too)
+HELDOUT = "heldout"  # a top-level folder of an image folder, and the split of its files
 CAPTION_HELP = (
     f"Expected captions as {METADATA_NAME} lines like {{\"file_name\": \"a/b.png\", \"text\": \"a red circle\"}} "
     "(file_name relative to the metadata file's folder), or a sidecar text file next to each image "
@@ -87,6 +89,15 @@ def split_of(key: str, val_fraction: float) -> str:
     """
     h = int.from_bytes(hashlib.sha1(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
     return "val" if h < val_fraction else "train"
+
+
+def in_split(key: str, split: str, val_fraction: float) -> bool:
+    """Whether the file `key` of an image folder belongs to `split` ("train", "val", "heldout" or "all")."""
+    if split == "all":
+        return True
+    if PurePosixPath(key).parts[0] == HELDOUT:
+        return split == HELDOUT
+    return split != HELDOUT and split_of(key, val_fraction) == split
 
 
 def _brief(value: Any, limit: int = 80) -> str:
@@ -320,15 +331,15 @@ class ImageFolderDataset(Dataset):
         self, root: str | Path, *, split: str = "train", resolution: int, val_fraction: float = 0.05,
         follow_symlinks: bool = False, strict: bool = False,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)} for an image folder, got {split!r}")
+        if split not in (*SPLITS, HELDOUT):
+            raise ValueError(f"split must be one of {', '.join((*SPLITS, HELDOUT))} for an image folder, got {split!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         index = index_folder(root, follow_symlinks=follow_symlinks, strict=strict)
         self.root, self.split, self.resolution, self.val_fraction = index.root, split, resolution, val_fraction
-        keep = (lambda key: True) if split == "all" else (lambda key: split_of(key, val_fraction) == split)
+        keep = lambda key: in_split(key, split, val_fraction)  # noqa: E731
         self.files = [f for f in index.files if keep(f.key)]
         folder_wide = set(index.folder_skips)  # metadata lines and directories belong to every split
         self.index_skips = [s for s in index.skips if s in folder_wide or keep(s.key)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,12 +17,26 @@ SPEC_FORMS = (
     "shapes                      the built-in procedural shapes world (splits: train, val, heldout)",
     "shapes:TEMPLATES            shapes scenes of only these caption templates, comma-separated, e.g. shapes:relation "
     "(of single_full, single_partial, list, count, relation; splits: train, val)",
-    "imagefolder:PATH            a folder of images with metadata.jsonl or sidecar .txt captions (splits: train, val, all); "
+    "imagefolder:PATH            a folder of images with metadata.jsonl or sidecar .txt captions (splits: train, val, all, "
+    "and heldout: the files under PATH/heldout/, never in train or val); "
     "files whose real path leaves PATH (symlinks) are skipped unless follow_symlinks=True, and a bad metadata.jsonl "
     "line is skipped unless strict=True",
     "webdataset:PATTERN          tar shards, a brace pattern like data/shard-{000..009}.tar or a directory of .tar (splits: train, val, all); "
     "pipe:CMD shards run only with allow_pipe=True, which a config file cannot set",
 )
+
+
+def has_heldout(spec: str) -> bool:
+    """Whether the dataset has a "heldout" split: captions whose images are never trained on (shapes' held-out
+    compositions, an image folder's heldout/ folder)."""
+    kind, arg = parse_spec(spec)
+    if kind == "shapes":
+        return not arg
+    if kind == "imagefolder":
+        from argen.data.imagefolder import HELDOUT
+
+        return (Path(arg) / HELDOUT).is_dir()
+    return False
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
