@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import socket
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from argen.host import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 TEXT_LEN = 64  # as argen/configs/gpt/gpu_100m.yaml
 WORDS = {
@@ -34,14 +35,6 @@ WORDS = {
     "shape": ["circle", "square", "triangle", "star", "ring"],
     "place": ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"],
 }
-
-
-def host() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def write_shard(path: Path, *, items: int, grid: int = 16, chunk: int = 1_000_000) -> None:
@@ -203,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     port.close()
     ranks = _results(_run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free), *me[1:], "--mode", "rank", "--shard", str(shard), "--bpe", str(bpe)]))
-    report = {"host": host(), "items": args.items, "text_len": TEXT_LEN, "shard_written_seconds": round(written, 1),
+    report = {"host": cpu_model(), "items": args.items, "text_len": TEXT_LEN, "shard_written_seconds": round(written, 1),
               "captions_jsonl_mb": (shard / "captions.jsonl").stat().st_size / 2**20, "tokenize_once": ids,
               "ranks": sorted(ranks, key=lambda r: r["rank"]),
               "command": "python benchmarks/captions_10m.py " + " ".join(argv if argv is not None else sys.argv[1:])}

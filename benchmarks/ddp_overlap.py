@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -24,16 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from argen.host import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def host() -> str:
-    """The CPU model, as `lscpu | grep 'Model name'` gives it."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def make_data(work: Path, *, items: int, grid: int, num_codes: int) -> tuple[Path, Path]:
@@ -125,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                      "before_runs": times["before"][ga], "after_runs": times["after"][ga]})
     import torch
 
-    report = {"host": host(), "torch": torch.__version__, "processes": 2, "threads_per_process": 1,
+    report = {"host": cpu_model(), "torch": torch.__version__, "processes": 2, "threads_per_process": 1,
               "model": {"layers": args.layers, "width": args.width}, "global_batch": args.batch, "steps": args.steps,
               "rounds": args.rounds, "minutes": round((time.perf_counter() - start) / 60, 1), "results": rows,
               "command": "python benchmarks/ddp_overlap.py " + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -23,15 +22,9 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from argen.host import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def host() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 @contextmanager
@@ -151,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         name, precision = args.one
         print(json.dumps(MODELS[name](precision == "bf16_autocast")))
         return 0
-    report: dict = {"host": host(), "torch": torch.__version__,
+    report: dict = {"host": cpu_model(), "torch": torch.__version__,
                     "command": "python benchmarks/scaling_estimates.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     for precision in ("float32", "bf16_autocast"):
         report[precision] = {}

@@ -14,7 +14,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import socket
 import statistics
@@ -26,15 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from argen.host import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def host() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def write_shards(folder: Path, *, shards: int, per_shard: int, size: int = 1024) -> None:
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             speeds[name].append(speed)
             busy[name].append(cores)
             print(f"round {r}: {name}: {speed:.1f} images/s, {cores:.2f} cores busy", flush=True)
-    report = {"host": host(), "cores": os.cpu_count(), "images": images, "source_px": 1024, "resolution": 256,
+    report = {"host": cpu_model(), "cores": os.cpu_count(), "images": images, "source_px": 1024, "resolution": 256,
               "rounds": args.rounds, "images_per_s": {k: statistics.median(v) for k, v in speeds.items()},
               "cores_busy": {k: statistics.median(v) for k, v in busy.items()}, "runs": speeds,
               "load_average_before_runs": loads,
