@@ -134,13 +134,8 @@ def run_inpaint(pipe, out: Path, *, scenes: int, n: int, seed: int, n_boot: int,
         verdicts: dict[str, np.ndarray] = {}
         shown: dict[str, torch.Tensor] = {}
         for method in ("ar", "resample", "gibbs"):
-            start = time.perf_counter()
-            r = edit_images(pipe, images, masks, prompts, n=n, sampling=DEMO_SAMPLING,
-                            config=EditConfig(method=method), seed=seed)
-            seconds = time.perf_counter() - start
-            judged = [judge(p, im) for p, im in zip(r.prompts, r.images)]
-            verdicts[method] = np.array([j.correct for j in judged], dtype=float)
-            boot = PromptBootstrap(r.source_index, n_boot=n_boot, seed=seed)
+            r, judged, verdicts[method], boot, seconds = _edit_and_judge(pipe, images, masks, prompts, method=method,
+                                                                         n=n, seed=seed, n_boot=n_boot)
             nll = r.suffix_nll[~r.suffix_nll.isnan()]
             rows[method] = {
                 "accuracy": _iv(boot.mean(verdicts[method])),
@@ -223,10 +218,22 @@ def run_complete(pipe, out: Path, *, scenes: int, n: int, seed: int, n_boot: int
             "failures": [f"{p}: {j.reason}" for p, j in zip(r.prompts, judged) if not j.correct][:6]}
 
 
+def _edit_and_judge(pipe, images, masks, prompts, *, method: str, n: int, seed: int, n_boot: int):
+    """(the edit, each image's judgement, its 0/1 verdicts, a bootstrap over source scenes, seconds) of one method."""
+    from argen.edit import EditConfig, edit_images
+
+    start = time.perf_counter()
+    r = edit_images(pipe, images, masks, prompts, n=n, sampling=DEMO_SAMPLING, config=EditConfig(method=method), seed=seed)
+    seconds = time.perf_counter() - start
+    judged = [judge(p, im) for p, im in zip(r.prompts, r.images)]
+    verdicts = np.array([j.correct for j in judged], dtype=float)
+    return r, judged, verdicts, PromptBootstrap(r.source_index, n_boot=n_boot, seed=seed), seconds
+
+
 def run_outpaint(pipe, out: Path, *, scenes: int, n: int, seed: int, n_boot: int) -> dict:
     """Keep the left half of relation scenes and generate the right half under their caption: every row has kept
     tokens after the region, so agreeing with the suffix matters most here."""
-    from argen.edit import EditConfig, edit_images, mask_overlay, mask_pixels
+    from argen.edit import mask_overlay, mask_pixels
 
     tasks = edit_tasks("relation", scenes, seed=seed)
     images = torch.stack([t.image for t in tasks])
@@ -234,13 +241,8 @@ def run_outpaint(pipe, out: Path, *, scenes: int, n: int, seed: int, n_boot: int
     regenerate = ~mask_pixels(box=(0, 0, RESOLUTION // 2, RESOLUTION), resolution=RESOLUTION)
     rows, verdicts, shown = {}, {}, {}
     for method in ("ar", "resample", "gibbs"):
-        start = time.perf_counter()
-        r = edit_images(pipe, images, regenerate, prompts, n=n, sampling=DEMO_SAMPLING,
-                        config=EditConfig(method=method), seed=seed)
-        seconds = time.perf_counter() - start
-        judged = [judge(p, im) for p, im in zip(r.prompts, r.images)]
-        verdicts[method] = np.array([j.correct for j in judged], dtype=float)
-        boot = PromptBootstrap(r.source_index, n_boot=n_boot, seed=seed)
+        r, judged, verdicts[method], boot, seconds = _edit_and_judge(pipe, images, regenerate, prompts, method=method,
+                                                                     n=n, seed=seed, n_boot=n_boot)
         rows[method] = {"accuracy": _iv(boot.mean(verdicts[method])), "suffix_nll": float(r.suffix_nll.nanmean()),
                         "seconds_per_image": seconds / len(judged)}
         if method != "ar":
