@@ -11,7 +11,7 @@ from pathlib import Path
 
 from argen.cli.args import device, float_in, int_in, positive_int, seed
 from argen.sample import DECODINGS, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW
-from argen.unclip.priors import PRIOR_CHOICES, PRIORS
+from argen.unclip.priors import PRIOR_CHOICES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -199,18 +199,15 @@ def _write_images(out: Path, images, prompts: list[str], sample_index: list[int]
 
 
 def _run_sample_unclip(args: argparse.Namespace, prompts: list[str], device: str) -> int:
-    from argen.unclip.pipeline import DecoderSampling, DiffusionPriorSampling, UnclipPipeline, UnclipSampling
+    from argen.unclip.pipeline import UnclipPipeline, sampling_from_options
     from tokenizers_img.serialization import write_marked_json
 
     if any(not p.strip() for p in prompts):
         raise ValueError("a unCLIP pipeline needs non-empty prompts (its CLIP embeds the caption).")
     pipe = UnclipPipeline.load(args.pipeline, device=device, verify=not args.no_verify)
     prior = args.prior or pipe.priors[0]
-    sampling = UnclipSampling(prior=prior, diffusion=DiffusionPriorSampling(steps=args.prior_steps),
-                              decoder=DecoderSampling(steps=args.decoder_steps,
-                                                      **({} if args.cfg is None else {"cfg_scale": args.cfg})))
-    if prior in PRIORS:
-        sampling = PRIORS[prior].with_cfg(sampling, args.prior_cfg)
+    sampling = sampling_from_options(prior, prior_steps=args.prior_steps, prior_cfg=args.prior_cfg,
+                                     decoder_steps=args.decoder_steps, decoder_cfg=args.cfg)
     start = time.perf_counter()
     result = pipe.generate(prompts, n_per_prompt=args.num, seed=args.seed, sampling=sampling, batch_size=args.batch_size)
     seconds = time.perf_counter() - start

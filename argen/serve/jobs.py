@@ -110,13 +110,11 @@ class UnclipSystem:
 
     def sampling(self, request: JobRequest):
         """The UnclipSampling of a request, built as `argen sample` builds it from the same options."""
-        from argen.unclip.pipeline import DecoderSampling, DiffusionPriorSampling, UnclipSampling
-        from argen.unclip.priors import PRIORS
+        from argen.unclip.pipeline import sampling_from_options
 
         u = request.unclip
-        sampling = UnclipSampling(prior=self.prior, diffusion=DiffusionPriorSampling(steps=u["prior_steps"]),
-                                  decoder=DecoderSampling(steps=u["decoder_steps"], cfg_scale=u["decoder_cfg"]))
-        return PRIORS[self.prior].with_cfg(sampling, u["prior_cfg"]) if self.prior in PRIORS else sampling
+        return sampling_from_options(self.prior, prior_steps=u["prior_steps"], prior_cfg=u["prior_cfg"],
+                                     decoder_steps=u["decoder_steps"], decoder_cfg=u["decoder_cfg"])
 
     def modules(self) -> list[nn.Module]:
         return self.pipe.modules()  # the decoder and each prior's network

@@ -142,6 +142,16 @@ class UnclipSampling:
             raise ValueError(f"prior={self.prior!r} is not one of {PRIOR_CHOICES}.")
 
 
+def sampling_from_options(prior: str, *, prior_steps: int, prior_cfg: float, decoder_steps: int,
+                          decoder_cfg: float | None = None) -> UnclipSampling:
+    """The UnclipSampling of `argen sample`'s unCLIP options, which the web page uses too (its download records that
+    command): the guidance scale goes to whichever prior samples; `decoder_cfg` None keeps the decoder's default."""
+    sampling = UnclipSampling(prior=prior, diffusion=DiffusionPriorSampling(steps=prior_steps),
+                              decoder=DecoderSampling(steps=decoder_steps,
+                                                      **({} if decoder_cfg is None else {"cfg_scale": decoder_cfg})))
+    return PRIORS[prior].with_cfg(sampling, prior_cfg) if prior in PRIORS else sampling
+
+
 @dataclass
 class UnclipGeneration:
     """Images of one `UnclipPipeline.generate` call; row r is sample sample_index[r] of prompts[r].
