@@ -21,7 +21,7 @@ from argen.data.transforms import tensor_to_pil
 from argen.layout import SequenceLayout
 from argen.model import GPT, CompiledDecoding, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, decode_image_tokens
-from argen.saved import SavedDirError, read_manifest, trained_with
+from argen.saved import SavedDirError, parts_from_v1, read_manifest, trained_with
 from argen.text import TOKENIZER_FILE, TextTokenizer, tokenizer_file_hash
 from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import (
@@ -38,7 +38,7 @@ PIPELINE_FILE = "pipeline.json"
 VQ_DIR = "vq"
 GPT_DIR = "gpt"  # the GPT's place in a pipeline directory and in a GPT run's final/ directory
 FORMAT = "argen-pipeline"
-FORMAT_VERSION = 2  # v2: every part records its class and its content_hash under "hash" (v1 is read through _from_v1)
+FORMAT_VERSION = 2  # v2: every part records its class and its content_hash under "hash" (v1 is read through saved.parts_from_v1)
 PART_CLASSES = {"vq": "tokenizers_img.vq_model.VQModel", "text_tokenizer": "argen.text.TextTokenizer",
                 "gpt": "argen.model.gpt.GPT"}
 SAMPLING_KEY = "sampling"  # pipeline.json's recommended sampler settings (argen demo writes what its sweep chose)
@@ -79,15 +79,6 @@ def check_pairing(*, gpt_dir: Path, record: dict[str, Any], vq_dir: Path, vq_has
 def part_hashes(manifest: dict[str, Any]) -> dict[str, str]:
     """The hash pipeline.json records for each part, by part name ("vq", "gpt", "text_tokenizer")."""
     return {name: part["hash"] for name, part in manifest["parts"].items()}
-
-
-def _from_v1(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 pipeline.json read as format 2: the hashes are the same, but the text tokenizer's was under
-    "sha256" and no part named its class."""
-    parts = {name: {**{k: v for k, v in part.items() if k != "sha256"}, "hash": part.get("hash", part.get("sha256")),
-                    "class": PART_CLASSES.get(name)} if isinstance(part, dict) else part
-             for name, part in (manifest.get("parts") or {}).items()}
-    return {**manifest, "format_version": FORMAT_VERSION, "parts": parts}
 
 
 def _layout(text: TextTokenizer, vq_config: Any, gpt_config: Any) -> SequenceLayout:
@@ -262,12 +253,10 @@ class Pipeline:
         if not file.is_file():
             raise PipelineError(f"{str(path)!r} is not a pipeline directory: {PIPELINE_FILE} is missing. A pipeline is "
                                 f"made by `argen train gpt` (with data.vq_tokenizer set) or argen.pipeline.build_pipeline.")
-        manifest, parts = read_manifest(file, format=FORMAT, version=FORMAT_VERSION, required=tuple(PART_CLASSES),
-                                        error=PipelineError, upgrade=_from_v1)
-        for name, part_class in PART_CLASSES.items():
-            if parts[name]["class"] != part_class:
-                raise PipelineError(f"{file}: part {name!r} is a {parts[name]['class']}, but a pipeline's {name} is a "
-                                    f"{part_class}.")
+        manifest, parts = read_manifest(
+            file, format=FORMAT, version=FORMAT_VERSION, classes=PART_CLASSES, required=tuple(PART_CLASSES),
+            what="pipeline", error=PipelineError,
+            upgrade=lambda m: parts_from_v1(m, classes=PART_CLASSES, version=FORMAT_VERSION))
         vq_dir, gpt_dir, tok_file = (path_inside(path, parts[name]["path"], named_in=file) for name in ("vq", "gpt", "text_tokenizer"))
         for what, where in (("VQ tokenizer", vq_dir), ("GPT", gpt_dir), ("text tokenizer", tok_file)):
             if not where.exists():

@@ -7,7 +7,7 @@ hashes of its tokenizers or its CLIP), which is how a pipeline refuses parts tha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,14 @@ class SavedDirError(ValueError):
     """A saved directory is missing, damaged, from another format, or used with parts it was not trained with."""
 
 
-def read_manifest(file: Path, *, format: str, version: int, required: tuple[str, ...],
-                  error: type[SavedDirError] = SavedDirError,
+def read_manifest(file: Path, *, format: str, version: int, classes: Mapping[str, str], required: tuple[str, ...],
+                  what: str, error: type[SavedDirError] = SavedDirError,
                   upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                   ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(manifest, its parts) of a manifest file, checked: the format and version, every `required` part present, and
-    each part a table with a string "path", "class" and "hash"; `error` naming `file` and what is wrong otherwise.
-    `upgrade` translates the format's version - 1 (no version: 1), in memory: the file is not rewritten."""
+    each part one of `classes` (part name -> class) with a string "path", that "class" and a string "hash"; `error`
+    naming `file` and what is wrong otherwise (`what` names the saved thing, e.g. "pipeline"). `upgrade` translates
+    the format's version - 1 (no version: 1), in memory: the file is not rewritten."""
     manifest = read_json_object(file)
     if upgrade is not None and manifest.get("format") == format and manifest.get("format_version", 1) == version - 1:
         manifest = upgrade(manifest)
@@ -43,7 +44,20 @@ def read_manifest(file: Path, *, format: str, version: int, required: tuple[str,
         if not (isinstance(part, dict) and all(isinstance(part.get(k), str) for k in ("path", "class", "hash"))):
             raise error(f"{file}: part {name!r} needs a 'path', a 'class' and a 'hash', got {part!r}: the file is "
                         "damaged; rebuild it.")
+        if name not in classes:
+            raise error(f"{file}: part {name!r} is not one a {what} has; its parts are {sorted(classes)}.")
+        if part["class"] != classes[name]:
+            raise error(f"{file}: part {name!r} is a {part['class']}, but a {what}'s {name} is a {classes[name]}.")
     return manifest, parts
+
+
+def parts_from_v1(manifest: dict[str, Any], *, classes: Mapping[str, str], version: int) -> dict[str, Any]:
+    """A format-1 manifest read as `version`: the same hashes, but each under "hash" (format 1 also wrote "sha256")
+    and with its part's class."""
+    parts = {name: {**{k: v for k, v in part.items() if k != "sha256"}, "hash": part.get("hash", part.get("sha256")),
+                    "class": classes.get(name, "?")} if isinstance(part, dict) else part
+             for name, part in (manifest.get("parts") or {}).items()}
+    return {**manifest, "format_version": version, "parts": parts}
 
 
 def trained_with(model_dir: str | Path, *, needs: tuple[str, ...], made_by: str,

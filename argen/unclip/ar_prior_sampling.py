@@ -16,7 +16,7 @@ from argen.layout import SequenceLayout
 from argen.model.gpt import GPT
 from argen.pipeline import GPT_DIR, gpt_training_record
 from argen.sample import Generators, SamplingConfig, sample_image_tokens
-from argen.saved import SavedDirError, read_manifest
+from argen.saved import SavedDirError, parts_from_v1, read_manifest
 from argen.text import TOKENIZER_FILE, TextTokenizer
 from argen.unclip.ar_prior import EmbeddingQuantizer
 from tokenizers_img.serialization import pretrained_hash
@@ -27,14 +27,6 @@ FORMAT = "argen-ar-prior"
 FORMAT_VERSION = 2  # v2: the saved-directory manifest (argen.saved); v1 had no version, no classes, "sha256" for the BPE
 PART_CLASSES = {"gpt": "argen.model.gpt.GPT", "quantizer": "argen.unclip.ar_prior.EmbeddingQuantizer",
                 "text_tokenizer": "argen.text.TextTokenizer"}
-
-
-def _from_v1(manifest: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 ar_prior.json (no version) read as format 2: the same hashes, plus each part's class."""
-    parts = {name: {**{k: v for k, v in part.items() if k != "sha256"}, "hash": part.get("hash", part.get("sha256")),
-                    "class": PART_CLASSES.get(name, "?")} if isinstance(part, dict) else part
-             for name, part in (manifest.get("parts") or {}).items()}
-    return {**manifest, "format_version": FORMAT_VERSION, "parts": parts}
 
 
 class ARPriorError(SavedDirError):
@@ -84,8 +76,10 @@ class ARPrior:
         if not manifest_file.is_file():
             raise ARPriorError(f"{path} is not an AR prior directory ({AR_PRIOR_FILE} missing); train one with "
                                "`argen train prior` (argen.tasks.ar_prior.train_ar_prior) and use its final/ directory.")
-        manifest, _ = read_manifest(manifest_file, format=FORMAT, version=FORMAT_VERSION, required=tuple(PART_CLASSES),
-                                    error=ARPriorError, upgrade=_from_v1)
+        manifest, _ = read_manifest(
+            manifest_file, format=FORMAT, version=FORMAT_VERSION, classes=PART_CLASSES, required=tuple(PART_CLASSES),
+            what="AR prior", error=ARPriorError,
+            upgrade=lambda m: parts_from_v1(m, classes=PART_CLASSES, version=FORMAT_VERSION))
         quantizer = EmbeddingQuantizer.from_pretrained(path / QUANTIZER_DIR, device=device)
         record = gpt_training_record(path / GPT_DIR)
         text = TextTokenizer.load(path / TOKENIZER_FILE, pad_token=record.get("pad_token"))

@@ -197,12 +197,10 @@ class UnclipPipeline:
         if not file.is_file():
             raise UnclipPipelineError(f"{str(path)!r} is not a unCLIP pipeline directory: {UNCLIP_FILE} is missing. "
                                       "Make one with argen.unclip.pipeline.build_unclip_pipeline.")
-        manifest, parts = read_manifest(file, format=FORMAT, version=FORMAT_VERSION, required=("clip", "decoder"),
-                                        error=UnclipPipelineError, upgrade=_from_v1)
+        manifest, parts = read_manifest(file, format=FORMAT, version=FORMAT_VERSION, classes=PART_CLASSES,
+                                        required=("clip", "decoder"), what="unCLIP pipeline", error=UnclipPipelineError,
+                                        upgrade=_from_v1)
         for name, part in parts.items():
-            if name not in PART_CLASSES or part["class"] != PART_CLASSES[name]:
-                raise UnclipPipelineError(f"{file}: part {name!r} ({part['class']}) is not one this argen knows; the "
-                                          f"parts are {sorted(PART_CLASSES)}.")
             where = path_inside(path, part["path"], named_in=file)
             if not where.is_dir():
                 raise UnclipPipelineError(f"unCLIP pipeline {str(path)!r} is missing its {name} at {str(where)!r}.")
