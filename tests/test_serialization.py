@@ -49,6 +49,24 @@ def test_save_load_round_trip_is_identical(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_content_hash_names_the_files_and_a_model_hash_only_its_config_and_weights(tmp_path):
+    import hashlib
+
+    torch.manual_seed(0)
+    Tiny(TinyConfig(width=6)).save_pretrained(tmp_path / "m")
+    m = tmp_path / "m"
+    files = ("config.json", "model.safetensors")
+    expected = hashlib.sha256(b"".join(name.encode() + (m / name).read_bytes() for name in files)).hexdigest()
+    assert serialization.pretrained_hash(m) == expected
+    assert serialization.content_hash(m / "config.json") == hashlib.sha256((m / "config.json").read_bytes()).hexdigest()
+    whole = serialization.content_hash(m)
+    (m / "notes.txt").write_text("mine")  # a file beside the model changes the directory's hash, not the model's
+    assert serialization.pretrained_hash(m) == expected and serialization.content_hash(m) != whole
+    (m / "notes.txt").unlink()
+    (m / OUTPUT_MARKER).write_text("{}")  # who wrote it is not what it is
+    assert serialization.content_hash(m) == whole
+
+
 def test_loading_another_class_names_both(tmp_path):
     Tiny(TinyConfig()).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="holds a Tiny checkpoint, not a Other"):

@@ -396,12 +396,15 @@ class PretrainedMixin:
         return model.to(device).eval()
 
 
-def content_hash(path: str | Path) -> str:
+def content_hash(path: str | Path, *, only: tuple[str, ...] | None = None) -> str:
     """The one hash of a saved thing: SHA-256 of a file's bytes, or of a directory's files (each relative path, then
-    its bytes, in sorted order; OUTPUT_MARKER files left out, as they say who wrote the directory, not what it is)."""
+    its bytes, in sorted order; OUTPUT_MARKER files left out, as they say who wrote the directory, not what it is).
+    `only` limits a directory to those files, which must exist."""
     path = Path(path)
     if path.is_file():
         files = [path]
+    elif path.is_dir() and only is not None:
+        files = [path / name for name in sorted(only)]
     elif path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != OUTPUT_MARKER)
     else:
@@ -417,8 +420,9 @@ def content_hash(path: str | Path) -> str:
 
 
 def pretrained_hash(path: str | Path) -> str:
-    """`content_hash` of a saved model directory (config.json + model.safetensors): identifies one exact model."""
+    """`content_hash` of a saved model directory's config.json and model.safetensors (other files beside them do not
+    change it): identifies one exact model."""
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (Path(path) / name).is_file():
             raise FileNotFoundError(f"{Path(path) / name} not found: {str(path)!r} is not a saved model directory.")
-    return content_hash(path)
+    return content_hash(path, only=(CONFIG_NAME, WEIGHTS_NAME))
