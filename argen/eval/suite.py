@@ -178,7 +178,8 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
                "real (ceiling)": scorer.score(cset.images, own),
                "shuffled captions (floor)": scorer.score(cset.images, shuffled(len(own), seed=settings.seed),
                                                          true_index=own),
-               "chance r_precision": 100 / min(settings.candidates, len(cset.captions))}
+               "candidates": min(settings.candidates, len(cset.captions))}
+        row["chance r_precision"] = 100 / row["candidates"]
         if dataset.split(":")[0] == "shapes":
             from argen.eval.generation import judge_images
 
@@ -252,8 +253,8 @@ def markdown(report: dict[str, Any]) -> str:
              "95% prompt-bootstrap intervals (recall: a point figure).", ""]
     for split, row in report["splits"].items():
         lines += [f"## {split} captions", "",
-                  f"R-precision: the image retrieves its own caption first among "
-                  f"{round(100 / row['chance r_precision'])} (chance {row['chance r_precision']:.1f}%).", "",
+                  f"R-precision: the image retrieves its own caption first among {row['candidates']} "
+                  f"(chance {row['chance r_precision']:.1f}%).", "",
                   "| images | R-precision % | CLIP score | FD images | FD image+caption | precision % | recall % |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
