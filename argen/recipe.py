@@ -429,7 +429,7 @@ def setting_name(sampling: SamplingConfig) -> str:
 
 def _sample_and_judge(pipe, pipeline_dir: Path, *, settings: RecipeSettings, out: Path) -> dict[str, Any]:
     """Shapes: sweep the sampler by the judge, record the best setting in the pipeline, then judge each prompt kind."""
-    from argen.eval.generation import PROMPT_KINDS, code_diversity, judge_images, prompt_set, score
+    from argen.eval.generation import PROMPT_KINDS, code_diversity, heldout_part, judge_images, prompt_set, score
     from argen.pipeline import set_recommended_sampling
     from argen.viz import contact_sheet, save_png
 
@@ -444,6 +444,12 @@ def _sample_and_judge(pipe, pipeline_dir: Path, *, settings: RecipeSettings, out
                             seed=settings.seed + 1, batch_size=256)
         judged = judge_images(gen.prompts, gen.images)
         results[kind] = {**score(gen.prompts, judged).as_dict(), "diversity": code_diversity(gen.codes, gen.prompts)}
+        if kind == "heldout":  # the two kinds of held-out combination fail for different reasons: one row each
+            for part in dict.fromkeys(heldout_part(p) for p in gen.prompts):
+                rows = [i for i, p in enumerate(gen.prompts) if heldout_part(p) == part]
+                prompts_part = [gen.prompts[i] for i in rows]
+                results[f"heldout: {part}"] = {**score(prompts_part, [judged[i] for i in rows]).as_dict(),
+                                               "diversity": code_diversity(gen.codes[rows], prompts_part)}
         sheets[kind] = f"samples_{kind}.png"
         show = range(min(32, len(gen.prompts)))
         save_png(contact_sheet([gen.images[i] for i in show],
@@ -600,7 +606,8 @@ def _shapes_markdown(summary: dict) -> str:
         gen_rows.append(f"| {kind} | {r['num_prompts']} | {r['num_images']} | **{_pct(r['accuracy'])}** | "
                         + " | ".join(_pct(r["attributes"][a]) for a in attrs)
                         + f" | {_pct(r.get('binding_errors'))} | {_pct(r.get('diversity'))} |")
-    failures = "\n".join(f"- {kind}: {f}" for kind, r in summary["generation"].items() for f in r["failures"][:3])
+    failures = "\n".join(f"- {kind}: {f}" for kind, r in summary["generation"].items() if not kind.startswith("heldout: ")
+                         for f in r["failures"][:3])
     sheets = "\n\n".join(f"**{kind}** (first 32 images; OK / X is the judge's verdict)\n\n![{kind}]({name})"
                          for kind, name in summary["sheets"].items())
     return f"""### Sampler sweep (whole-prompt accuracy, seed {summary['sampling']['seed'] - 1}, 2 images per prompt)
@@ -611,7 +618,7 @@ def _shapes_markdown(summary: dict) -> str:
 
 single: one object with colour, shape, size and position stated (val scenes, never trained on).
 relation: two objects and a spatial relation (val scenes). heldout: colour-shape pairs and coloured relations
-that never appear in training (any caption template). Attribute columns: share correct among images whose
+that never appear in training (any caption template), then each of the two on its own. Attribute columns: share correct among images whose
 prompt states that attribute. Binding errors: share of the images of two-object prompts that show every stated
 colour, shape and size but on the wrong objects. Diversity: share of image tokens that differ between two images
 of the same prompt (0: copies).

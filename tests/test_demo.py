@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
 import torch
 
 from argen.data.codes import read_meta
@@ -30,8 +31,12 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
     assert list(report["sampler_sweep"]) == ["cfg 1, top-k all, T 1", "cfg 2 constant, top-k all, T 1",
                                              "cfg 2 linear, top-k all, T 1"]
     assert report["chosen"] in report["sampler_sweep"]
-    assert set(report["generation"]) == {"single", "relation", "heldout"}
-    assert all(g["num_images"] == 2 for g in report["generation"].values())
+    gen = report["generation"]
+    parts = {k: g for k, g in gen.items() if k.startswith("heldout: ")}
+    assert set(gen) - set(parts) == {"single", "relation", "heldout"}
+    assert all(gen[k]["num_images"] == 2 for k in ("single", "relation", "heldout"))
+    assert sum(g["num_images"] for g in parts.values()) == 2  # the held-out images split by their combination
+    assert sum(g["accuracy"] * g["num_images"] for g in parts.values()) == pytest.approx(gen["heldout"]["accuracy"] * 2)
     for name in ("report.md", "reconstructions.png", *report["sheets"].values()):
         assert (out / name).stat().st_size > 0, name
     markdown = (out / "report.md").read_text()
@@ -43,8 +48,10 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
     assert trained_on == [str(out / "codes" / "train"), str(out / "codes" / "train+relation")]
     gpt = GPT.from_pretrained(out / "gpt_run" / "final" / "gpt")
     assert gpt.config.code_features == 32  # the shipped config's, filled from the demo's own tokenizer
-    image = gpt.code_feat[-256:]
-    assert image.abs().sum() > 0 and not gpt.code_feat[: gpt.config.vocab_size - 256].any()
+    codes = json.loads((out / "tokenizer_run" / "final" / "tokenizer" / "config.json").read_text())["codebook_size"]
+    assert codes == 1024  # the shipped tokenizer config's
+    image = gpt.code_feat[-codes:]
+    assert image.abs().sum() > 0 and not gpt.code_feat[: gpt.config.vocab_size - codes].any()
 
     capsys.readouterr()
     weights = {k: v.clone() for k, v in gpt.state_dict().items()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
 from argen.cli import main
 from argen.data.shapes import HELDOUT_COLOR_SHAPE, parse_caption, render, scene_and_caption
-from argen.eval.generation import judge_images, prompt_kind, prompt_set, score
+from argen.eval.generation import HELDOUT_PARTS, heldout_part, judge_images, prompt_kind, prompt_set, score
 from argen.eval.judge import corrupt_scene
 
 
@@ -82,3 +84,14 @@ def test_code_diversity_is_zero_for_copies_and_the_share_of_differing_tokens_oth
     assert code_diversity(codes[1:3], ["a", "a"]) == 0.5
     assert code_diversity(codes, ["a", "a", "b", "b"]) == (0.0 + 1.0) / 2
     assert code_diversity(codes[:2], ["a", "b"]) is None
+
+
+def test_heldout_part_names_the_combination_each_heldout_scene_was_built_around():
+    parts = Counter()
+    for i in range(300):
+        scene, caption = scene_and_caption(i, "heldout")
+        has_pair = any((o.color, o.shape) in HELDOUT_COLOR_SHAPE for o in scene.objects)
+        part = heldout_part(caption)
+        assert part == HELDOUT_PARTS[0 if has_pair else 1], caption
+        parts[part] += 1
+    assert set(parts) == set(HELDOUT_PARTS)  # both kinds occur in the split

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from argen.data.shapes import CaptionSpec, parse_caption, scene_and_caption
+from argen.data.shapes import HELDOUT_COLOR_SHAPE, CaptionSpec, parse_caption, scene_and_caption
 from argen.eval.judge import ATTRIBUTES, JudgeResult, binding_error, judge
 
 PROMPT_KINDS = ("single", "relation", "heldout")
+HELDOUT_PARTS = ("unseen colour-shape pairs", "unseen coloured relations")
 
 
 def prompt_kind(spec: CaptionSpec) -> str | None:
@@ -37,6 +38,14 @@ def prompt_set(kind: str, *, max_prompts: int, seed: int = 0) -> list[str]:
             if len(out) == max_prompts:
                 break
     return list(out)
+
+
+def heldout_part(caption: str) -> str:
+    """Which kind of held-out combination a held-out caption states (HELDOUT_PARTS): a colour-shape pair that no
+    training scene shows, or two seen objects in a coloured relation that no training scene shows."""
+    spec = parse_caption(caption)
+    pair = any((o.color, o.shape) in HELDOUT_COLOR_SHAPE for o in spec.objects)
+    return HELDOUT_PARTS[0] if pair else HELDOUT_PARTS[1]
 
 
 @dataclass
