@@ -445,8 +445,9 @@ def _sample_and_judge(pipe, pipeline_dir: Path, *, settings: RecipeSettings, out
         judged = judge_images(gen.prompts, gen.images)
         results[kind] = {**score(gen.prompts, judged).as_dict(), "diversity": code_diversity(gen.codes, gen.prompts)}
         if kind == "heldout":  # the two kinds of held-out combination fail for different reasons: one row each
-            for part in dict.fromkeys(heldout_part(p) for p in gen.prompts):
-                rows = [i for i, p in enumerate(gen.prompts) if heldout_part(p) == part]
+            parts = [heldout_part(p) for p in gen.prompts]
+            for part in dict.fromkeys(parts):
+                rows = [i for i, p in enumerate(parts) if p == part]
                 prompts_part = [gen.prompts[i] for i in rows]
                 results[f"heldout: {part}"] = {**score(prompts_part, [judged[i] for i in rows]).as_dict(),
                                                "diversity": code_diversity(gen.codes[rows], prompts_part)}

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from argen.data.shapes import HELDOUT_COLOR_SHAPE, parse_caption, render, scene_and_caption
+from argen.data.shapes import heldout_pair, parse_caption, render, scene_and_caption
+from argen.demo import DemoSettings
 from argen.eval.generation import judge_images, prompt_set
 from argen.eval.judge import judge
 from argen.host import host_info
@@ -30,10 +31,8 @@ from tokenizers_img import VQModel
 def combination(objects) -> str:
     """The held-out combination that held-out scene or caption objects were built around: "orange triangle", ... or
     "coloured relation"."""
-    for color, shape in HELDOUT_COLOR_SHAPE:
-        if any(o.color == color and o.shape == shape for o in objects):
-            return f"{color} {shape}"
-    return "coloured relation"
+    pair = heldout_pair(objects)
+    return " ".join(pair) if pair is not None else "coloured relation"
 
 
 def _rows(counts: dict[str, list[int]]) -> dict[str, dict]:
@@ -60,8 +59,10 @@ def measure_pipeline(pipeline: str | Path, *, prompts: int) -> dict[str, dict]:
     """Per combination: generated images (n) and the share the judge passes (correct), as the demo samples them."""
     from argen.pipeline import Pipeline
 
+    demo = DemoSettings()
     captions = prompt_set("heldout", max_prompts=prompts)
-    gen = Pipeline.load(pipeline).generate(captions, n_per_prompt=2, seed=1, batch_size=256)
+    gen = Pipeline.load(pipeline).generate(captions, n_per_prompt=demo.samples_per_prompt["heldout"],
+                                           seed=demo.seed + 1, batch_size=256)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for caption, result in zip(gen.prompts, judge_images(gen.prompts, gen.images)):
         row = counts[combination(parse_caption(caption).objects)]
@@ -75,7 +76,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", action="append", default=[], help="a tokenizer directory (repeatable)")
     ap.add_argument("--pipeline", action="append", default=[], help="a pipeline directory (repeatable)")
     ap.add_argument("--n", type=int, default=600, help="held-out scenes for the tokenizers (the split's first n)")
-    ap.add_argument("--prompts", type=int, default=200, help="held-out prompts for the pipelines, as argen demo")
+    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts for the pipelines (default: argen demo's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
@@ -83,7 +84,8 @@ def main() -> None:
     if not args.tokenizer and not args.pipeline:
         ap.error("give at least one --tokenizer or --pipeline")
     results = {"tokenizers": {t: measure(t, n=args.n) for t in args.tokenizer},
-               "pipelines": {p: measure_pipeline(p, prompts=args.prompts) for p in args.pipeline}}
+               "pipelines": {p: measure_pipeline(p, prompts=args.prompts or DemoSettings().eval_prompts["heldout"])
+                             for p in args.pipeline}}
     for kind, what in (("tokenizers", "reconstructions the judge reads right"), ("pipelines", "images the judge passes")):
         for name, rows in results[kind].items():
             print(f"{name}: {what}")

@@ -369,10 +369,15 @@ class _Parser:
 
 # ----------------------------------------------------------------------------------------------- scene sampling
 
+def heldout_pair(objects) -> tuple[str, str] | None:
+    """The held-out (colour, shape) pair among `objects` (scene objects or a caption's object specs), or None."""
+    present = {(o.color, o.shape) for o in objects}
+    return next((p for p in HELDOUT_COLOR_SHAPE if p in present), None)
+
+
 def scene_has_heldout(scene: Scene) -> bool:
     """True if the scene contains a held-out colour-shape pair or a held-out coloured relation anywhere."""
-    pairs = {(o.color, o.shape) for o in scene.objects}
-    if any(p in pairs for p in HELDOUT_COLOR_SHAPE):
+    if heldout_pair(scene.objects) is not None:
         return True
     for a in scene.objects:
         for b in scene.objects:

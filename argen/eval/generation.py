@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from argen.data.shapes import HELDOUT_COLOR_SHAPE, CaptionSpec, parse_caption, scene_and_caption
+from argen.data.shapes import CaptionSpec, heldout_pair, parse_caption, scene_and_caption
 from argen.eval.judge import ATTRIBUTES, JudgeResult, binding_error, judge
 
 PROMPT_KINDS = ("single", "relation", "heldout")
@@ -43,9 +43,7 @@ def prompt_set(kind: str, *, max_prompts: int, seed: int = 0) -> list[str]:
 def heldout_part(caption: str) -> str:
     """Which kind of held-out combination a held-out caption states (HELDOUT_PARTS): a colour-shape pair that no
     training scene shows, or two seen objects in a coloured relation that no training scene shows."""
-    spec = parse_caption(caption)
-    pair = any((o.color, o.shape) in HELDOUT_COLOR_SHAPE for o in spec.objects)
-    return HELDOUT_PARTS[0] if pair else HELDOUT_PARTS[1]
+    return HELDOUT_PARTS[0] if heldout_pair(parse_caption(caption).objects) is not None else HELDOUT_PARTS[1]
 
 
 @dataclass
