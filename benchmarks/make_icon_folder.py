@@ -1,7 +1,8 @@
-"""Build a captioned image folder of desktop icons (Oxygen and MATE icon themes from pinned Debian packages).
+"""Build a captioned image folder of desktop icons from up to ten icon themes in pinned Debian packages.
 
-Each icon's caption is its file name and its theme folder, e.g. oxygen `64x64/actions/document-open.png` gives
-"document open, an action icon". Icons are composited onto white and resized to one square size (default 64 px).
+Each icon's caption is its file name and its category folder, e.g. oxygen `64x64/actions/document-open.png` gives
+"document open, an action icon". The themes share the freedesktop icon names, so most captions are drawn in several
+styles. Icons are composited onto white and resized to one square size (default 64 px).
 
 Layout (every split folder is also an image folder on its own; see argen.data.imagefolder):
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,26 +43,58 @@ from make_real_folder import key_in_split  # noqa: E402  (the same salted file n
 from argen.data.imagefolder import METADATA_NAME  # noqa: E402
 from tokenizers_img.serialization import NotArgenOutputError, atomic_write_dir, check_replaceable  # noqa: E402
 
+
 # Each .deb is pinned by version and the sha256 of the whole file; a changed package is an error, never a
-# silently different dataset. Both ship PNGs up to 256 px, so nothing needs an SVG renderer.
-PACKAGES = {  # name -> (version, sha256 of the .deb, theme name, folder of the theme's NxN size folders)
-    "oxygen-icon-theme": ("5:5.103.0-1", "3e49023e148906e41457a98a19a09858ddd761ef4f212fa356232924b3cebcce",
-                          "oxygen", "usr/share/icons/oxygen/base/"),
-    "mate-icon-theme": ("1.26.0-1", "356945b21bf2449ab4d3c0cead5abbc84fab247b140c6d0252263470df49dc54",
-                        "mate", "usr/share/icons/mate/"),
+# silently different dataset. Every theme ships PNGs of at least 48 px, so nothing needs an SVG renderer.
+# Themes share the freedesktop icon names ("folder", "edit copy", app names), so one caption is drawn in many styles.
+@dataclass(frozen=True)
+class Theme:
+    package: str
+    version: str
+    sha256: str  # of the .deb
+    folder: str  # the theme's folder inside the package
+    size_first: bool  # NxN/CATEGORY/NAME.png when True, CATEGORY/N/NAME.png when False
+    licence: str  # from the package's /usr/share/doc/PACKAGE/copyright
+
+
+THEMES = {
+    "oxygen": Theme("oxygen-icon-theme", "5:5.103.0-1",
+                    "3e49023e148906e41457a98a19a09858ddd761ef4f212fa356232924b3cebcce",
+                    "usr/share/icons/oxygen/base/", True, "LGPL-3+"),
+    "mate": Theme("mate-icon-theme", "1.26.0-1", "356945b21bf2449ab4d3c0cead5abbc84fab247b140c6d0252263470df49dc54",
+                  "usr/share/icons/mate/", True, "LGPL-3+ or CC-BY-SA"),
+    "gnome": Theme("gnome-icon-theme", "3.12.0-5", "243520edcff2c309065b7e12ae08f666580e6098ecafa0c0f7d28c75aedcfdc3",
+                   "usr/share/icons/gnome/", True, "GPL-2+ or GPL-3+, by file"),
+    "adwaita": Theme("adwaita-icon-theme", "43-1", "4b67610565d16b604d3efd9908e8e4b5d71873c5d0f9347433df509020f22af7",
+                     "usr/share/icons/Adwaita/", True, "CC-BY-SA-3.0 or LGPL-3, by file"),
+    "nuovext2": Theme("lxde-icon-theme", "0.5.1-2.1", "1b47e4879bf8b456c4d801d9d6a2035550bc50184dea05148e8b6e30c61b5ccd",
+                      "usr/share/icons/nuoveXT2/", True, "LGPL-3+"),
+    "moka": Theme("moka-icon-theme", "5.5.0-2", "b55540ac018cbb2b2d87f9db451e977d43436069070916025d58ad903fc83117",
+                  "usr/share/icons/Moka/", True, "CC-BY-SA-4.0 or GPL-3+"),
+    "paper": Theme("paper-icon-theme", "1.5.0+git20200312.aa3e8af-4",
+                   "06ce9ee1b11d46aac18e1df9e97c72df7b494e6a5c593d5f5ee595a78c779fcb",
+                   "usr/share/icons/Paper/", True, "CC-BY-SA-4.0"),
+    "faenza": Theme("faenza-icon-theme", "1.3.1-3", "0ba952f8c066ba427182d165b48453cad6360bd4c62ee1abfbec464662e92b2c",
+                    "usr/share/icons/Faenza/", False, "GPL-3+"),
+    "obsidian": Theme("obsidian-icon-theme", "3.5-1.1",
+                      "bc73451d8574830ba2c9a9575cca6e18ff595bde77ef9f5b5744002049e71eb5",
+                      "usr/share/icons/Obsidian/", False, "GPL-3"),
+    "elementary": Theme("elementary-xfce-icon-theme", "0.17-1",
+                        "012bd2eda0e19b162b9cdc167e904a4a4254f7c2e6409862d0f29a56d3630b75",
+                        "usr/share/icons/elementary-xfce/", False, "GPL-2+, LGPL-2+ or CC-BY-SA-2.0, by file"),
 }
-LICENCES = {  # from each package's /usr/share/doc/NAME/copyright
-    "oxygen-icon-theme": "LGPL-3+ (Oxygen team, 2007)",
-    "mate-icon-theme": "LGPL-3+ or CC-BY-SA (MATE and GNOME/Tango artists, 2002-2013)",
-}
-# Theme category folder -> the caption's description. Left out: animations (spinner sprite sheets), special.
+# Theme category folder -> the caption's description. Left out: animations (spinner sprite sheets), special,
+# stock, ui, and anything else not named here.
 CATEGORIES = {
     "actions": "an action icon", "apps": "an application icon", "applets": "an applet icon",
     "categories": "a category icon", "devices": "a device icon", "emblems": "an emblem icon",
-    "emotes": "an emote icon", "mimetypes": "a file type icon", "places": "a place icon", "status": "a status icon",
+    "emotes": "an emote icon", "mimetypes": "a file type icon", "mimes": "a file type icon",
+    "places": "a place icon", "status": "a status icon", "panel": "a panel icon",
+    "web": "a web application icon", "legacy": "an icon",
 }
 SPLIT_FOLDERS = ("train", "val", "heldout")
-_MEMBER = re.compile(r"(\d+)x\1/([^/]+)/([^/]+)\.png")  # SIZExSIZE/CATEGORY/NAME.png inside a theme folder
+_SIZE_FIRST = re.compile(r"(?P<px>\d+)x(?P=px)/(?P<category>[^/]+)/(?P<name>[^/]+)\.png")  # NxN/CATEGORY/NAME.png
+_CATEGORY_FIRST = re.compile(r"(?P<category>[^/]+)/(?P<px>\d+)/(?P<name>[^/]+)\.png")  # CATEGORY/N/NAME.png
 INK_LEVEL = 24  # a pixel is ink when some channel is at least this far below white (of 255), after compositing
 # Two icons are near-duplicates when their 32 px thumbnails differ by under this mean absolute value (of 255).
 # Chosen by eye on the closest oxygen pairs: copies under two names (font-afm/font-type1, text-calendar/
@@ -93,11 +127,12 @@ def name_key(name: str) -> str:
     return caption_words(name).lower()
 
 
-def fetch_packages(cache: Path) -> dict[str, Path]:
-    """Download each pinned .deb once into `cache` with apt-get and check its sha256."""
+def fetch_packages(cache: Path, themes: list[str]) -> dict[str, Path]:
+    """Download the .deb of each theme once into `cache` with apt-get and check its pinned sha256."""
     cache.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, (version, sha256, _, _) in PACKAGES.items():
+    for theme in themes:
+        name, version, sha256 = THEMES[theme].package, THEMES[theme].version, THEMES[theme].sha256
         pattern = f"{name}_{version.replace(':', '%3a')}_*.deb"  # apt-get writes an epoch ':' as %3a
         found = sorted(cache.glob(pattern))
         if not found:
@@ -111,12 +146,19 @@ def fetch_packages(cache: Path) -> dict[str, Path]:
         if digest != sha256:
             raise ValueError(f"{found[-1]}: sha256 {digest} != pinned {sha256}; the package changed. "
                              "Pin the new version and check its icons before using it.")
-        paths[name] = found[-1]
+        paths[theme] = found[-1]
     return paths
 
 
-def read_theme(archive: Path, *, theme: str, prefix: str, min_source_px: int,
-               dropped: Counter) -> list[Icon]:
+def member_parts(member: str, theme: Theme) -> tuple[int, str, str] | None:
+    """(px, category folder, name) of a theme's PNG member, None for any other member."""
+    if not member.startswith(theme.folder):
+        return None
+    m = (_SIZE_FIRST if theme.size_first else _CATEGORY_FIRST).fullmatch(member.removeprefix(theme.folder))
+    return (int(m["px"]), m["category"], m["name"]) if m else None
+
+
+def read_theme(archive: Path, *, theme: str, spec: Theme, min_source_px: int, dropped: Counter) -> list[Icon]:
     """The icons of one theme in a .deb: per (category, name) the PNG at the largest size the theme ships.
 
     A name whose largest entry is a symlink to another (category, name) is an alias of that icon and is dropped
@@ -128,8 +170,8 @@ def read_theme(archive: Path, *, theme: str, prefix: str, min_source_px: int,
     with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
         for info in tar:
             member = info.name.removeprefix("./")
-            m = _MEMBER.fullmatch(member.removeprefix(prefix)) if member.startswith(prefix) else None
-            if m is None or m.group(2) not in CATEGORIES:
+            parts = member_parts(member, spec)
+            if parts is None or parts[1] not in CATEGORIES:
                 continue
             if info.issym():
                 entries[member] = ("link", posixpath.normpath(posixpath.join(posixpath.dirname(member), info.linkname)))
@@ -140,9 +182,9 @@ def read_theme(archive: Path, *, theme: str, prefix: str, min_source_px: int,
 
     largest: dict[tuple[str, str], tuple[int, str]] = {}  # (category, name) -> (px, member)
     for member in entries:
-        px, category, name = _MEMBER.fullmatch(member.removeprefix(prefix)).groups()
-        if int(px) > largest.get((category, name), (0, ""))[0]:
-            largest[(category, name)] = (int(px), member)
+        px, category, name = member_parts(member, spec)
+        if px > largest.get((category, name), (0, ""))[0]:
+            largest[(category, name)] = (px, member)
 
     icons = []
     for (category, name), (px, member) in sorted(largest.items()):
@@ -157,14 +199,14 @@ def read_theme(archive: Path, *, theme: str, prefix: str, min_source_px: int,
         if kind == "link":
             dropped["symlink loop"] += 1
             continue
-        target_px, target_category, target_name = _MEMBER.fullmatch(member.removeprefix(prefix)).groups()
-        if (target_category, target_name) != (category, name):
+        target = member_parts(member, spec)
+        if target is None or target[1:] != (category, name):
             dropped["symlinked alias of another icon"] += 1
             continue
-        if int(target_px) < min_source_px:
+        if target[0] < min_source_px:
             dropped[f"largest PNG under {min_source_px} px"] += 1
             continue
-        icons.append(Icon(theme, category, name, int(target_px), member, value))
+        icons.append(Icon(theme, category, name, target[0], member, value))
     print(f"{theme}: {len(icons)} icons from {len(largest)} names in {archive.name}", flush=True)
     return icons
 
@@ -184,6 +226,36 @@ def ink_fraction(image: Image.Image) -> float:
     """Share of pixels that are not (near) white: some channel at least INK_LEVEL below 255."""
     a = np.asarray(image, dtype=np.int16)  # (H, W, 3)
     return float((a.min(axis=2) <= 255 - INK_LEVEL).mean())
+
+
+def near_duplicate_of(images: list[Image.Image]) -> list[int | None]:
+    """Per image, the earlier kept image whose 32 px thumbnail is nearest by mean absolute difference when that is
+    under NEAR_DUPLICATE, else None (the image is kept).
+
+    A mean absolute difference under t (of 255) bounds the mean squared one by 255 t, so squared distances from one
+    matrix product pick the candidate pairs and only those are compared exactly.
+    """
+    thumbs = torch.from_numpy(np.stack([np.asarray(im.resize((32, 32), Image.Resampling.BOX), np.float32).reshape(-1)
+                                        for im in images]))  # (N, 3072)
+    norms = (thumbs * thumbs).sum(1)  # (N,)
+    bound = 255.0 * NEAR_DUPLICATE * thumbs.shape[1] * 1.01  # squared-distance bound, with room for fp32 rounding
+    candidates: list[list[int]] = []
+    for lo in range(0, len(images), 1024):
+        rows = thumbs[lo:lo + 1024]
+        squared = norms[lo:lo + 1024, None] + norms[None] - 2.0 * rows @ thumbs.T  # (B, N)
+        for r, row in enumerate(squared):
+            candidates.append([j for j in torch.nonzero(row < bound).flatten().tolist() if j < lo + r])
+    result: list[int | None] = []
+    kept = set()
+    for i, earlier in enumerate(candidates):
+        earlier = [j for j in earlier if j in kept]
+        diffs = [float((thumbs[j] - thumbs[i]).abs().mean()) for j in earlier]
+        if diffs and min(diffs) < NEAR_DUPLICATE:
+            result.append(earlier[int(np.argmin(diffs))])
+        else:
+            result.append(None)
+            kept.add(i)
+    return result
 
 
 def seeded_fraction(seed: int, text: str) -> float:
@@ -210,28 +282,25 @@ def build(icons: list[Icon], out: Path, *, size: int, min_ink: float, heldout_fr
     """Render `icons` into split folders under `out` (an empty directory) and return the manifest's counts."""
     dropped: Counter = Counter()
     empty: list[str] = []
-    near: dict[str, str] = {}  # dropped icon -> the kept icon it nearly equals
-    thumbs = np.zeros((len(icons), 32 * 32 * 3), np.float32)  # (N, 3072) rows of the kept icons
-    kept: list[tuple[Icon, Image.Image]] = []
+    rendered: list[tuple[Icon, Image.Image]] = []
     for i, icon in enumerate(icons):
-        if i % 250 == 0:
+        if i % 1000 == 0:
             print(f"rendering {i}/{len(icons)}", flush=True)
         image = render(icon.data, size)
         if ink_fraction(image) < min_ink:
             dropped[f"under {min_ink:.0%} ink on white at {size} px"] += 1
             empty.append(f"{icon.theme}/{icon.category}/{icon.name}")
-            continue
-        thumb = np.asarray(image.resize((32, 32), Image.Resampling.BOX), np.float32).reshape(-1)
-        if kept:
-            diff = np.abs(thumbs[: len(kept)] - thumb).mean(axis=1)  # (K,)
-            j = int(diff.argmin())
-            if diff[j] < NEAR_DUPLICATE:  # a copy under another name: the first in (theme, category, name) order stays
-                dropped["near-duplicate of an earlier icon"] += 1
-                other = kept[j][0]
-                near[f"{icon.theme}/{icon.category}/{icon.name}"] = f"{other.theme}/{other.category}/{other.name}"
-                continue
-        thumbs[len(kept)] = thumb
-        kept.append((icon, image))
+        else:
+            rendered.append((icon, image))
+    near: dict[str, str] = {}  # dropped icon -> the kept icon it nearly equals
+    kept: list[tuple[Icon, Image.Image]] = []
+    for (icon, image), other in zip(rendered, near_duplicate_of([image for _, image in rendered])):
+        if other is None:
+            kept.append((icon, image))
+        else:  # a copy under another name: the first in (theme, category, name) order stays
+            dropped["near-duplicate of an earlier icon"] += 1
+            first = rendered[other][0]
+            near[f"{icon.theme}/{icon.category}/{icon.name}"] = f"{first.theme}/{first.category}/{first.name}"
 
     splits = assign_splits([icon for icon, _ in kept], heldout_fraction=heldout_fraction, val_share=val_share,
                            seed=seed)
@@ -276,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.05,
                         help="must equal the training config's data.val_fraction (argen's default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="picks the held-out names and the val icons")
+    parser.add_argument("--themes", nargs="+", choices=list(THEMES), default=list(THEMES), metavar="THEME",
+                        help=f"icon themes to use, in this order (default all: {' '.join(THEMES)})")
     args = parser.parse_args(argv)
     if not 8 <= args.size <= 1024:
         parser.error(f"--size must be in [8, 1024], got {args.size}")
@@ -290,22 +361,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
-    archives = fetch_packages(args.cache / "debian")
+    archives = fetch_packages(args.cache / "debian", args.themes)
     icons: list[Icon] = []
     dropped: Counter = Counter()
-    for package, archive in archives.items():
-        _, _, theme, prefix = PACKAGES[package]
-        icons += read_theme(archive, theme=theme, prefix=prefix, min_source_px=args.min_source, dropped=dropped)
+    for theme, archive in archives.items():
+        icons += read_theme(archive, theme=theme, spec=THEMES[theme], min_source_px=args.min_source, dropped=dropped)
 
     def write(tmp: Path) -> None:
         counts = build(icons, tmp, size=args.size, min_ink=args.min_ink, heldout_fraction=args.heldout_fraction,
                        val_share=args.val_share, val_fraction=args.val_fraction, seed=args.seed)
         counts["dropped_at_render"] = {**dropped, **counts["dropped_at_render"]}
         manifest = {
-            "what": f"{counts['num_images']} desktop icons from two Debian icon themes, on white, {args.size} px",
+            "what": f"{counts['num_images']} desktop icons from {len(args.themes)} Debian icon themes, on white, {args.size} px",
             "command": command,
-            "sources": [{"package": p, "version": v, "sha256": sha, "theme": t, "folder": prefix,
-                         "licence": LICENCES[p]} for p, (v, sha, t, prefix) in PACKAGES.items()],
+            "sources": [{"theme": t, "package": THEMES[t].package, "version": THEMES[t].version,
+                         "sha256": THEMES[t].sha256, "folder": THEMES[t].folder, "licence": THEMES[t].licence}
+                        for t in args.themes],
             "size": args.size, "min_source_px": args.min_source, "min_ink": args.min_ink, "ink_level": INK_LEVEL,
             "heldout_fraction": args.heldout_fraction, "val_share": args.val_share,
             "val_fraction": args.val_fraction, "seed": args.seed,

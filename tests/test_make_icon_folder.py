@@ -21,6 +21,7 @@ sys.modules[_spec.name] = icons_mod  # dataclasses look their module up there
 _spec.loader.exec_module(icons_mod)
 
 PREFIX = "usr/share/icons/fake/"
+SIZE_FIRST = icons_mod.Theme("fake-icon-theme", "1", "0" * 64, PREFIX, True, "none")
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
 
 
@@ -29,19 +30,24 @@ def _icon(path: Path, px: int, colour: tuple[int, int, int, int]) -> None:
     Image.new("RGBA", (px, px), colour).save(path)
 
 
-def _fake_deb(tmp: Path) -> Path:
-    """A theme with 40 plain icons, one at two sizes, one alias, one transparent, one only at 32 px."""
+def _fake_deb(tmp: Path, *, size_first: bool = True) -> Path:
+    """A theme with 40 plain icons, one at two sizes, one alias, one transparent, one only at 32 px; its folders are
+    NxN/CATEGORY (size_first) or CATEGORY/N."""
     pkg = tmp / "pkg"
     theme = pkg / PREFIX
+
+    def folder(px: int, category: str) -> Path:
+        return theme / (f"{px}x{px}/{category}" if size_first else f"{category}/{px}")
+
     rng = np.random.default_rng(0)
     for i in range(40):
         colour = (*map(int, rng.integers(0, 200, 3)), 255)
-        _icon(theme / f"64x64/{'actions' if i % 2 else 'places'}/thing-{i}.png", 64, colour)
-    _icon(theme / "32x32/actions/thing-1.png", 32, (0, 0, 0, 255))  # a smaller size of thing-1: not used
-    _icon(theme / "128x128/actions/thing-3.png", 128, (10, 20, 30, 255))  # the largest size of thing-3: used
-    (theme / "64x64/actions/thing-alias.png").symlink_to("thing-1.png")
-    _icon(theme / "64x64/places/blank.png", 64, (0, 0, 0, 0))
-    _icon(theme / "32x32/apps/tiny.png", 32, (200, 0, 0, 255))
+        _icon(folder(64, "actions" if i % 2 else "places") / f"thing-{i}.png", 64, colour)
+    _icon(folder(32, "actions") / "thing-1.png", 32, (0, 0, 0, 255))  # a smaller size of thing-1: not used
+    _icon(folder(128, "actions") / "thing-3.png", 128, (10, 20, 30, 255))  # the largest size of thing-3: used
+    (folder(64, "actions") / "thing-alias.png").symlink_to("thing-1.png")
+    _icon(folder(64, "places") / "blank.png", 64, (0, 0, 0, 0))
+    _icon(folder(32, "apps") / "tiny.png", 32, (200, 0, 0, 255))
     (pkg / "DEBIAN").mkdir()
     (pkg / "DEBIAN" / "control").write_text(
         "Package: fake-icon-theme\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: fake\n")
@@ -50,9 +56,35 @@ def _fake_deb(tmp: Path) -> Path:
     return deb
 
 
+@pytest.mark.parametrize("size_first", [True, False], ids=["NxN-category", "category-N"])
+def test_both_folder_layouts_give_the_same_icons(tmp_path, size_first):
+    spec = icons_mod.Theme("fake-icon-theme", "1", "0" * 64, PREFIX, size_first, "none")
+    dropped = Counter()
+    icons = icons_mod.read_theme(_fake_deb(tmp_path, size_first=size_first), theme="fake", spec=spec,
+                                 min_source_px=64, dropped=dropped)
+    assert dropped == {"symlinked alias of another icon": 1, "largest PNG under 64 px": 1}
+    assert sorted((i.category, i.name, i.source_px) for i in icons) == sorted(
+        [("actions" if k % 2 else "places", f"thing-{k}", 128 if k == 3 else 64) for k in range(40)]
+        + [("places", "blank", 64)])
+
+
+def test_near_duplicates_keep_the_first_and_only_copies_go():
+    rng = np.random.default_rng(1)
+    base = rng.integers(10, 240, (32, 32, 3))
+
+    def plus_one_on(share: float) -> Image.Image:  # base + 1 on a share of the values: mean difference `share`/255
+        return Image.fromarray((base + (rng.random(base.shape) < share)).astype(np.uint8))
+
+    other = Image.fromarray(rng.integers(10, 240, (32, 32, 3)).astype(np.uint8))
+    images = [Image.fromarray(base.astype(np.uint8)), other, plus_one_on(0.5), plus_one_on(0.9), other]
+    assert icons_mod.NEAR_DUPLICATE == 0.7  # 0.5 is under it, 0.9 above
+    assert icons_mod.near_duplicate_of(images) == [None, None, 0, None, 1]
+
+
 def test_icon_folder_from_fake_theme(tmp_path):
     dropped = Counter()
-    icons = icons_mod.read_theme(_fake_deb(tmp_path), theme="fake", prefix=PREFIX, min_source_px=64, dropped=dropped)
+    icons = icons_mod.read_theme(_fake_deb(tmp_path), theme="fake", spec=SIZE_FIRST, min_source_px=64,
+                                 dropped=dropped)
     by_name = {icon.name: icon for icon in icons}
     assert dropped == {"symlinked alias of another icon": 1, "largest PNG under 64 px": 1}
     assert by_name["thing-3"].source_px == 128 and by_name["thing-1"].source_px == 64
