@@ -188,8 +188,11 @@ def test_the_whole_command_on_webdataset_shards(tmp_path):
     from test_webdataset_chain import write_shards
 
     shards = write_shards(tmp_path / "shards", shards=8, per_shard=12)
-    report = _run(tmp_path / "run", Path(f"{shards}/shard-{{000..007}}.tar"), spec="webdataset")
+    write_shards(shards, shards=1, per_shard=10, prefix="heldout", first_scene=500)  # heldout-000.tar: its own split
+    report = _run(tmp_path / "run", Path(f"{shards}/{{shard-{{000..007}},heldout-000}}.tar"), spec="webdataset")
     assert report["tokenizer"]["metrics"]["val"]["num_images"] > 0
-    row = report["eval"]["splits"]["val"]
-    assert row["generated"]["images"] == 4 and row["real (ceiling)"]["images"] == 4
+    assert report["tokenizer"]["metrics"]["heldout"]["num_images"] == 10
+    for split in ("val", "heldout"):
+        row = report["eval"]["splits"][split]
+        assert row["generated"]["images"] == 4 and row["real (ceiling)"]["images"] == 4
     assert (tmp_path / "run" / "report.md").stat().st_size > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,14 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD = 4, 24
 
 
-def write_shards(folder: Path, *, shards: int = SHARDS, per_shard: int = PER_SHARD) -> Path:
-    """Tar shards of 32 px shapes scenes (`KEY.png` + `KEY.txt`), plus one undecodable sample in the second shard."""
-    folder.mkdir(parents=True)
+def write_shards(folder: Path, *, shards: int = SHARDS, per_shard: int = PER_SHARD, prefix: str = "shard",
+                 first_scene: int = 0) -> Path:
+    """Tar shards PREFIX-000.tar, ... of 32 px shapes scenes (`KEY.png` + `KEY.txt`) from scene `first_scene` on, plus
+    one undecodable sample in the second shard."""
+    folder.mkdir(parents=True, exist_ok=True)
     scenes = ShapesDataset("train", resolution=32)
     for s in range(shards):
-        with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
+        with tarfile.open(folder / f"{prefix}-{s:03d}.tar", "w") as tar:
             for j in range(per_shard):
-                item = scenes[s * per_shard + j]
+                item = scenes[first_scene + s * per_shard + j]
                 png = io.BytesIO()
                 pixels = ((item["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
                 Image.fromarray(pixels).save(png, format="PNG")
@@ -80,6 +83,31 @@ def test_slots_split_the_shards_and_resume_mid_shard(shards):
     assert sorted(_keys(epoch1)) == sorted(_keys([it for _, it in slot_items[1][:PER_SHARD * 2]]))
     with pytest.raises(ValueError, match="4 webdataset shard.* for 5 slots"):
         next(data.slot_items(seed=0, slot=4, num_slots=5, start=None))
+
+
+def test_heldout_shards_are_their_own_split_and_never_train_or_val(shards, tmp_path):
+    from argen.data.registry import has_heldout
+    from argen.data.skips import DatasetError
+
+    assert not has_heldout(f"webdataset:{shards}")
+    with pytest.raises(DatasetError, match="no shard for the heldout split: held-out shards are named heldout"):
+        WebDatasetShards(str(shards), split="heldout", resolution=32)
+    root = tmp_path / "data"
+    shutil.copytree(shards, root)
+    write_shards(root, shards=1, per_shard=5, prefix="heldout", first_scene=1000)  # heldout-000.tar: by its name
+    write_shards(root / "heldout", shards=1, per_shard=3, prefix="part", first_scene=2000)  # by its folder
+    by_name = [f"heldout-000.tar/s0_{j:03d}" for j in range(5)]
+    by_folder = [f"part-000.tar/s0_{j:03d}" for j in range(3)]
+    everything = _keys(WebDatasetShards(str(shards), split="all", resolution=32))
+    # a directory reads DIR/*.tar and DIR/heldout/*.tar; a brace pattern only the shards it names
+    for spec, held_out in ((str(root), by_name + by_folder), (f"{root}/{{shard-{{000..003}},heldout-000}}.tar", by_name)):
+        assert has_heldout(f"webdataset:{spec}")
+        split = {name: _keys(WebDatasetShards(spec, split=name, resolution=32)) for name in ("train", "val", "heldout")}
+        assert sorted(split["heldout"]) == sorted(held_out)
+        assert sorted(split["train"] + split["val"]) == sorted(everything)  # the same hash split as without them
+        assert split["train"] and split["val"]
+    with pytest.raises(DatasetError, match="all of its 1 shards are held-out shards"):
+        WebDatasetShards(f"{root}/heldout-000.tar", split="train", resolution=32)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("preview", help="write a captioned contact sheet PNG of a dataset")
     p.add_argument("--dataset", required=True, help="shapes | imagefolder:PATH | webdataset:PATTERN")
-    p.add_argument("--split", default="train", help="train | val (| heldout for shapes, | all for real data)")
+    p.add_argument("--split", default="train", help="train | val | heldout (shapes, an image folder's heldout/, held-out shards) | all (real data)")
     p.add_argument("--resolution", type=int_in(8, 4096), default=64)
     p.add_argument("-n", type=int_in(1, 4096), default=16, help="number of images")
     p.add_argument("--seed", type=seed, default=0, help="shapes seed, and which items a folder preview shows")

@@ -21,14 +21,15 @@ SPEC_FORMS = (
     "and heldout: the files under PATH/heldout/, never in train or val); "
     "files whose real path leaves PATH (symlinks) are skipped unless follow_symlinks=True, and a bad metadata.jsonl "
     "line is skipped unless strict=True",
-    "webdataset:PATTERN          tar shards, a brace pattern like data/shard-{000..009}.tar or a directory of .tar (splits: train, val, all); "
+    "webdataset:PATTERN          tar shards, a brace pattern like data/shard-{000..009}.tar or a directory of .tar (splits: train, val, all, "
+    "and heldout: the shards named heldout*.tar or in a heldout/ folder, never in train or val); "
     "pipe:CMD shards run only with allow_pipe=True, which a config file cannot set",
 )
 
 
 def has_heldout(spec: str) -> bool:
     """Whether the dataset has a "heldout" split: captions whose images are never trained on (shapes' held-out
-    compositions, an image folder's heldout/ folder)."""
+    compositions, an image folder's heldout/ folder, held-out webdataset shards)."""
     kind, arg = parse_spec(spec)
     if kind == "shapes":
         return not arg
@@ -36,7 +37,9 @@ def has_heldout(spec: str) -> bool:
         from argen.data.imagefolder import HELDOUT
 
         return (Path(arg) / HELDOUT).is_dir()
-    return False
+    from argen.data.webdataset import expand_shards, is_heldout_shard
+
+    return any(is_heldout_shard(s) for s in expand_shards(arg, allow_pipe=True))  # lists shards, runs nothing
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

@@ -5,7 +5,9 @@ Keys are `SHARD_FILE_NAME/SAMPLE_KEY`. Shards are split over processes and DataL
 `rank * num_workers + worker` reads shards slot, slot + S, ... (S slots in all). Training streams them endlessly,
 each slot in its own seeded shard order per epoch, and every item says where its slot continues after it, so a run
 resumes mid-shard; `argen tokenize` reads one shard at a time (`shard_items`). The train/val split hashes that key exactly as image folders do
-(`argen.data.imagefolder.split_of`). A sample with no image, an undecodable, too large or too thin image, or a
+(`argen.data.imagefolder.split_of`). Shards whose file name starts with "heldout" (`heldout-000.tar`), or that sit in
+a folder named heldout (a directory spec also reads DIR/heldout/*.tar), are the "heldout" split instead, as an image
+folder's heldout/ folder is: captions whose images are never trained on, evaluated on their own. A sample with no image, an undecodable, too large or too thin image, or a
 missing, empty or non-UTF-8 caption is skipped; its key travels in the "skipped" list of the next item this
 worker yields (or, at the end of a worker's stream, of the last one), so `SkipReport` in the main process sees it.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from argen.data.imagefolder import SPLITS, split_of
+from argen.data.imagefolder import HELDOUT, SPLITS, split_of
 from argen.data.skips import DatasetError, Skip, printable
 from argen.data.transforms import ImageDecodeError, load_image_tensor
 
@@ -54,15 +56,23 @@ def _is_pipe(shard: str) -> bool:
         return False
 
 
+def is_heldout_shard(shard: str) -> bool:
+    """Whether a shard belongs to the "heldout" split: its file name starts with "heldout" or its folder is named
+    heldout (for URLs, of the URL's path)."""
+    path = PurePosixPath(urlsplit(shard).path if "://" in shard else Path(shard).as_posix())
+    return path.name.startswith(HELDOUT) or path.parent.name == HELDOUT
+
+
 def expand_shards(pattern: str, *, allow_pipe: bool = False) -> list[str]:
-    """Shard list from a brace pattern (`data/shard-{000..009}.tar`) or a directory of `.tar` files.
+    """Shard list from a brace pattern (`data/shard-{000..009}.tar`) or a directory of `.tar` files (and of its
+    heldout/ folder).
 
     Local shards must exist and are returned as absolute paths; URLs are passed through unchecked; a `pipe:`
     shard raises DatasetError unless allow_pipe=True.
     """
     path = Path(pattern).expanduser()
     if not _is_pipe(pattern) and path.is_dir():
-        shards = sorted(str(p.absolute()) for p in path.glob("*.tar"))
+        shards = sorted(str(p.absolute()) for p in [*path.glob("*.tar"), *path.glob(f"{HELDOUT}/*.tar")])
         if not shards:
             raise DatasetError(f"no .tar shards in directory {printable(str(path))}.")
         return shards
@@ -90,6 +100,7 @@ class WebDatasetShards(IterableDataset):
     Items: {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str, "skipped": list[Skip]}.
     Batch with `argen.data.skips.collate`. allow_pipe: let `pipe:` shards run their shell command.
     Iterating it reads this process's and worker's shards once, in order (the process from torch.distributed).
+    `shards` are those of the split: the held-out shards for "heldout", the others for "train" and "val".
     """
 
     index_skips: tuple[Skip, ...] = ()  # nothing is checked before streaming
@@ -98,14 +109,20 @@ class WebDatasetShards(IterableDataset):
         self, pattern: str, *, split: str = "train", resolution: int, val_fraction: float = 0.05, allow_pipe: bool = False,
     ) -> None:
         require_webdataset()
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)} for webdataset shards, got {split!r}")
+        if split not in (*SPLITS, HELDOUT):
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, {HELDOUT} for webdataset shards, got {split!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.pattern, self.split, self.resolution, self.val_fraction = pattern, split, resolution, val_fraction
-        self.shards = expand_shards(pattern, allow_pipe=allow_pipe)
+        shards = expand_shards(pattern, allow_pipe=allow_pipe)
+        self.shards = shards if split == "all" else [s for s in shards if is_heldout_shard(s) == (split == HELDOUT)]
+        if not self.shards:
+            raise DatasetError(
+                f"webdataset pattern '{printable(pattern)}' has no shard for the {split} split: "
+                + ("held-out shards are named heldout*.tar or sit in a heldout/ folder." if split == HELDOUT
+                   else f"all of its {len(shards)} shards are held-out shards (heldout*.tar or in a heldout/ folder)."))
 
     def _decode(self, key: str, sample: dict[str, Any]) -> dict[str, Any] | Skip:
         ext = next((e for e in IMAGE_KEYS if e in sample), None)
@@ -135,7 +152,7 @@ class WebDatasetShards(IterableDataset):
                                 handler=wds.warn_and_continue, empty_check=False)
         for number, sample in enumerate(itertools.islice(stream, start, None), start=start + 1):
             key = f"{Path(str(sample.get('__url__', '?'))).name}/{sample['__key__']}"
-            if self.split == "all" or split_of(key, self.val_fraction) == self.split:
+            if self.split in ("all", HELDOUT) or split_of(key, self.val_fraction) == self.split:
                 yield number, self._decode(key, sample)
 
     def shard_items(self, index: int) -> Iterator[dict[str, Any]]:
