@@ -13,6 +13,7 @@ from test_clip import tiny_config
 from test_pipeline import trained  # noqa: F401  (the module-scoped tiny pipeline fixture)
 
 from argen.cli import main
+from argen.data.imagefolder import ImageFolderDataset
 from argen.eval.caption_metrics import precision_recall, r_precision_hits
 from argen.eval.suite import EvalSettings, evaluate_pipeline, shuffled
 from argen.pipeline import Pipeline
@@ -104,3 +105,28 @@ def test_eval_cli_runs_and_refuses_a_too_small_split(trained, judge, tmp_path, c
     assert "R-precision generated" in capsys.readouterr().out
     assert main([*args[:-6], "--prompts", "6", "--reference", "3", "--candidates", "4", "-o", str(tmp_path / "b")]) == 2
     assert "more than k=3" in capsys.readouterr().err
+
+
+def test_captions_are_a_seeded_random_sample_of_the_split_not_its_first_files(tmp_path):
+    from argen.eval.suite import caption_set
+
+    data = folder(tmp_path / "images", n=40)  # 40 distinct captions, one per file
+
+    def sample(seed: int) -> list[str]:
+        return caption_set(f"imagefolder:{data}", "all", resolution=16,
+                           settings=EvalSettings(prompts=8, reference=5, seed=seed)).captions
+
+    folder_order = [c.caption for c in ImageFolderDataset(data, split="all", resolution=16).files][:8]
+    assert sample(0) == sample(0)  # the same seed, the same sample
+    assert sample(0) != sample(1)
+    assert sample(0) != folder_order and sample(1) != folder_order
+
+
+def test_eval_cli_samples_with_the_flags_given(trained, judge, tmp_path, capsys):  # noqa: F811
+    data = folder(tmp_path / "images", n=12)
+    args = ["eval", "--pipeline", str(trained.final), "--dataset", f"imagefolder:{data}", "--judge-clip", str(judge),
+            "--splits", "all", "--prompts", "6", "--reference", "5", "--candidates", "4", "--n-boot", "20"]
+    assert main([*args, "--cfg", "3", "--temperature", "0.5", "--top-k", "7", "-o", str(tmp_path / "a")]) == 0
+    assert "sampling with CFG 3 constant, T 0.5, top-k 7" in capsys.readouterr().out
+    sampling = json.loads((tmp_path / "a" / "report.json").read_text())["sampling"]
+    assert (sampling["cfg_scale"], sampling["temperature"], sampling["top_k"]) == (3.0, 0.5, 7)

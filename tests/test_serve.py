@@ -28,7 +28,7 @@ from test_pipeline import trained  # noqa: F401  (module-scoped: a tiny GPT trai
 from torch import nn
 
 from argen.cli import build_parser, main
-from argen.cli.sample import _sampler_overrides
+from argen.cli.sample import sampler_overrides
 from argen.data.transforms import pil_to_tensor
 from argen.pipeline import recommended_sampling
 from argen.sample import SamplingConfig
@@ -108,7 +108,7 @@ def test_the_settings_command_is_an_argen_sample_command_with_the_same_settings(
     assert (args.pipeline, args.prompts, args.num, args.seed) == ("/pipe", ["a red circle's"], 3, 5)
     # every field is given (top-p off as --top-p 1), so what the pipeline recommends fills none of them in
     recommended = SamplingConfig(temperature=0.5, top_k=99, top_p=0.5, cfg_scale=7.0, cfg_schedule="linear")
-    assert dataclasses.replace(recommended, **_sampler_overrides(args)) == sampling
+    assert dataclasses.replace(recommended, **sampler_overrides(args)) == sampling
 
 
 # ----------------------------------------------------------------------------------------------- edit requests

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from argen.cli.args import device, float_in, fraction, int_in, positive_int, seed
-from argen.sample import DECODINGS, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW
+from argen.cli.sample import add_sampler_flags
+from argen.sample import MAX_CFG_SCALE
 from argen.unclip.priors import PRIOR_CHOICES
 
 
@@ -100,15 +101,7 @@ def _common(c: argparse.ArgumentParser, *, gpt: bool) -> None:
     c.add_argument("--no-verify", action="store_true", help="skip re-hashing the pipeline's parts")
     c.add_argument("-o", "--out", default="edit.png", help="grid PNG; images go to OUT_images/, the record to OUT.json")
     if gpt:
-        g = c.add_argument_group("the GPT's sampler", "each defaults to the pipeline's recommended setting (pipeline.json), "
-                                 "as in argen sample")
-        g.add_argument("--cfg", type=float_in(0.0, MAX_CFG_SCALE), default=None, help="classifier-free guidance scale")
-        g.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
-        g.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=None, help="0 is greedy")
-        g.add_argument("--top-k", type=int_in(0), default=None, help="keep the k likeliest codes; 0 keeps all")
-        g.add_argument("--top-p", type=float_in(0.0, 1.0), default=None, help="nucleus mass to keep; 1 keeps all")
-        g.add_argument("--decoding", choices=DECODINGS, default=None, help="as argen sample --decoding")
-        g.add_argument("--window", type=int_in(1, MAX_WINDOW), default=None)
+        add_sampler_flags(c)
         c.add_argument("--batch-size", type=positive_int, default=64, help="rows per GPT batch")
     else:
         c.add_argument("--cfg", type=float_in(0.0, MAX_CFG_SCALE), default=2.0, help="the decoder's guidance scale (default 2)")
@@ -175,11 +168,11 @@ def _write(args: argparse.Namespace, tiles: list, labels: list[str], images, cap
 
 def _sampling(args: argparse.Namespace, pipe):
     """The pipeline's recommended sampler with the flags given on top (as argen sample)."""
-    from argen.cli.sample import _describe, _sampler_overrides
+    from argen.cli.sample import describe_sampling, sampler_overrides
 
-    overrides = _sampler_overrides(args)
+    overrides = sampler_overrides(args)
     sampling = dataclasses.replace(pipe.sampling, **overrides)
-    print(f"sampling with {_describe(sampling)} ({'flags over pipeline.json' if overrides else 'pipeline.json recommends it'})")
+    print(f"sampling with {describe_sampling(sampling)} ({'flags over pipeline.json' if overrides else 'pipeline.json recommends it'})")
     return sampling
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 
 from argen.cli.args import add_dataset_options, dataset_options, device, int_in, positive_int, seed
+from argen.cli.sample import add_sampler_flags, describe_sampling, sampler_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-clip", required=True,
                    help="a CLIP trained separately on the train split (argen train clip), never the generator's")
     p.add_argument("--splits", nargs="+", default=None,
-                   help="caption splits to score on their own (default: val, and heldout for shapes)")
+                   help="caption splits to score on their own (default: val, and heldout where the dataset has one)")
     p.add_argument("--prompts", type=positive_int, default=200, help="distinct captions per split (default 200)")
     p.add_argument("-n", "--num", type=positive_int, default=1, help="images per caption (default 1)")
     p.add_argument("--reference", type=positive_int, default=1000, help="real reference images per split (default 1000)")
@@ -26,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", type=device, default=None)
     p.add_argument("-o", "--out", required=True, help="output directory: report.md, report.json, sample grids")
+    add_sampler_flags(p)
     add_dataset_options(p)
     p.set_defaults(func=run_eval)
 
@@ -33,19 +37,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from argen.data.registry import has_heldout
     from argen.eval.suite import EvalSettings, evaluate_pipeline
     from argen.pipeline import Pipeline
     from argen.unclip.clip import ClipEncoder
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    splits = tuple(args.splits or (("val", "heldout") if args.dataset == "shapes" else ("val",)))
+    splits = tuple(args.splits or (("val", "heldout") if has_heldout(args.dataset) else ("val",)))
     settings = EvalSettings(prompts=args.prompts, images_per_prompt=args.num, reference=args.reference,
                             candidates=args.candidates, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size,
                             lpips=args.lpips, splits=splits)
     pipe = Pipeline.from_pretrained(args.pipeline, device=device)
+    try:
+        sampling = dataclasses.replace(pipe.sampling, **sampler_overrides(args))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"sampling with {describe_sampling(sampling)}")
     judge = ClipEncoder.load(args.judge_clip, device=device)
     report = evaluate_pipeline(pipe, dataset=args.dataset, judge_clip=judge, settings=settings, out=args.out,
-                               **dataset_options(args))
+                               sampling=sampling, **dataset_options(args))
     for split, row in report["splits"].items():
         g, c, f = row["generated"], row["real (ceiling)"], row["shuffled captions (floor)"]
         print(f"{split}: R-precision generated {g['r_precision']['estimate']:.1f}% (real {c['r_precision']['estimate']:.1f}%, "

@@ -21,19 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompts", nargs="*", help='prompts, e.g. "a red circle above a blue square"; "" is unconditional')
     p.add_argument("--prompts-file", help="more prompts, one per line (blank lines are unconditional prompts)")
     p.add_argument("-n", "--num", type=positive_int, default=4, help="images per prompt (default 4)")
-    g = p.add_argument_group("the GPT's sampler", "each defaults to the pipeline's recommended setting (pipeline.json, "
-                             "which `argen demo` fills with what its sweep chose)")
-    g.add_argument("--cfg", type=float_in(0.0, MAX_CFG_SCALE), default=None,
-                   help="classifier-free guidance scale of the GPT (unCLIP: of the decoder); 1 turns it off")
-    g.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
-    g.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=None, help="0 is greedy")
-    g.add_argument("--top-k", type=int_in(0), default=None, help="keep the k likeliest codes; 0 keeps all")
-    g.add_argument("--top-p", type=float_in(0.0, 1.0), default=None, help="nucleus mass to keep; 1 keeps all")
-    g.add_argument("--decoding", choices=DECODINGS, default=None,
-                   help="token: one image token per forward pass; jacobi / spatial: speculative Jacobi decoding, several "
-                        "tokens per pass from the same distribution (new drafts uniform / copied from the code above)")
-    g.add_argument("--window", type=int_in(1, MAX_WINDOW), default=None,
-                   help="draft tokens checked per forward pass with --decoding jacobi or spatial")
+    add_sampler_flags(p, cfg_help="classifier-free guidance scale of the GPT (unCLIP: of the decoder); 1 turns it off")
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per GPT batch")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda when available)")
@@ -68,7 +56,7 @@ def run_sample(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from argen.unclip.pipeline import UNCLIP_FILE
 
-    overrides = _sampler_overrides(args)
+    overrides = sampler_overrides(args)
     if (Path(args.pipeline) / UNCLIP_FILE).is_file():
         gpt_only = [flag for flag, field in GPT_ONLY_FLAGS.items() if field in overrides] + (["--compile"] * args.compile)
         if gpt_only:
@@ -84,7 +72,7 @@ def run_sample(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"sampling with {_describe(sampling)} ({'pipeline.json recommends it' if not overrides else 'flags over pipeline.json'})")
+    print(f"sampling with {describe_sampling(sampling)} ({'pipeline.json recommends it' if not overrides else 'flags over pipeline.json'})")
     for prompt in dict.fromkeys(prompts):
         if not prompt.strip():
             print("note: the empty prompt samples the unconditional model (no caption).")
@@ -117,12 +105,30 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 
+def add_sampler_flags(parser: argparse.ArgumentParser, *, cfg_help: str = "classifier-free guidance scale; 1 turns it off"
+                      ) -> None:
+    """The GPT sampler's flags (argen sample, edit and eval); each defaults to the pipeline's recommended setting.
+    `sampler_overrides` reads them back."""
+    g = parser.add_argument_group("the GPT's sampler", "each defaults to the pipeline's recommended setting "
+                                  "(pipeline.json, which `argen demo` fills with what its sweep chose)")
+    g.add_argument("--cfg", type=float_in(0.0, MAX_CFG_SCALE), default=None, help=cfg_help)
+    g.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
+    g.add_argument("--temperature", type=float_in(0.0, MAX_TEMPERATURE), default=None, help="0 is greedy")
+    g.add_argument("--top-k", type=int_in(0), default=None, help="keep the k likeliest codes; 0 keeps all")
+    g.add_argument("--top-p", type=float_in(0.0, 1.0), default=None, help="nucleus mass to keep; 1 keeps all")
+    g.add_argument("--decoding", choices=DECODINGS, default=None,
+                   help="token: one image token per forward pass; jacobi / spatial: speculative Jacobi decoding, several "
+                        "tokens per pass from the same distribution (new drafts uniform / copied from the code above)")
+    g.add_argument("--window", type=int_in(1, MAX_WINDOW), default=None,
+                   help="draft tokens checked per forward pass with --decoding jacobi or spatial")
+
+
 # Flags of the GPT's sampler and the SamplingConfig field each sets (--cfg also sets a unCLIP decoder's guidance).
 GPT_ONLY_FLAGS = {"--cfg-schedule": "cfg_schedule", "--temperature": "temperature", "--top-k": "top_k",
                   "--top-p": "top_p", "--decoding": "decoding", "--window": "window"}
 
 
-def _sampler_overrides(args: argparse.Namespace) -> dict:
+def sampler_overrides(args: argparse.Namespace) -> dict:
     """The SamplingConfig fields given on the command line (--top-k 0 and --top-p 1 mean off)."""
     given = {field: getattr(args, field) for field in GPT_ONLY_FLAGS.values() if getattr(args, field) is not None}
     if args.cfg is not None:
@@ -134,7 +140,8 @@ def _sampler_overrides(args: argparse.Namespace) -> dict:
     return given
 
 
-def _describe(sampling) -> str:
+def describe_sampling(sampling) -> str:
+    """A sampler setting in one line, e.g. "CFG 2 linear, T 0.5, top-k 4"."""
     schedule = f" {sampling.cfg_schedule}" if sampling.cfg_scale != 1 else ""
     parts = [f"CFG {sampling.cfg_scale:g}{schedule}", f"T {sampling.temperature:g}", f"top-k {sampling.top_k or 'all'}"]
     if sampling.top_p is not None:

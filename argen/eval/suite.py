@@ -62,23 +62,28 @@ class CaptionSet:
     reference_captions: list[str] = field(default_factory=list)  # (M,) their captions
 
 
-def dataset_items(dataset) -> Iterator[dict[str, Any]]:
+def dataset_items(dataset, *, seed: int | None = None) -> Iterator[dict[str, Any]]:
+    """The items of a dataset: a stream in its order; an indexable one in index order, or in a permutation seeded by
+    `seed`, so that the first items are a random sample of the split, not its first folder."""
     if isinstance(dataset, IterableDataset):
         yield from dataset
-    else:
-        for i in range(len(dataset)):
-            yield dataset[i]
+        return
+    order = range(len(dataset)) if seed is None else torch.randperm(
+        len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    for i in order:
+        yield dataset[i]
 
 
 def caption_set(spec: str, split: str, *, resolution: int, settings: EvalSettings, **dataset_options: Any) -> CaptionSet:
-    """The first `settings.prompts` distinct captions of `split` with their images, then `settings.reference` more
-    images of the split for the reference set."""
+    """`settings.prompts` distinct captions of `split` with their images, then `settings.reference` more images of the
+    split for the reference set; drawn in a seeded random order where the split is indexable (image folders), in
+    stream order otherwise."""
     from argen.data.registry import build_dataset
 
     dataset = build_dataset(spec, split=split, resolution=resolution, seed=settings.seed, **dataset_options)
     captions: dict[str, torch.Tensor] = {}
     reference: list[tuple[torch.Tensor, str]] = []
-    for item in dataset_items(dataset):
+    for item in dataset_items(dataset, seed=settings.seed):
         if item["caption"] not in captions and len(captions) < settings.prompts:
             captions[item["caption"]] = item["image"]
         elif len(reference) < settings.reference:
@@ -155,14 +160,16 @@ def shuffled(n: int, *, seed: int) -> torch.Tensor:
 
 
 def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings, out: str | Path | None = None,
-                      progress=print, **dataset_options: Any) -> dict[str, Any]:
+                      sampling=None, progress=print, **dataset_options: Any) -> dict[str, Any]:
     """Generate for the captions of each split in `settings.splits` and score everything; returns the report dict and,
-    with `out`, writes out/report.json, out/report.md and a grid of generated beside real images per split."""
+    with `out`, writes out/report.json, out/report.md and a grid of generated beside real images per split.
+    `sampling` (a SamplingConfig) defaults to the pipeline's recommended setting."""
     from argen.eval.tokenizer import evaluate_tokenizer
 
     resolution = pipe.vq.config.resolution
     out = claim_output_dir(out, kind="eval") if out is not None else None
-    report: dict[str, Any] = {"dataset": dataset, "sampling": _fields(pipe.sampling), "settings": _fields(settings),
+    sampling = sampling if sampling is not None else pipe.sampling
+    report: dict[str, Any] = {"dataset": dataset, "sampling": _fields(sampling), "settings": _fields(settings),
                               "splits": {}}
     first = None
     for split in settings.splits:
@@ -172,7 +179,7 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
         scorer = PairScorer(judge_clip, cset, settings)
         own = torch.arange(len(cset.captions))
         gen = pipe.generate(cset.captions, n_per_prompt=settings.images_per_prompt, seed=settings.seed,
-                            batch_size=settings.batch_size)
+                            sampling=sampling, batch_size=settings.batch_size)
         index = own.repeat_interleave(settings.images_per_prompt)
         row = {"generated": scorer.score(gen.images, index),
                "real (ceiling)": scorer.score(cset.images, own),
