@@ -13,7 +13,7 @@ Sizes come from one preset per resolution (YAML files in argen/configs), changed
 | ---------- | -------------------------------- | -------------------------------- | ----------------- | --------- |
 | 32 shapes  | shapes_32 (f4 patch, 8x8, 256)   | shapes_32 (4 x 256, 3.6M)        | shapes_judge_clip | CPU       |
 | 32         | real_32 (f4, 8x8, 512)           | real_32 (4 x 256)                | judge_clip_32     | CPU       |
-| 64         | real_64 (f8 VQGAN, 8x8, 1024)    | real_64 (4 x 256)                | judge_clip_64     | CPU       |
+| 64         | real_64 (f8 VQ, 8x8, 1024)       | real_64 (4 x 256, dropout 0.2)   | judge_clip_64     | CPU       |
 | 128        | real_128 (f8 VQGAN, 16x16, 4096) | real_128 (8 x 512, ~30M)         | judge_clip_128    | one GPU   |
 | 256        | real_256 (f16 VQGAN, 16x16, 16k) | gpu_100m (10 x 768, ~100M)       | judge_clip_256    | one GPU   |
 
@@ -469,14 +469,14 @@ def _sampling_dict(sampling: SamplingConfig, *, seed: int) -> dict[str, Any]:
 def _sample_captions(pipe, pipeline_dir: Path, data, *, settings: RecipeSettings, out: Path, allow_pipe: bool
                      ) -> dict[str, Any]:
     """Data without a rule-based judge: record `settings.sampling` in the pipeline and draw two images for each of the
-    first 16 distinct val captions (out/samples_val.png, real image first)."""
+    16 distinct val captions in a seeded random order (out/samples_val.png, real image first)."""
     from argen.eval.suite import dataset_items
     from argen.pipeline import set_recommended_sampling
     from argen.viz import contact_sheet, save_png
 
     set_recommended_sampling(pipeline_dir, settings.sampling)
     real: dict[str, Any] = {}
-    for item in dataset_items(data.build("val", allow_pipe=allow_pipe)):
+    for item in dataset_items(data.build("val", allow_pipe=allow_pipe), seed=settings.seed):
         real.setdefault(item["caption"], item["image"])
         if len(real) == 16:
             break
