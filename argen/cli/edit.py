@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from argen.cli.args import device, float_in, fraction, int_in, positive_int, seed
-from argen.cli.sample import add_sampler_flags
+from argen.cli.sample import add_sampler_flags, sampling_from_flags
 from argen.sample import MAX_CFG_SCALE
 from argen.unclip.priors import PRIOR_CHOICES
 
@@ -166,16 +166,6 @@ def _write(args: argparse.Namespace, tiles: list, labels: list[str], images, cap
     print(f"wrote {out}, {folder}/ and {record_file}")
 
 
-def _sampling(args: argparse.Namespace, pipe):
-    """The pipeline's recommended sampler with the flags given on top (as argen sample)."""
-    from argen.cli.sample import describe_sampling, sampler_overrides
-
-    overrides = sampler_overrides(args)
-    sampling = dataclasses.replace(pipe.sampling, **overrides)
-    print(f"sampling with {describe_sampling(sampling)} ({'flags over pipeline.json' if overrides else 'pipeline.json recommends it'})")
-    return sampling
-
-
 def run_token_edit(args: argparse.Namespace) -> int:
     from argen import edit
     from argen.data.transforms import load_image
@@ -186,7 +176,7 @@ def run_token_edit(args: argparse.Namespace) -> int:
     config = edit.EditConfig(method=method, proposals=args.proposals, passes=args.passes,
                              candidates=args.candidates, paste=not args.no_paste)
     pipe = Pipeline.load(args.pipeline, device=_device(args), verify=not args.no_verify)
-    sampling = _sampling(args, pipe)
+    sampling = sampling_from_flags(args, pipe)
     R = pipe.vq.config.resolution
     source = _read_image(args.image, resolution=R, resize=args.resize)
     unseen = pipe.unseen_words(args.prompt)
@@ -226,7 +216,7 @@ def run_rerank(args: argparse.Namespace) -> int:
         raise ValueError("reranking scores images against their prompt: give non-empty prompts.")
     _check_outputs(Path(args.out))
     pipe = Pipeline.load(args.pipeline, device=_device(args), verify=not args.no_verify)
-    sampling = _sampling(args, pipe)
+    sampling = sampling_from_flags(args, pipe)
     start = time.perf_counter()
     result = rerank(pipe, args.prompts, clip=args.clip, n=args.num, sampling=sampling, seed=args.seed,
                     batch_size=args.batch_size)

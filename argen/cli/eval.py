@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 
 from argen.cli.args import add_dataset_options, dataset_options, device, int_in, positive_int, seed
-from argen.cli.sample import add_sampler_flags, describe_sampling, sampler_overrides
+from argen.cli.sample import add_sampler_flags, sampling_from_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,12 +46,7 @@ def run_eval(args: argparse.Namespace) -> int:
                             candidates=args.candidates, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size,
                             lpips=args.lpips, splits=splits)
     pipe = Pipeline.from_pretrained(args.pipeline, device=device)
-    try:
-        sampling = dataclasses.replace(pipe.sampling, **sampler_overrides(args))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"sampling with {describe_sampling(sampling)}")
+    sampling = sampling_from_flags(args, pipe)
     judge = ClipEncoder.load(args.judge_clip, device=device)
     report = evaluate_pipeline(pipe, dataset=args.dataset, judge_clip=judge, settings=settings, out=args.out,
                                sampling=sampling, **dataset_options(args))

@@ -140,6 +140,14 @@ def sampler_overrides(args: argparse.Namespace) -> dict:
     return given
 
 
+def sampling_from_flags(args: argparse.Namespace, pipe):
+    """The pipeline's recommended sampler with the flags given on top, printed (argen edit and eval)."""
+    overrides = sampler_overrides(args)
+    sampling = dataclasses.replace(pipe.sampling, **overrides)
+    print(f"sampling with {describe_sampling(sampling)} ({'flags over pipeline.json' if overrides else 'pipeline.json recommends it'})")
+    return sampling
+
+
 def describe_sampling(sampling) -> str:
     """A sampler setting in one line, e.g. "CFG 2 linear, T 0.5, top-k 4"."""
     schedule = f" {sampling.cfg_schedule}" if sampling.cfg_scale != 1 else ""
