@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from argen.train.loop import OptimizerConfig, OptimizerSpec, StepOutput, TrainConfig, train
-from argen.train.processes import end_processes
+from argen.train.processes import end_processes, exit_code_after_processes
 from argen.train.sharding import full_state_dict
 
 
@@ -157,3 +157,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_code_after_processes(0)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import sys
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+
+_left_a_process_group = False  # set by end_processes: this process ran in a multi-process group and left it
 
 
 def launched_processes() -> int:
@@ -37,10 +41,25 @@ def process_state() -> Any:
 def end_processes() -> None:
     """Leave the process group at the end of a command, as `Accelerator.end_training` does: gloo and NCCL threads
     still running when the interpreter exits can abort it ("terminate called without an active exception")."""
+    global _left_a_process_group
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        _left_a_process_group |= dist.get_world_size() > 1
         dist.destroy_process_group()
+
+
+def exit_code_after_processes(code: int) -> int:
+    """`code`, or, in a process that left a multi-process group, exit with it at once without the interpreter's
+    teardown. A group that a DistributedDataParallel or FSDP model used stays alive in torch after
+    destroy_process_group, and its gloo threads, still running while the C++ globals are destroyed at exit, sometimes
+    abort the finished process with SIGABRT: the launcher would then report a completed job as failed."""
+    if not _left_a_process_group:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def ends_processes(command: Callable[..., T]) -> Callable[..., T]:
