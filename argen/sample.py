@@ -17,7 +17,7 @@ Generators = torch.Generator | Sequence[torch.Generator] | None
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 MAX_CFG_SCALE = 1000.0
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence take non-negative 64-bit seeds
-DECODINGS = ("token", "jacobi", "spatial")
+DECODINGS = ("token", "jacobi", "spatial", "zipar")
 MAX_WINDOW = 256
 
 
@@ -42,7 +42,10 @@ class SamplingConfig:
         decoding (argen.speculative): each forward checks a window of draft tokens and keeps what passes the
         speculative-sampling test, so they draw from exactly the same distribution as "token" (the same tokens
         when greedy) with fewer forward passes. "jacobi" starts new drafts uniform, "spatial" as the code above.
-    window: draft tokens checked per forward pass and row by "jacobi" and "spatial" (at most the image's tokens).
+        "zipar" decodes several grid rows per forward pass (argen.zipar): approximate, since a token does not see
+        the part of the row above that is not decoded yet.
+    window: draft tokens checked per forward pass and row by "jacobi" and "spatial" (at most the image's tokens);
+        for "zipar", how many tokens a grid row runs ahead of the row below (the grid's width or more is exact).
     """
 
     temperature: float = 1.0
@@ -50,7 +53,7 @@ class SamplingConfig:
     top_p: float | None = None
     cfg_scale: float = 1.0
     cfg_schedule: Literal["constant", "linear"] = "constant"
-    decoding: Literal["token", "jacobi", "spatial"] = "token"
+    decoding: Literal["token", "jacobi", "spatial", "zipar"] = "token"
     window: int = 16
 
     def __post_init__(self) -> None:
@@ -227,7 +230,7 @@ def decode_image_tokens(
     its dot-product token from the top half of the buckets.
 
     config.decoding "jacobi" or "spatial" decodes several tokens per forward pass (argen.speculative), from the
-    same distribution; it needs the cache. NaN logits or probabilities raise NonFiniteSamplingError.
+    same distribution; "zipar" several grid rows per pass (argen.zipar), approximately. They need the cache. NaN logits or probabilities raise NonFiniteSamplingError.
     """
     cfg = model.config
     if prefix.ndim != 2 or prefix.shape[1] != cfg.prefix_len or prefix.dtype != torch.long:
@@ -262,12 +265,14 @@ def decode_image_tokens(
         if not use_cache:
             raise ValueError(f"decoding={config.decoding!r} writes drafts into the KV cache; it needs use_cache=True.")
         from argen.speculative import SpeculativeDecoder
+        from argen.zipar import RowParallelDecoder
 
+        decoder = RowParallelDecoder if config.decoding == "zipar" else SpeculativeDecoder
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                decoded = SpeculativeDecoder(
+                decoded = decoder(
                     model, rows, batch_size=B, image_offset=image_offset, num_codes=num_codes, config=config,
                     banned=banned if allowed_codes is not None else None, noise=RowNoise(generator, B),
                     cache_dtype=cache_dtype or next(model.parameters()).dtype).run()

@@ -35,7 +35,7 @@ def test_backends_under_bf16_autocast_take_fp32_queries_and_bf16_values():
             torch.testing.assert_close(out.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("decoding", ["token", "jacobi", "spatial"])
+@pytest.mark.parametrize("decoding", ["token", "jacobi", "spatial", "zipar"])  # zipar: window 4 >= the grid width
 def test_greedy_cuda_sampling_is_the_same_with_parallel_decoding(decoding):
     model = tiny_model().cuda()
     prefix = prompts(4).cuda()

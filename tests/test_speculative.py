@@ -210,7 +210,7 @@ def test_after_each_step_the_cache_is_what_plain_decoding_of_the_committed_token
 
 
 def test_parallel_decoding_needs_the_cache_and_checks_its_settings():
-    with pytest.raises(ValueError, match="decoding must be one of 'token', 'jacobi', 'spatial', got 'zip'"):
+    with pytest.raises(ValueError, match="decoding must be one of 'token', 'jacobi', 'spatial', 'zipar', got 'zip'"):
         SamplingConfig(decoding="zip")
     with pytest.raises(ValueError, match=r"window must be in \[1, 256\], got 0"):
         SamplingConfig(window=0)

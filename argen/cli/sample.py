@@ -118,9 +118,11 @@ def add_sampler_flags(parser: argparse.ArgumentParser, *, cfg_help: str = "class
     g.add_argument("--top-p", type=float_in(0.0, 1.0), default=None, help="nucleus mass to keep; 1 keeps all")
     g.add_argument("--decoding", choices=DECODINGS, default=None,
                    help="token: one image token per forward pass; jacobi / spatial: speculative Jacobi decoding, several "
-                        "tokens per pass from the same distribution (new drafts uniform / copied from the code above)")
+                        "tokens per pass from the same distribution (new drafts uniform / copied from the code above); zipar: "
+                        "several grid rows per pass, approximate (a token does not see the undecoded end of the row above)")
     g.add_argument("--window", type=int_in(1, MAX_WINDOW), default=None,
-                   help="draft tokens checked per forward pass with --decoding jacobi or spatial")
+                   help="draft tokens checked per forward pass with --decoding jacobi or spatial; with zipar, how many "
+                        "tokens a grid row runs ahead of the row below (the grid's width or more is exact)")
 
 
 # Flags of the GPT's sampler and the SamplingConfig field each sets (--cfg also sets a unCLIP decoder's guidance).
