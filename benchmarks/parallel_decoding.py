@@ -1,5 +1,6 @@
-"""Parallel (speculative Jacobi) decoding against one token per forward pass and Hugging Face `generate`: forward passes
-per image, images/s, and the judge's whole-prompt accuracy with a paired bootstrap interval; JSON + markdown + PNG."""
+"""Parallel decoding (speculative Jacobi: exact; row-parallel ZipAR-style: approximate) against one token per pass
+and Hugging Face `generate`: forward passes per image, images/s, and the judge's whole-prompt accuracy with a paired
+bootstrap interval; JSON + markdown + PNG."""
 
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from argen.viz import contact_sheet, save_png  # noqa: E402
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir  # noqa: E402
 
 
-def settings(base: SamplingConfig, decodings: list[str], windows: list[int]) -> dict[str, SamplingConfig]:
-    """`token` plus every parallel decoding at every window, named like 'spatial w16'."""
+def settings(base: SamplingConfig, specs: list[str]) -> dict[str, SamplingConfig]:
+    """`token` plus each 'DECODING:WINDOW' spec, named like 'spatial w16'."""
     out = {"token": SamplingConfig(**{**base.__dict__, "decoding": "token"})}
-    for d in decodings:
-        for w in windows:
-            out[f"{d} w{w}"] = SamplingConfig(**{**base.__dict__, "decoding": d, "window": w})
+    for spec in specs:
+        decoding, _, window = spec.partition(":")
+        out[f"{decoding} w{window}"] = SamplingConfig(**{**base.__dict__, "decoding": decoding, "window": int(window)})
     return out
 
 
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the demo's pipeline directory (`argen demo` writes it to demo/gpt_run/final)")
     parser.add_argument("--report", type=Path, default=None,
                         help="the demo's report.json: its chosen sampler setting (default: PIPELINE/../../report.json)")
-    parser.add_argument("--decodings", nargs="+", default=["jacobi", "spatial"])
-    parser.add_argument("--windows", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--settings", nargs="+", default=["spatial:8", "spatial:16", "jacobi:8", "zipar:1", "zipar:2", "zipar:4"],
+                        help="parallel settings DECODING:WINDOW beside token (for zipar the window is the rows' lag)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--relation-prompts", type=int, default=200)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for cfg_on in (False, True):
             config = SamplingConfig(**{**base.__dict__, "cfg_scale": base.cfg_scale if cfg_on else 1.0})
             row = measure_speed(gpt, hf, prefix=prefix, uncond=layout.uncond_prefix(), image_offset=layout.image_offset,
-                                num_codes=layout.num_codes, configs=settings(config, args.decodings, args.windows),
+                                num_codes=layout.num_codes, configs=settings(config, args.settings),
                                 reps=args.reps, seed=args.seed)
             print(json.dumps({k: row[k] for k in ("batch", "cfg", "speedup_vs_token", "speedup_vs_hf")}), flush=True)
             speed_rows.append(row)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             for cfg_on in (False, True):
                 config = SamplingConfig(temperature=1.0, cfg_scale=4.0 if cfg_on else 1.0)
                 rows.append(measure_speed(ours, hf_big, prefix=prefix, uncond=uncond, image_offset=301, num_codes=1024,
-                                          configs=settings(config, args.decodings, args.windows), reps=args.reps,
+                                          configs=settings(config, args.settings), reps=args.reps,
                                           seed=args.seed))
                 print(json.dumps({k: rows[-1][k] for k in ("batch", "cfg", "speedup_vs_token", "speedup_vs_hf")}),
                       flush=True)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                "Jacobi drafts (q = the last prediction) are accepted almost always and copied ones "
                                "almost never: the speed here says what a pass costs, not what a trained model gains.",
                       "rows": rows})
-    configs = settings(base, args.decodings, args.windows)
+    configs = settings(base, args.settings)
     quality = measure_quality(pipe, configs, prompts={"single": prompt_set("single", max_prompts=16),
                                                       "relation": prompt_set("relation", max_prompts=args.relation_prompts)},
                               per_prompt={"single": 8, "relation": 2}, seed=args.seed + 1, n_boot=args.n_boot, out=out)
