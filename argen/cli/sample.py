@@ -68,11 +68,10 @@ def run_sample(args: argparse.Namespace) -> int:
         print(f"note: --compile applies to CPU sampling; on {device} the GPT runs eagerly.")
     pipe = Pipeline.load(args.pipeline, device=device, verify=not args.no_verify, compile=args.compile)
     try:
-        sampling = dataclasses.replace(pipe.sampling, **overrides)
+        sampling = sampling_from_flags(args, pipe)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"sampling with {describe_sampling(sampling)} ({'pipeline.json recommends it' if not overrides else 'flags over pipeline.json'})")
     for prompt in dict.fromkeys(prompts):
         if not prompt.strip():
             print("note: the empty prompt samples the unconditional model (no caption).")
@@ -143,7 +142,7 @@ def sampler_overrides(args: argparse.Namespace) -> dict:
 
 
 def sampling_from_flags(args: argparse.Namespace, pipe):
-    """The pipeline's recommended sampler with the flags given on top, printed (argen edit and eval)."""
+    """The pipeline's recommended sampler with the flags given on top, printed (argen sample, edit and eval)."""
     overrides = sampler_overrides(args)
     sampling = dataclasses.replace(pipe.sampling, **overrides)
     print(f"sampling with {describe_sampling(sampling)} ({'flags over pipeline.json' if overrides else 'pipeline.json recommends it'})")
