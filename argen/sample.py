@@ -114,6 +114,28 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
     return logits
 
 
+def guided_code_logits(logits: torch.Tensor, t: torch.Tensor, *, image_offset: int, num_codes: int, scales: torch.Tensor,
+                       banned: torch.Tensor | None) -> torch.Tensor:
+    """The image-code logits (B, T, K) of the parallel decoders, from a forward's logits (R, T, V) whose slot (b, j)
+    predicts image token t[b, j] (t: int64 (B, T)): sliced to the codes, guided by each token's scale (N,) where the
+    rows are [cond; uncond], and -inf on the codes `banned` (N, K) or (B, N, K) bans at that token."""
+    B = t.shape[0]
+    logits = logits[..., image_offset : image_offset + num_codes].float()
+    if logits.shape[0] > B:
+        logits = classifier_free_guidance(logits, scales[t].unsqueeze(-1))
+    if banned is not None:
+        rows = torch.arange(B, device=t.device)[:, None]
+        logits = logits.masked_fill(banned[t] if banned.ndim == 2 else banned[rows, t], float("-inf"))
+    return logits
+
+
+def code_probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Probabilities (B, T, K) from code logits (B, T, K) after temperature, top-k and top-p (temperature > 0)."""
+    B, T, K = logits.shape
+    p = filter_logits((logits / config.temperature).flatten(0, 1), top_k=config.top_k, top_p=config.top_p)
+    return torch.softmax(p, dim=-1).view(B, T, K)
+
+
 class RowNoise:
     """Uniform and exponential noise from one generator for the batch, or one per row: with one per row, a row's
     draws do not depend on the rest of the batch.

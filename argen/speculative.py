@@ -9,7 +9,7 @@ import math
 import torch
 
 from argen.model.gpt import GPT, KVCache, RowPositions
-from argen.sample import Decoded, RowNoise, SamplingConfig, classifier_free_guidance, filter_logits
+from argen.sample import Decoded, RowNoise, SamplingConfig, code_probabilities, guided_code_logits
 
 
 class SpeculativeDecoder:
@@ -92,17 +92,10 @@ class SpeculativeDecoder:
         inputs = torch.where(t == 0, boi, seq.gather(1, (t - 1).clamp(min=0)) + self.image_offset)  # slot j reads t - 1
         positions = RowPositions.at((P - 1 + s).repeat(R // B), L)
         logits = self.model(inputs.repeat(R // B, 1), cache=self.cache, start=positions)  # (R, L, V)
-        logits = logits[..., self.image_offset : self.image_offset + K].float()
         self.forward_passes += 1
-        if R > B:
-            logits = classifier_free_guidance(logits, self.scales[t].unsqueeze(-1))  # (B, L, K)
-        if self.banned is not None:
-            banned = self.banned[t] if self.banned.ndim == 2 else self.banned[at[:, None], t]
-            logits = logits.masked_fill(banned, float("-inf"))
-        p = None
-        if config.temperature > 0:
-            p = filter_logits((logits / config.temperature).flatten(0, 1), top_k=config.top_k, top_p=config.top_p)
-            p = torch.softmax(p, dim=-1).view(B, L, K)
+        logits = guided_code_logits(logits, t, image_offset=self.image_offset, num_codes=K, scales=self.scales,
+                                    banned=self.banned)  # (B, L, K)
+        p = code_probabilities(logits, config) if config.temperature > 0 else None
         open_ = t >= n[:, None]  # slots not committed yet
         x = seq.gather(1, t)  # their drafts
         if p is None:  # greedy

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from argen.model.gpt import GPT, KVCache, RowPositions
-from argen.sample import Decoded, RowNoise, SamplingConfig, classifier_free_guidance, filter_logits
+from argen.sample import Decoded, RowNoise, SamplingConfig, code_probabilities, guided_code_logits
 
 
 def zipar_schedule(grid: tuple[int, int], window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,18 +79,12 @@ class RowParallelDecoder:
 
     def _commit(self, cells: torch.Tensor, logits: torch.Tensor) -> None:
         """Draw the tokens `cells` (M,) from the model's logits (R, M, V) at their positions."""
-        B, K, config = self.B, self.K, self.config
-        logits = logits[..., self.image_offset : self.image_offset + K].float()
-        if self.R > B:
-            logits = classifier_free_guidance(logits, self.scales[cells].unsqueeze(-1))  # (B, M, K)
-        if self.banned is not None:
-            banned = self.banned[cells] if self.banned.ndim == 2 else self.banned[:, cells]
-            logits = logits.masked_fill(banned, float("-inf"))
-        if config.temperature == 0:
+        logits = guided_code_logits(logits, cells.expand(self.B, -1), image_offset=self.image_offset, num_codes=self.K,
+                                    scales=self.scales, banned=self.banned)  # (B, M, K)
+        if self.config.temperature == 0:
             self.nonfinite |= logits.isnan().any(dim=-1).any(dim=-1)
             self.codes[:, cells] = logits.argmax(dim=-1)
             return
-        p = filter_logits((logits / config.temperature).flatten(0, 1), top_k=config.top_k, top_p=config.top_p)
-        p = torch.softmax(p, dim=-1).view(B, len(cells), K)
+        p = code_probabilities(logits, self.config)
         self.nonfinite |= p.isnan().any(dim=-1).any(dim=-1)
         self.codes[:, cells] = self.noise.categorical(p)
