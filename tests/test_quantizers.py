@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tokenizers_img import FSQuantizer, QuantizerOutput, VectorQuantizer
+from tokenizers_img.quantizers import ProductQuantizer
 
 
 def _vq(**kw) -> VectorQuantizer:
@@ -266,6 +267,23 @@ def test_fsq_straight_through_gradient():
     z = torch.randn(1, 4, 2, 2, requires_grad=True)
     q(z).quantized.sum().backward()
     assert (z.grad > 0).all()
+
+
+def test_a_product_quantizer_pairs_the_codes_of_its_two_channel_groups():
+    """Code = a * 5 + b with a the first VQ's code of channels [0, 3) and b the second's of [3, 5); codes_to_vectors
+    gives back what forward quantized, and the losses are the two VQs' sums."""
+    torch.manual_seed(0)
+    first, second = VectorQuantizer(dim=3, codebook_size=7), VectorQuantizer(dim=2, codebook_size=5)
+    pq = ProductQuantizer(first, second).eval()
+    assert (pq.dim, pq.num_codes) == (5, 35)
+    z = torch.randn(2, 5, 4, 4)
+    out = pq(z)
+    a, b = first(z[:, :3]), second(z[:, 3:])
+    assert torch.equal(out.indices, a.indices * 5 + b.indices) and torch.equal(pq.encode(z), out.indices)
+    torch.testing.assert_close(pq.codes_to_vectors(out.indices), out.quantized)
+    torch.testing.assert_close(out.loss, a.loss + b.loss)
+    with pytest.raises(ValueError, match=r"\[0, 35\), got min 35, max 35"):
+        pq.codes_to_vectors(torch.tensor([[[35]]]))
 
 
 def test_indices_are_validated():

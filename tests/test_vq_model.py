@@ -9,6 +9,7 @@ import torch
 
 from tokenizers_img import VQConfig, VQModel
 from tokenizers_img.config import from_dict, to_dict
+from tokenizers_img.vq_model import structure_and_colour
 
 
 def tiny(**kw) -> VQConfig:
@@ -41,20 +42,23 @@ def test_shapes_for_each_downsample_factor(ch_mult, factor):
     assert model.decode(codes).shape == x.shape
 
 
-@pytest.mark.parametrize("quantizer, encoder", [("vq", "conv"), ("fsq", "conv"), ("vq", "patch")])
-def test_reconstruction_gradient_reaches_the_encoder(quantizer, encoder):
+@pytest.mark.parametrize("quantizer, encoder, colour_codes", [("vq", "conv", 0), ("fsq", "conv", 0), ("vq", "patch", 0),
+                                                               ("vq", "patch", 4), ("vq", "conv", 4)])
+def test_reconstruction_gradient_reaches_the_encoder(quantizer, encoder, colour_codes):
     torch.manual_seed(0)
-    model = VQModel(tiny(quantizer=quantizer, fsq_levels=(4, 3, 3), encoder=encoder))
+    model = VQModel(tiny(quantizer=quantizer, fsq_levels=(4, 3, 3), encoder=encoder, colour_codes=colour_codes))
     out = model(images())
     ((out.reconstruction - images()) ** 2).mean().backward()
     first = model.encoder.conv_in if encoder == "conv" else model.encoder.embed
-    for p in (first.weight, model.quant_conv.weight, model.last_decoder_layer):
+    colour = [model.colour_encoder[0].weight] if colour_codes else []
+    for p in (first.weight, model.quant_conv.weight, model.last_decoder_layer, *colour):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert model.last_decoder_layer is model.decoder.conv_out.weight
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(quantizer="vq"), dict(quantizer="vq", l2_normalize=False, ema=True), dict(quantizer="fsq")]
+    "kw", [dict(quantizer="vq"), dict(quantizer="vq", l2_normalize=False, ema=True), dict(quantizer="fsq"),
+           dict(colour_codes=4, encoder="patch")]
 )
 def test_encode_decode_equals_forward(kw):
     torch.manual_seed(0)
@@ -95,13 +99,45 @@ def test_encode_never_changes_quantizer_state():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_save_load_roundtrip_is_exact(tmp_path):
+def flat_object(colour: tuple[float, float, float]) -> torch.Tensor:
+    """A 16 px black image with a flat-coloured disc whose anti-aliased edge crosses several 4 x 4 patches."""
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    cover = ((((yy - 7.3) ** 2 + (xx - 8.6) ** 2).sqrt() - 5).neg().clamp(0, 1) * 16).round() / 16
+    return (cover * torch.tensor(colour)[:, None, None]) * 2 - 1  # (3, 16, 16), black background
+
+
+def test_structure_is_the_same_in_every_colour_and_colour_is_the_brightest_pixel():
+    orange, cyan = flat_object((0.98, 0.51, 0.08)), flat_object((0.12, 0.84, 0.88))
+    structure, colour = structure_and_colour(torch.stack([orange, cyan]), 4)
+    assert structure.shape == (2, 1, 16, 16) and colour.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(structure[0], structure[1])
+    assert structure.amin() == -1 and structure.amax() == 1  # black background, the brightest pixel of a patch
+    torch.testing.assert_close(colour[0, :, 1, 2], orange[:, 6, 8])  # a patch inside the disc: the object's colour
+
+
+def test_a_colour_codebook_recolours_an_object_without_changing_its_structure():
+    """Codes are (structure, colour) pairs: recolouring a flat object leaves the structure latents as they were (to
+    float rounding) and moves the colour latents of the patches it covers."""
     torch.manual_seed(0)
-    model = VQModel(tiny(ema=True))
+    model = VQModel(tiny(colour_codes=8, encoder="patch")).eval()
+    batch = torch.stack([flat_object(c) for c in ((0.98, 0.51, 0.08), (0.12, 0.84, 0.88), (0.9, 0.2, 0.9))])
+    with torch.no_grad():
+        z = model._latents(batch)  # (3, 8, 4, 4): structure channels, then colour channels
+    torch.testing.assert_close(z[1:, :4], z[:1, :4].expand(2, -1, -1, -1))
+    covered = (batch[0] > -1).any(0).view(4, 4, 4, 4).any(3).any(1)  # (4, 4): the patches the disc touches
+    moved = (z[1:, 4:] - z[:1, 4:]).abs().amax(dim=1) > 1e-3  # (2, 4, 4)
+    assert torch.equal(moved, covered.expand(2, -1, -1))
+
+
+@pytest.mark.parametrize("colour_codes", [0, 4])
+def test_save_load_roundtrip_is_exact(tmp_path, colour_codes):
+    torch.manual_seed(0)
+    model = VQModel(tiny(ema=True, colour_codes=colour_codes))
     for s in range(3):  # k-means init, EMA and usage counters move away from their initial values
         model.train()(images(seed=s))
     model.eval()
-    assert bool(model.quantizer.initialized) and model.quantizer.steps_since_used.max() > 0
+    vqs = (model.quantizer.first, model.quantizer.second) if colour_codes else (model.quantizer,)
+    assert all(bool(vq.initialized) for vq in vqs) and vqs[0].steps_since_used.max() > 0
     model.save_pretrained(tmp_path / "vq")
     loaded = VQModel.from_pretrained(tmp_path / "vq")
     assert loaded.config == model.config and not loaded.training
@@ -137,6 +173,7 @@ def test_config_derived_sizes_and_dict_roundtrip():
     cfg = tiny(quantizer="fsq", fsq_levels=(8, 5, 5, 5))
     assert (cfg.num_codes, cfg.code_dim, cfg.downsample, cfg.grid_size) == (1000, 4, 4, 4)
     assert tiny().num_codes == 32 and tiny().code_dim == 4
+    assert tiny(colour_codes=5).num_codes == 32 * 5 and tiny(colour_codes=5).code_dim == 8
     again = from_dict(VQConfig, json.loads(json.dumps(to_dict(cfg))))
     assert again == cfg and isinstance(again.ch_mult, tuple)
     default = VQConfig()
@@ -156,6 +193,8 @@ def test_config_derived_sizes_and_dict_roundtrip():
         (dict(dead_code_threshold=-1), r"dead_code_threshold must be >= 0.*got -1"),
         (dict(quantizer="lfq"), r"'vq' or 'fsq', got 'lfq'"),
         (dict(encoder="vit"), r"encoder must be 'conv' or 'patch', got 'vit'"),
+        (dict(colour_codes=1), r"colour_codes=1: a colour codebook needs colour_codes >= 2"),
+        (dict(colour_codes=4, quantizer="fsq"), r"colour_codes=4: .*quantizer 'vq' \(got 'fsq'\)"),
     ],
 )
 def test_config_validation_messages_print_the_values(kw, pattern):

@@ -1,4 +1,5 @@
-"""Quantizers behind one interface: l2-normalised low-dim VQ (EMA, k-means init, dead-code restart) and FSQ."""
+"""Quantizers behind one interface: l2-normalised low-dim VQ (EMA, k-means init, dead-code restart), a product of
+two VQs, and FSQ."""
 
 from __future__ import annotations
 
@@ -383,6 +384,51 @@ class VectorQuantizer(Quantizer):
         else:
             counts = _all_reduce_sum(counts)
         self._update_usage(counts)
+
+
+class ProductQuantizer(Quantizer):
+    """Two VQ codebooks over two channel groups of z (product quantisation, Jegou et al. 2011): the first
+    `first.dim` channels pick code a of `first`, the rest code b of `second`, and the code is a * second.num_codes + b.
+    `VQModel` with `colour_codes` feeds it a patch's colour-free structure and its colour, so that a GPT can learn
+    shape and colour apart (`GPTConfig.code_factors`)."""
+
+    def __init__(self, first: VectorQuantizer, second: VectorQuantizer):
+        super().__init__()
+        self.first, self.second = first, second
+        self.dim = first.dim + second.dim
+        self.num_codes = first.num_codes * second.num_codes
+
+    def num_dead_codes(self, *, unused_for: int) -> int:
+        """Dead rows of the two codebooks together."""
+        return self.first.num_dead_codes(unused_for=unused_for) + self.second.num_dead_codes(unused_for=unused_for)
+
+    def _join(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * self.second.num_codes + b
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        return self._join(self.first.encode(z[:, : self.first.dim]), self.second.encode(z[:, self.first.dim :]))
+
+    def codes_to_vectors(self, indices: torch.Tensor) -> torch.Tensor:
+        self._check_indices(indices)
+        k = self.second.num_codes
+        return torch.cat([self.first.codes_to_vectors(indices // k), self.second.codes_to_vectors(indices % k)], dim=1)
+
+    def forward(self, z: torch.Tensor, *, generator: torch.Generator | None = None) -> QuantizerOutput:
+        self._check_input(z)
+        a = self.first(z[:, : self.first.dim], generator=generator)
+        b = self.second(z[:, self.first.dim :], generator=generator)
+        indices = self._join(a.indices, b.indices)
+        counts = torch.bincount(indices.flatten(), minlength=self.num_codes).float()
+        return QuantizerOutput(
+            quantized=torch.cat([a.quantized, b.quantized], dim=1),
+            indices=indices,
+            loss=a.loss + b.loss,
+            commit_loss=a.commit_loss + b.commit_loss,
+            codebook_loss=a.codebook_loss + b.codebook_loss,
+            perplexity=perplexity_from_counts(counts),
+        )
 
 
 def _rotate_onto(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenizers_img.autoencoder import Decoder, Encoder, PatchEncoder
-from tokenizers_img.quantizers import FSQuantizer, Quantizer, QuantizerOutput, VectorQuantizer
+from tokenizers_img.quantizers import FSQuantizer, ProductQuantizer, Quantizer, QuantizerOutput, VectorQuantizer
 from tokenizers_img.serialization import PretrainedMixin
 
 
@@ -19,7 +20,8 @@ class VQConfig:
     """Architecture and quantizer of a VQ tokenizer. Defaults: a LlamaGen-style VQ-16 at 256 px.
 
     Derived sizes are properties: `downsample` = 2 ** (len(ch_mult) - 1), `grid_size` = resolution // downsample,
-    `num_codes` (codebook_size for "vq", prod(fsq_levels) for "fsq"), `code_dim` (channels the quantizer sees).
+    `num_codes` (codebook_size for "vq", times colour_codes with a colour codebook; prod(fsq_levels) for "fsq"),
+    `code_dim` (channels the quantizer sees).
     `codebook_size`, `codebook_dim`, `l2_normalize`, `beta`, `ema*`, `kmeans*`, `dead_code_threshold` and
     `rotation_trick` apply to "vq" only; `fsq_levels` to "fsq" only.
     """
@@ -46,6 +48,9 @@ class VQConfig:
     dead_code_threshold: int = 100  # restart codes unused for this many training steps; 0 disables
     rotation_trick: bool = False  # Fifty et al. 2024 gradient estimator instead of straight-through
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)
+    # > 0: each code is a (structure, colour) pair (see `structure_and_colour`): codebook_size structure codes times
+    # colour_codes colour codes, so that a GPT learns shape and colour apart and can draw pairs it never saw.
+    colour_codes: int = 0
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(self.ch_mult)
@@ -98,6 +103,11 @@ class VQConfig:
         else:
             if not self.fsq_levels or min(self.fsq_levels) < 2:
                 raise ValueError(f"fsq_levels must be a non-empty tuple of ints >= 2, got {self.fsq_levels}.")
+        if self.colour_codes:
+            if self.colour_codes < 2 or self.quantizer != "vq" or self.in_channels != 3:
+                raise ValueError(f"colour_codes={self.colour_codes}: a colour codebook needs colour_codes >= 2, "
+                                 f"quantizer 'vq' (got {self.quantizer!r}) and RGB images (in_channels 3, got "
+                                 f"{self.in_channels}); 0 turns it off.")
 
     @property
     def downsample(self) -> int:
@@ -109,11 +119,15 @@ class VQConfig:
 
     @property
     def num_codes(self) -> int:
-        return self.codebook_size if self.quantizer == "vq" else math.prod(self.fsq_levels)
+        if self.quantizer == "fsq":
+            return math.prod(self.fsq_levels)
+        return self.codebook_size * (self.colour_codes or 1)
 
     @property
     def code_dim(self) -> int:
-        return self.codebook_dim if self.quantizer == "vq" else len(self.fsq_levels)
+        if self.quantizer == "fsq":
+            return len(self.fsq_levels)
+        return self.codebook_dim * (2 if self.colour_codes else 1)
 
 
 @dataclass
@@ -128,18 +142,45 @@ def build_quantizer(config: VQConfig) -> Quantizer:
     """The quantizer a config asks for, consuming `config.code_dim` channels."""
     if config.quantizer == "fsq":
         return FSQuantizer(levels=config.fsq_levels)
-    return VectorQuantizer(
-        dim=config.codebook_dim,
-        codebook_size=config.codebook_size,
-        l2_normalize=config.l2_normalize,
-        beta=config.beta,
-        ema=config.ema,
-        ema_decay=config.ema_decay,
-        kmeans_init=config.kmeans_init,
-        kmeans_iters=config.kmeans_iters,
-        dead_code_threshold=config.dead_code_threshold,
-        rotation_trick=config.rotation_trick,
-    )
+
+    def vq(codebook_size: int) -> VectorQuantizer:
+        return VectorQuantizer(
+            dim=config.codebook_dim,
+            codebook_size=codebook_size,
+            l2_normalize=config.l2_normalize,
+            beta=config.beta,
+            ema=config.ema,
+            ema_decay=config.ema_decay,
+            kmeans_init=config.kmeans_init,
+            kmeans_iters=config.kmeans_iters,
+            dead_code_threshold=config.dead_code_threshold,
+            rotation_trick=config.rotation_trick,
+        )
+
+    if config.colour_codes:
+        return ProductQuantizer(vq(config.codebook_size), vq(config.colour_codes))
+    return vq(config.codebook_size)
+
+
+# A patch whose brightest pixel is dimmer than this keeps its brightness in the structure map (a saved colour
+# tokenizer's codes depend on it: changing it changes what they mean).
+STRUCTURE_FLOOR = 0.05
+
+
+def structure_and_colour(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) in [-1, 1] -> what each f x f patch looks like without its colour, and its colour.
+
+    structure (B, 1, H, W): each pixel's brightness (its RGB norm) over that of the brightest pixel of its patch
+    (at least STRUCTURE_FLOOR), in [-1, 1]; colour (B, 3, H/f, W/f): the RGB of that brightest pixel, in [-1, 1]. A
+    patch of a flat-coloured object gives the same structure in every colour.
+    """
+    x = (images.float() + 1) / 2
+    b, _, h, w = x.shape
+    bright = x.norm(dim=1, keepdim=True)  # (B, 1, H, W)
+    peak, where = F.max_pool2d(bright, patch, return_indices=True)  # (B, 1, h, w): value and flat index in H*W
+    colour = x.flatten(2).gather(2, where.flatten(2).expand(-1, 3, -1)).view(b, 3, h // patch, w // patch)
+    scale = F.interpolate(peak, scale_factor=patch, mode="nearest").clamp(min=STRUCTURE_FLOOR)
+    return (bright / scale).clamp(max=1) * 2 - 1, colour * 2 - 1
 
 
 class VQModel(PretrainedMixin, nn.Module):
@@ -158,13 +199,18 @@ class VQModel(PretrainedMixin, nn.Module):
             base_channels=config.base_channels, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
             attn=config.attn, z_channels=config.z_channels, norm_groups=config.norm_groups, dropout=config.dropout,
         )
+        in_channels = 1 if config.colour_codes else config.in_channels  # the structure map of structure_and_colour
         if config.encoder == "patch":  # as wide as the conv encoder's last level, num_res_blocks + 1 MLPs deep
-            self.encoder = PatchEncoder(in_channels=config.in_channels, patch=config.downsample,
+            self.encoder = PatchEncoder(in_channels=in_channels, patch=config.downsample,
                                         width=config.base_channels * config.ch_mult[-1],
                                         depth=config.num_res_blocks + 1, z_channels=config.z_channels)
         else:
-            self.encoder = Encoder(in_channels=config.in_channels, **arch)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.code_dim, 1)
+            self.encoder = Encoder(in_channels=in_channels, **arch)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim if config.colour_codes else config.code_dim, 1)
+        if config.colour_codes:  # each patch's colour (3 values) -> its colour latent, position by position
+            width = config.base_channels
+            self.colour_encoder = nn.Sequential(nn.Conv2d(3, width, 1), nn.SiLU(), nn.Conv2d(width, width, 1), nn.SiLU(),
+                                                nn.Conv2d(width, config.codebook_dim, 1))
         self.quantizer = build_quantizer(config)
         self.post_quant_conv = nn.Conv2d(config.code_dim, config.z_channels, 1)
         self.decoder = Decoder(out_channels=config.in_channels, **arch)
@@ -190,7 +236,11 @@ class VQModel(PretrainedMixin, nn.Module):
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images)
-        return self.quant_conv(self.encoder(images))  # (B, code_dim, h, w)
+        if not self.config.colour_codes:
+            return self.quant_conv(self.encoder(images))  # (B, code_dim, h, w)
+        structure, colour = structure_and_colour(images, self.config.downsample)
+        colour = colour.to(self.quant_conv.weight.dtype)
+        return torch.cat([self.quant_conv(self.encoder(structure.to(colour.dtype))), self.colour_encoder(colour)], dim=1)
 
     def forward(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> VQOutput:
         """Reconstruct images through the quantizer. In training mode the quantizer updates its statistics
