@@ -46,10 +46,12 @@ def test_shapes_and_derived_sizes():
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
-@pytest.mark.parametrize("n_kv_head, abs_pos_emb, code_features", [(4, False, 0), (2, False, 0), (1, False, 0), (2, True, 0),
-                                                                   (2, False, 6)])
-def test_cached_decoding_equals_full_forward(backend, n_kv_head, abs_pos_emb, code_features):
-    cfg = tiny(n_kv_head=n_kv_head, attn_backend=backend, abs_pos_emb=abs_pos_emb, code_features=code_features)
+@pytest.mark.parametrize("n_kv_head, abs_pos_emb, code_features, code_factors",
+                         [(4, False, 0, None), (2, False, 0, None), (1, False, 0, None), (2, True, 0, None),
+                          (2, False, 6, None), (2, False, 0, (6, 4)), (2, False, 6, (6, 4))])
+def test_cached_decoding_equals_full_forward(backend, n_kv_head, abs_pos_emb, code_features, code_factors):
+    cfg = tiny(n_kv_head=n_kv_head, attn_backend=backend, abs_pos_emb=abs_pos_emb, code_features=code_features,
+               code_factors=code_factors)
     model, idx = model_of(cfg), tokens(cfg)
     with torch.no_grad():
         full = model(idx)
@@ -151,6 +153,65 @@ def test_code_features_let_codes_that_look_alike_share_what_is_learned():
     assert plain_a > 0 and plain_b < 0.2 * plain_a, (plain_a, plain_b)
 
 
+def test_factored_codes_are_sums_of_their_structure_and_colour_rows():
+    """With code_factors (a, b) = (6, 4) the last 24 tokens are codes i * 4 + j: the embedding of code (i, j) is
+    the sum of rows i and a + j, and its logit is the sum of theirs, so logit(i, j) - logit(i, j') is the same for
+    every i. Text tokens keep their own rows."""
+    cfg = tiny(code_factors=(6, 4))
+    model, idx = model_of(cfg), tokens(cfg)
+    assert cfg.num_token_rows == 16 and model.tok_emb.num_embeddings == 16 and model.factor_emb.num_embeddings == 10
+    code = torch.tensor(16 + 3 * 4 + 2)  # (i, j) = (3, 2)
+    torch.testing.assert_close(model._embed(code), model.factor_emb.weight[3] + model.factor_emb.weight[6 + 2])
+    torch.testing.assert_close(model._embed(torch.tensor(5)), model.tok_emb.weight[5])
+    with torch.no_grad():
+        codes = model(idx)[..., 16:].reshape(*idx.shape, 6, 4)
+    differences = codes - codes[..., :1]  # logit(i, j) - logit(i, 0)
+    torch.testing.assert_close(differences, differences[..., :1, :].expand_as(differences), rtol=0, atol=1e-5)
+    assert differences.abs().amax() > 0.01
+    with pytest.raises(ValueError, match="code_factors must be two positive ints"):
+        tiny(code_factors=(8, 5))  # 40 codes leave no room for text in a vocabulary of 40
+
+
+@pytest.mark.parametrize("code_features, code_factors", [(0, None), (6, (6, 4))])
+def test_logits_from_gives_the_last_positions_logits(code_features, code_factors):
+    cfg = tiny(code_features=code_features, code_factors=code_factors)
+    model, idx = model_of(cfg), tokens(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, logits_from=cfg.prefix_len - 1), model(idx)[:, cfg.prefix_len - 1:])
+    with pytest.raises(ValueError, match=r"logits_from=16 must lie in \[0, T=16\)"):
+        model(idx, logits_from=16)
+
+
+def test_factored_codes_let_a_pair_never_seen_rise_with_its_parts():
+    """SGD steps towards codes (0, 1) and (2, 0) raise the logit of code (0, 0), never a target, nearly as much as a
+    target's when codes are factored: it shares structure 0 with one and colour 0 with the other. With one row per
+    code it moves much less (rises are measured against the mean rise of the codes that share nothing with the
+    targets: structures 1, 3, 4, 5 with colours 2, 3)."""
+    idx = tokens(tiny(), batch=4)[:, :-1]
+    target = torch.full_like(idx, 16 + 0 * 4 + 1)
+    target[::2] = 16 + 2 * 4 + 0
+
+    def rises(code_factors) -> tuple[float, float]:
+        model = model_of(tiny(code_factors=code_factors, init_std=0.1))
+        before = model(idx).detach()
+        for _ in range(3):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), target.flatten()).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.05 * p.grad
+        with torch.no_grad():
+            rise = (model(idx) - before).mean(dim=(0, 1))
+        codes = rise[16:].view(6, 4)
+        unrelated = codes[[1, 3, 4, 5]][:, [2, 3]].mean()
+        return float(codes[0, 1] - unrelated), float(codes[0, 0] - unrelated)
+
+    target_rise, unseen_rise = rises((6, 4))
+    assert target_rise > 0 and unseen_rise > 0.8 * target_rise, (target_rise, unseen_rise)
+    target_rise, unseen_rise = rises(None)
+    assert target_rise > 0 and abs(unseen_rise) < 0.3 * target_rise, (target_rise, unseen_rise)
+
+
 def test_rope_positions_are_1d_for_text_and_2d_for_image_tokens():
     cfg = tiny(prefix_len=3, image_grid=(2, 3))
     pos = rope_positions(cfg).tolist()
@@ -178,9 +239,10 @@ def test_2d_rope_scores_depend_only_on_the_row_and_column_offsets():
     assert score(image(0, 3), image(1, 3)) != pytest.approx(score(image(1, 0), image(1, 3)), abs=1e-3)
 
 
-@pytest.mark.parametrize("tie, code_features", [(False, 0), (True, 0), (False, 5)])
-def test_save_load_round_trip_gives_identical_logits(tmp_path, tie, code_features):
-    cfg = tiny(tie_embeddings=tie, code_features=code_features)
+@pytest.mark.parametrize("tie, code_features, code_factors", [(False, 0, None), (True, 0, None), (False, 5, None),
+                                                              (False, 0, (6, 4)), (True, 5, (6, 4))])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, tie, code_features, code_factors):
+    cfg = tiny(tie_embeddings=tie, code_features=code_features, code_factors=code_factors)
     model = model_of(cfg)
     assert (model.lm_head.weight is model.tok_emb.weight) == tie
     model.save_pretrained(tmp_path / "gpt")

@@ -36,6 +36,7 @@ from argen.tasks.gpt import (
     id_ranges,
     sequence_loss,
     train_gpt,
+    vq_code_factors,
 )
 from argen.text import TextTokenizer, dataset_captions, train_text_tokenizer
 from tokenizers_img.config import ConfigError, load_config
@@ -185,6 +186,9 @@ def test_caption_dropout_and_text_weight(parts, tmp_path):
     assert torch.allclose(plain.loss, plain.image_loss)  # text_loss_weight 0: image tokens only
     weighted = sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout, text_loss_weight=0.5)
     assert not torch.allclose(weighted.loss, plain.loss) and float(weighted.text_loss) > 0
+    # without a text loss no text logits are computed: the image figures are the same, the text loss reads 0
+    torch.testing.assert_close(weighted.image_loss, plain.image_loss)
+    assert torch.equal(weighted.image_acc, plain.image_acc) and float(plain.text_loss) == 0
 
 
 def test_code_features_are_what_the_vq_codes_look_like(parts, tmp_path):
@@ -209,6 +213,22 @@ def test_code_features_are_what_the_vq_codes_look_like(parts, tmp_path):
         code_features(vq, 40)
     with pytest.raises(ValueError, match="model.code_features needs data.vq_tokenizer"):
         GPTTask(exp, layout=layout, text_tokenizer=text, trained_with={})
+
+
+def test_a_product_vq_tokenizer_gives_its_gpt_factored_codes(parts, tmp_path):
+    """A VQ with 8 structure x 4 colour codes (32, as the shards hold) makes the GPT's image codes factored: no row
+    of their own, (8, 4) factor rows; a plain VQ, or none, keeps one row per code."""
+    torch.manual_seed(0)
+    VQModel(VQConfig(resolution=16, base_channels=8, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, norm_groups=4,
+                     codebook_size=8, codebook_dim=4, colour_codes=4)).save_pretrained(tmp_path / "vq")
+    assert vq_code_factors(str(tmp_path / "vq")) == (8, 4)
+    assert vq_code_factors(str(parts.vq_dir)) is None and vq_code_factors(None) is None
+    text = TextTokenizer.load(parts.text_file)
+    layout = SequenceLayout.from_parts(text, text_len=8, num_codes=32, image_grid=(4, 4))
+    task = GPTTask(experiment_for(parts, tmp_path), layout=layout, text_tokenizer=text, trained_with={},
+                   vq_dir=str(tmp_path / "vq"))
+    assert task.gpt.config.code_factors == (8, 4) and task.gpt.tok_emb.num_embeddings == layout.image_offset
+    assert task.gpt.config.vocab_size == layout.vocab_size and task.gpt.factor_emb.num_embeddings == 12
 
 
 def _losses(run: Path) -> list[float]:

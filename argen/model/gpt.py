@@ -81,6 +81,11 @@ class GPTConfig:
     adds the dot product of a learned projection of the hidden state with every token's features to the logits:
     codes that look alike share what the model learns about any of them, which a table of independent rows cannot
     do. The features are saved with the weights.
+    `code_factors` = (a, b) says the image codes (the last a * b tokens) are pairs, code = i * b + j, from a product
+    tokenizer (`VQConfig.colour_codes`: structure i, colour j). Such a code has no row of its own: its embedding is
+    the sum of the rows of i and j, and its logit the sum of theirs (`GPT.factor_emb`, `GPT.factor_head`), so what
+    the model learns of a colour or a structure holds in pairs it never saw; with one row per code, a pair never
+    seen as a target is one the model learned never comes.
     """
 
     vocab_size: int
@@ -100,9 +105,15 @@ class GPTConfig:
     init_std: float = 0.02
     abs_pos_emb: bool = False
     code_features: int = 0
+    code_factors: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.image_grid = tuple(self.image_grid)  # JSON/YAML give a list
+        if self.code_factors is not None:
+            self.code_factors = tuple(self.code_factors)
+            if len(self.code_factors) != 2 or min(self.code_factors) < 1 or self.num_factored_codes >= self.vocab_size:
+                raise ValueError(f"code_factors must be two positive ints (a, b) with a * b image codes below "
+                                 f"vocab_size={self.vocab_size}, got {self.code_factors!r}.")
         if len(self.image_grid) != 2 or any(not isinstance(s, int) or s < 1 for s in self.image_grid):
             raise ValueError(f"image_grid must be two positive ints (h, w), got {self.image_grid!r}.")
         for name in ("vocab_size", "prefix_len", "n_layer"):
@@ -135,6 +146,16 @@ class GPTConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def num_factored_codes(self) -> int:
+        """How many tokens (the last ones) are factored image codes: a * b, or 0 without code_factors."""
+        return math.prod(self.code_factors) if self.code_factors else 0
+
+    @property
+    def num_token_rows(self) -> int:
+        """Tokens with a row of their own in the embedding and the head: all but the factored codes."""
+        return self.vocab_size - self.num_factored_codes
 
     @property
     def block_size(self) -> int:
@@ -325,14 +346,19 @@ class GPT(PretrainedMixin, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.tok_emb = nn.Embedding(config.num_token_rows, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.abs_pos_emb else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config.block) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = Linear(config.n_embd, config.num_token_rows)
+        if config.code_factors:  # rows [0, a) for structures, [a, a + b) for colours
+            self.factor_emb = nn.Embedding(sum(config.code_factors), config.n_embd)
+            self.factor_head = Linear(config.n_embd, sum(config.code_factors))
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+            if config.code_factors:
+                self.factor_head.weight = self.factor_emb.weight
         if config.code_features:
             self.register_buffer("code_feat", torch.zeros(config.vocab_size, config.code_features))
             self.feat_in = Linear(config.code_features, config.n_embd)
@@ -360,15 +386,20 @@ class GPT(PretrainedMixin, nn.Module):
         since it is then also the output head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and not self.config.tie_embeddings:
-            n -= self.tok_emb.weight.numel()
+            n -= self.tok_emb.weight.numel() + (self.factor_emb.weight.numel() if self.config.code_factors else 0)
         return n
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0,
+                logits_from: int = 0) -> torch.Tensor:
+        """`logits_from` > 0 returns the logits of positions [logits_from, T) only (B, T - logits_from, vocab_size):
+        training without a text loss needs none for the text positions, and the head is a large share of a step."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be int64 token ids (B, T), got shape {tuple(idx.shape)}.")
         B, T = idx.shape
+        if not 0 <= logits_from < T:
+            raise ValueError(f"logits_from={logits_from} must lie in [0, T={T}).")
         if isinstance(start, RowPositions):
-            return self._forward_rows(idx, cache=cache, rows=start)
+            return self._forward_rows(idx, cache=cache, rows=start)[:, logits_from:]
         if start < 0 or start + T > self.config.block_size:
             raise ValueError(
                 f"positions [start, start + T) = [{start}, {start + T}) must lie in [0, block_size={self.config.block_size})."
@@ -380,7 +411,7 @@ class GPT(PretrainedMixin, nn.Module):
         cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
         sin = self.rope_sin[start : start + T].unsqueeze(1)
         pos = self.pos_emb.weight[start : start + T] if self.pos_emb is not None else None
-        return self._run(idx, cos, sin, pos, cache=cache, start=start)
+        return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from)
 
     def _forward_rows(self, idx: torch.Tensor, *, cache: KVCache | None, rows: RowPositions) -> torch.Tensor:
         """forward with each row at its own positions `rows.index` (B, T) against `cache`."""
@@ -395,9 +426,10 @@ class GPT(PretrainedMixin, nn.Module):
         return self._run(idx, cos, sin, pos, cache=cache, start=rows)
 
     def _run(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None, *,
-             cache: KVCache | None, start: int | RowPositions) -> torch.Tensor:
-        """Embeddings (plus the absolute position rows `pos`), the blocks, the head: logits (B, T, vocab_size)."""
-        x = self.tok_emb(idx)  # (B, T, C)
+             cache: KVCache | None, start: int | RowPositions, logits_from: int = 0) -> torch.Tensor:
+        """Embeddings (plus the absolute position rows `pos`), the blocks, the head on positions [logits_from, T):
+        logits (B, T - logits_from, vocab_size)."""
+        x = self._embed(idx)  # (B, T, C)
         if self.config.code_features:
             x = x + self.feat_in(self.code_feat[idx])
         if pos is not None:
@@ -409,11 +441,30 @@ class GPT(PretrainedMixin, nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache=None if cache is None else (cache.k[i], cache.v[i]), start=start)
-        x = self.norm(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if self.config.code_features:
-            logits = logits + self.feat_out(x) @ self.code_feat.t().to(x.dtype)
-        return logits
+        return self._head(self.norm(x[:, logits_from:]))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states (B, T', C) -> logits (B, T', vocab_size): each token row's; a factored code's is the
+        sum of its structure's and its colour's; plus the code-features term (zero for text tokens)."""
+        logits = self.lm_head(x)  # (B, T', num_token_rows)
+        feats = self.feat_out(x) if self.config.code_features else None  # (B, T', code_features)
+        if not self.config.code_factors:
+            return logits if feats is None else logits + feats @ self.code_feat.t().to(x.dtype)
+        (a, b), rows = self.config.code_factors, self.config.num_token_rows
+        f = self.factor_head(x)  # (B, T', a + b)
+        codes = f[..., :a, None] + f[..., None, a:]  # (B, T', a, b)
+        if feats is not None:
+            codes = codes + (feats @ self.code_feat[rows:].t().to(x.dtype)).unflatten(-1, (a, b))
+        return torch.cat([logits, codes.flatten(-2)], dim=-1)
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token rows; a factored code's is the sum of its structure's and its colour's rows."""
+        if not self.config.code_factors:
+            return self.tok_emb(idx)
+        rows, (a, b) = self.config.num_token_rows, self.config.code_factors
+        code = (idx - rows).clamp(min=0)
+        factored = self.factor_emb(code // b) + self.factor_emb(a + code % b)
+        return torch.where((idx < rows)[..., None], self.tok_emb(idx.clamp(max=rows - 1)), factored)
 
 
 def flops_per_token(config: GPTConfig, seq_len: int) -> float:
@@ -423,5 +474,6 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     as PaLM does, although a causal kernel can skip half of it."""
     C, L, D = config.n_embd, config.n_layer, config.head_dim
     per_layer = C * (config.n_head + 2 * config.kv_heads) * D + config.n_head * D * C + 3 * C * config.ffn_dim
-    n_matmul = L * per_layer + C * config.vocab_size + config.code_features * (2 * C + config.vocab_size)
+    head = config.num_token_rows + (sum(config.code_factors) if config.code_factors else 0)
+    n_matmul = L * per_layer + C * head + config.code_features * (2 * C + config.vocab_size)
     return 6.0 * n_matmul + 12.0 * L * config.n_head * D * seq_len

@@ -34,7 +34,8 @@ from tokenizers_img.config import to_dict
 from tokenizers_img.serialization import pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
-DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid")  # set by the sequence layout, never typed in YAML
+# set by the sequence layout and the VQ tokenizer (`vq_code_factors`), never typed in YAML
+DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid", "code_factors")
 
 
 @dataclass
@@ -66,9 +67,19 @@ def architecture_kwargs(arch: Any) -> dict[str, Any]:
     return {f.name: getattr(arch, f.name) for f in dataclasses.fields(arch)}
 
 
-def gpt_config_for(arch: Any, layout: SequenceLayout) -> GPTConfig:
-    """The full GPTConfig: the architecture plus the layout's vocab_size, prefix_len and image_grid."""
-    return GPTConfig(**layout.gpt_sizes(), **architecture_kwargs(arch))
+def gpt_config_for(arch: Any, layout: SequenceLayout, *, code_factors: tuple[int, int] | None = None) -> GPTConfig:
+    """The full GPTConfig: the architecture plus the layout's vocab_size, prefix_len and image_grid, and the VQ
+    tokenizer's code_factors."""
+    return GPTConfig(**layout.gpt_sizes(), **architecture_kwargs(arch), code_factors=code_factors)
+
+
+def vq_code_factors(vq_dir: str | None) -> tuple[int, int] | None:
+    """(structure codes, colour codes) when the VQ tokenizer at `vq_dir` is a product one (`VQConfig.colour_codes`):
+    its GPT then gets `GPTConfig.code_factors`. None for a plain tokenizer or none given."""
+    if vq_dir is None:
+        return None
+    config = VQModel.config_from_pretrained(vq_dir)
+    return (config.codebook_size, config.colour_codes) if config.colour_codes else None
 
 
 @dataclass
@@ -249,18 +260,21 @@ class SequenceLoss:
 def sequence_loss(model: nn.Module, text_ids: Tensor, codes: Tensor, *, layout: SequenceLayout,
                   text_loss_weight: float = 0.0) -> SequenceLoss:
     """Cross-entropy of the GPT on [text | BOI | codes]: image targets weigh 1, text targets `text_loss_weight`,
-    PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64."""
+    PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64. Without a text loss the model computes no logits
+    for the text positions, and text_loss is 0."""
     seq = layout.build(text_ids, codes, check=False)  # (B, seq_len); ids are checked once, at load time
     inputs, targets = layout.split(seq)
-    logits = model(inputs).float()  # (B, T, V)
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, T)
-    weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)
     first = layout.prefix_len - 1  # the first input position whose target is an image token
-    image_ce = ce[:, first:]
+    start = 0 if text_loss_weight > 0 else first
+    weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)[:, start:]
+    targets = targets[:, start:]
+    logits = model(inputs, logits_from=start).float()  # (B, T - start, V)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    image_ce = ce[:, first - start:]
     with torch.no_grad():
-        acc = (logits[:, first:].argmax(-1) == targets[:, first:]).float().mean()
-        text_mask = targets[:, :first] != layout.pad_id
-        text_loss = (ce[:, :first] * text_mask).sum() / text_mask.sum().clamp(min=1)
+        acc = (logits[:, first - start:].argmax(-1) == targets[:, first - start:]).float().mean()
+        text_mask = targets[:, :first - start] != layout.pad_id
+        text_loss = (ce[:, :first - start] * text_mask).sum() / text_mask.sum().clamp(min=1)
     return SequenceLoss(loss=(ce * weights).sum() / weights.sum(), image_loss=image_ce.mean(), image_acc=acc,
                         text_loss=text_loss)
 
@@ -291,7 +305,7 @@ class GPTTask:
         self.trained_with = trained_with
         self.val_dataset = val_dataset
         self.vq_dir = vq_dir
-        self.gpt = GPT(gpt_config_for(experiment.model, layout))
+        self.gpt = GPT(gpt_config_for(experiment.model, layout, code_factors=vq_code_factors(vq_dir)))
         layout.check(self.gpt.config)
         if self.gpt.config.code_features:
             if vq_dir is None:
