@@ -48,8 +48,10 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
     assert trained_on == [str(out / "codes" / "train"), str(out / "codes" / "train+relation")]
     gpt = GPT.from_pretrained(out / "gpt_run" / "final" / "gpt")
     assert gpt.config.code_features == 32  # the shipped config's, filled from the demo's own tokenizer
-    codes = json.loads((out / "tokenizer_run" / "final" / "tokenizer" / "config.json").read_text())["codebook_size"]
-    assert codes == 1024  # the shipped tokenizer config's
+    vq = json.loads((out / "tokenizer_run" / "final" / "tokenizer" / "config.json").read_text())
+    assert (vq["codebook_size"], vq["colour_codes"]) == (128, 32)  # the shipped tokenizer config's
+    assert gpt.config.code_factors == (128, 32)  # so the GPT's image codes are (structure, colour) pairs
+    codes = 128 * 32
     image = gpt.code_feat[-codes:]
     assert image.abs().sum() > 0 and not gpt.code_feat[: gpt.config.vocab_size - codes].any()
 

@@ -153,21 +153,28 @@ def test_code_features_let_codes_that_look_alike_share_what_is_learned():
     assert plain_a > 0 and plain_b < 0.2 * plain_a, (plain_a, plain_b)
 
 
-def test_factored_codes_are_sums_of_their_structure_and_colour_rows():
+def test_factored_codes_embed_as_sums_and_predict_structure_then_colour():
     """With code_factors (a, b) = (6, 4) the last 24 tokens are codes i * 4 + j: the embedding of code (i, j) is
-    the sum of rows i and a + j, and its logit is the sum of theirs, so logit(i, j) - logit(i, j') is the same for
-    every i. Text tokens keep their own rows."""
+    the sum of rows i and a + j; its logit is log p(i) + log p(j | i), the structure head's softmax plus the colour
+    MLP's given that structure, so the image logits are a normalised distribution and the colour's depends on i.
+    Text tokens keep their own rows."""
     cfg = tiny(code_factors=(6, 4))
     model, idx = model_of(cfg), tokens(cfg)
     assert cfg.num_token_rows == 16 and model.tok_emb.num_embeddings == 16 and model.factor_emb.num_embeddings == 10
     code = torch.tensor(16 + 3 * 4 + 2)  # (i, j) = (3, 2)
     torch.testing.assert_close(model._embed(code), model.factor_emb.weight[3] + model.factor_emb.weight[6 + 2])
     torch.testing.assert_close(model._embed(torch.tensor(5)), model.tok_emb.weight[5])
+    hidden = []
+    model.norm.register_forward_hook(lambda module, args, out: hidden.append(out))
     with torch.no_grad():
         codes = model(idx)[..., 16:].reshape(*idx.shape, 6, 4)
-    differences = codes - codes[..., :1]  # logit(i, j) - logit(i, 0)
-    torch.testing.assert_close(differences, differences[..., :1, :].expand_as(differences), rtol=0, atol=1e-5)
-    assert differences.abs().amax() > 0.01
+        x = hidden[0]
+        torch.testing.assert_close(codes.exp().sum((-2, -1)), torch.ones(idx.shape))  # normalised over the codes
+        structure = codes.logsumexp(-1)  # log p(i)
+        torch.testing.assert_close(structure, model.structure_head(x).log_softmax(-1))
+        colour = codes - structure[..., None]  # log p(j | i)
+        torch.testing.assert_close(colour, model.colour_logits(x).log_softmax(-1))
+    assert (colour - colour[..., :1, :]).abs().amax() > 1e-4  # p(j | i) differs between structures (init std 0.02)
     with pytest.raises(ValueError, match="code_factors must be two positive ints"):
         tiny(code_factors=(8, 5))  # 40 codes leave no room for text in a vocabulary of 40
 
@@ -180,6 +187,20 @@ def test_logits_from_gives_the_last_positions_logits(code_features, code_factors
         torch.testing.assert_close(model(idx, logits_from=cfg.prefix_len - 1), model(idx)[:, cfg.prefix_len - 1:])
     with pytest.raises(ValueError, match=r"logits_from=16 must lie in \[0, T=16\)"):
         model(idx, logits_from=16)
+
+
+@pytest.mark.parametrize("code_features, code_factors", [(0, None), (5, None), (5, (6, 4))])
+def test_targets_give_the_log_softmax_of_the_logits_at_each_target(code_features, code_factors):
+    """forward(targets=...) is log_softmax(logits) at the target, text and image targets alike, also for a factored
+    head, which computes only the target structure's colours."""
+    cfg = tiny(code_features=code_features, code_factors=code_factors)
+    model, idx = model_of(cfg), tokens(cfg, batch=3)
+    targets = torch.randint(0, cfg.vocab_size, (3, idx.shape[1] - 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(idx, logits_from=2).float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        torch.testing.assert_close(model(idx, logits_from=2, targets=targets), expected)
+    with pytest.raises(ValueError, match=r"targets must be \(B, T - logits_from\)"):
+        model(idx, targets=targets)
 
 
 def test_factored_codes_let_a_pair_never_seen_rise_with_its_parts():
@@ -303,11 +324,13 @@ def test_init_scales_residual_projections_and_counts_params():
     assert tied.num_params() == model.num_params() - cfg.vocab_size * cfg.n_embd
 
 
-def test_flops_per_token_counts_every_matmul_weight():
-    cfg = tiny(n_embd=64, n_head=4, n_kv_head=2)
+@pytest.mark.parametrize("code_features, code_factors", [(0, None), (6, None), (6, (6, 4))])
+def test_flops_per_token_counts_every_matmul_weight(code_features, code_factors):
+    cfg = tiny(n_embd=64, n_head=4, n_kv_head=2, code_features=code_features, code_factors=code_factors)
     model = model_of(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert flops_per_token(cfg, 16) == 6 * matmul + 12 * cfg.n_layer * cfg.n_embd * 16
+    features = code_features * cfg.vocab_size if code_factors is None else 0  # the head's product with code_feat
+    assert flops_per_token(cfg, 16) == 6 * (matmul + features) + 12 * cfg.n_layer * cfg.n_embd * 16
 
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="oneDNN linears need an x86-64 PyTorch with mkldnn")

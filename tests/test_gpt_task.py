@@ -184,11 +184,14 @@ def test_caption_dropout_and_text_weight(parts, tmp_path):
     assert torch.allclose(out.losses["gpt"], sequence_loss(gpt, empty, batch["codes"], layout=layout).loss)
     plain = sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout)
     assert torch.allclose(plain.loss, plain.image_loss)  # text_loss_weight 0: image tokens only
-    weighted = sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout, text_loss_weight=0.5)
+    weighted = sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout, text_loss_weight=0.5, accuracy=True)
     assert not torch.allclose(weighted.loss, plain.loss) and float(weighted.text_loss) > 0
     # without a text loss no text logits are computed: the image figures are the same, the text loss reads 0
     torch.testing.assert_close(weighted.image_loss, plain.image_loss)
-    assert torch.equal(weighted.image_acc, plain.image_acc) and float(plain.text_loss) == 0
+    assert float(plain.text_loss) == 0 and plain.image_acc is None  # accuracy is computed only when asked for
+    with torch.no_grad():
+        predicted = gpt(layout.split(layout.build(batch["text_ids"], batch["codes"]))[0])[:, layout.prefix_len - 1:]
+    assert torch.equal(weighted.image_acc, (predicted.argmax(-1) == batch["codes"] + layout.image_offset).float().mean())
 
 
 def test_code_features_are_what_the_vq_codes_look_like(parts, tmp_path):

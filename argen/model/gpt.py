@@ -77,15 +77,18 @@ class GPTConfig:
     tables alone.
     `code_features` > 0 gives every token a fixed feature vector of that width (`GPT.code_feat`, zero for text
     tokens; `argen train gpt` fills the image codes' rows with what each code looks like, see
-    `argen.tasks.gpt.code_features`). A learned projection of it is added to the token's embedding, and the head
-    adds the dot product of a learned projection of the hidden state with every token's features to the logits:
-    codes that look alike share what the model learns about any of them, which a table of independent rows cannot
-    do. The features are saved with the weights.
+    `argen.tasks.gpt.code_features`). A learned projection of it is added to the token's embedding, and (for codes
+    with a row of their own) the head adds the dot product of a learned projection of the hidden state with every
+    token's features to the logits: codes that look alike share what the model learns about any of them, which a
+    table of independent rows cannot do. The features are saved with the weights.
     `code_factors` = (a, b) says the image codes (the last a * b tokens) are pairs, code = i * b + j, from a product
     tokenizer (`VQConfig.colour_codes`: structure i, colour j). Such a code has no row of its own: its embedding is
-    the sum of the rows of i and j, and its logit the sum of theirs (`GPT.factor_emb`, `GPT.factor_head`), so what
-    the model learns of a colour or a structure holds in pairs it never saw; with one row per code, a pair never
-    seen as a target is one the model learned never comes.
+    the sum of the rows of i and j (`GPT.factor_emb`), and the head gives log p(i) + log p(j | i): a softmax over
+    structures, then one over colours from the hidden state and the structure's own gate (`GPT.colour_logits`). So
+    what the model learns of a colour or a structure holds in pairs it never saw (with one row per code, a pair
+    never seen as a target is one the model learned never comes), while the colour still depends on which object
+    the structure belongs to: two independent softmaxes would mix the colour of one object with the shape of the
+    other when either could come next. The image logits are then normalised log-probabilities.
     """
 
     vocab_size: int
@@ -125,6 +128,11 @@ class GPTConfig:
         for name in ("rope_theta", "init_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+
+    @property
+    def colour_hidden(self) -> int:
+        """Width of the colour MLP of a factored head (`GPT.colour_logits`)."""
+        return self.n_embd // 4
 
     @property
     def block(self) -> BlockConfig:
@@ -352,17 +360,19 @@ class GPT(PretrainedMixin, nn.Module):
         self.blocks = nn.ModuleList(Block(config.block) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = Linear(config.n_embd, config.num_token_rows)
-        if config.code_factors:  # rows [0, a) for structures, [a, a + b) for colours
-            self.factor_emb = nn.Embedding(sum(config.code_factors), config.n_embd)
-            self.factor_head = Linear(config.n_embd, sum(config.code_factors))
+        if config.code_factors:  # embedding rows [0, a) for structures, [a, a + b) for colours
+            (a, b), hidden = config.code_factors, config.colour_hidden
+            self.factor_emb = nn.Embedding(a + b, config.n_embd)
+            self.structure_head = Linear(config.n_embd, a)
+            self.colour_in = Linear(config.n_embd, hidden)
+            self.structure_gate = nn.Embedding(a, hidden)
+            self.colour_out = Linear(hidden, b)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-            if config.code_factors:
-                self.factor_head.weight = self.factor_emb.weight
         if config.code_features:
             self.register_buffer("code_feat", torch.zeros(config.vocab_size, config.code_features))
             self.feat_in = Linear(config.code_features, config.n_embd)
-            self.feat_out = Linear(config.n_embd, config.code_features)
+            self.feat_out = None if config.code_factors else Linear(config.n_embd, config.code_features)
         cos, sin = rope_tables(rope_positions(config), head_dim=config.head_dim, theta=config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, head_dim / 2)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -390,14 +400,19 @@ class GPT(PretrainedMixin, nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0,
-                logits_from: int = 0) -> torch.Tensor:
+                logits_from: int = 0, targets: torch.Tensor | None = None) -> torch.Tensor:
         """`logits_from` > 0 returns the logits of positions [logits_from, T) only (B, T - logits_from, vocab_size):
-        training without a text loss needs none for the text positions, and the head is a large share of a step."""
+        training without a text loss needs none for the text positions, and the head is a large share of a step.
+        With `targets` (B, T - logits_from) int64 it returns the log-probability of each target (B, T - logits_from),
+        log_softmax(logits) at the target, which a factored head computes without the logits of every code."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be int64 token ids (B, T), got shape {tuple(idx.shape)}.")
         B, T = idx.shape
         if not 0 <= logits_from < T:
             raise ValueError(f"logits_from={logits_from} must lie in [0, T={T}).")
+        if targets is not None and (isinstance(start, RowPositions) or targets.shape != (B, T - logits_from)):
+            raise ValueError(f"targets must be (B, T - logits_from) = {(B, T - logits_from)} token ids, without "
+                             f"per-row positions; got {tuple(targets.shape)}.")
         if isinstance(start, RowPositions):
             return self._forward_rows(idx, cache=cache, rows=start)[:, logits_from:]
         if start < 0 or start + T > self.config.block_size:
@@ -411,7 +426,7 @@ class GPT(PretrainedMixin, nn.Module):
         cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
         sin = self.rope_sin[start : start + T].unsqueeze(1)
         pos = self.pos_emb.weight[start : start + T] if self.pos_emb is not None else None
-        return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from)
+        return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from, targets=targets)
 
     def _forward_rows(self, idx: torch.Tensor, *, cache: KVCache | None, rows: RowPositions) -> torch.Tensor:
         """forward with each row at its own positions `rows.index` (B, T) against `cache`."""
@@ -426,9 +441,10 @@ class GPT(PretrainedMixin, nn.Module):
         return self._run(idx, cos, sin, pos, cache=cache, start=rows)
 
     def _run(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None, *,
-             cache: KVCache | None, start: int | RowPositions, logits_from: int = 0) -> torch.Tensor:
+             cache: KVCache | None, start: int | RowPositions, logits_from: int = 0,
+             targets: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (plus the absolute position rows `pos`), the blocks, the head on positions [logits_from, T):
-        logits (B, T - logits_from, vocab_size)."""
+        logits (B, T - logits_from, vocab_size), or the targets' log-probabilities."""
         x = self._embed(idx)  # (B, T, C)
         if self.config.code_features:
             x = x + self.feat_in(self.code_feat[idx])
@@ -441,21 +457,41 @@ class GPT(PretrainedMixin, nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache=None if cache is None else (cache.k[i], cache.v[i]), start=start)
-        return self._head(self.norm(x[:, logits_from:]))
+        return self._head(self.norm(x[:, logits_from:]), targets)
 
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """Normed hidden states (B, T', C) -> logits (B, T', vocab_size): each token row's; a factored code's is the
-        sum of its structure's and its colour's; plus the code-features term (zero for text tokens)."""
+    def _head(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed hidden states (B, T', C) -> logits (B, T', vocab_size): each token row's, plus the code-features
+        term; a factored code's is log p(structure) + log p(colour | structure), in float32. With targets (B, T'):
+        their log-probabilities under those logits (B, T')."""
         logits = self.lm_head(x)  # (B, T', num_token_rows)
-        feats = self.feat_out(x) if self.config.code_features else None  # (B, T', code_features)
         if not self.config.code_factors:
-            return logits if feats is None else logits + feats @ self.code_feat.t().to(x.dtype)
-        (a, b), rows = self.config.code_factors, self.config.num_token_rows
-        f = self.factor_head(x)  # (B, T', a + b)
-        codes = f[..., :a, None] + f[..., None, a:]  # (B, T', a, b)
-        if feats is not None:
-            codes = codes + (feats @ self.code_feat[rows:].t().to(x.dtype)).unflatten(-1, (a, b))
-        return torch.cat([logits, codes.flatten(-2)], dim=-1)
+            if self.config.code_features:
+                logits = logits + self.feat_out(x) @ self.code_feat.t().to(x.dtype)
+            return logits if targets is None else logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        rows, b = self.config.num_token_rows, self.config.code_factors[1]
+        logits = logits.float()
+        structure = self.structure_head(x).float().log_softmax(-1)  # (B, T', a)
+        if targets is None:
+            codes = structure[..., None] + self.colour_logits(x).float().log_softmax(-1)  # (B, T', a, b)
+            return torch.cat([logits, codes.flatten(-2)], dim=-1)
+        code = (targets - rows).clamp(min=0)
+        i, j = code // b, code % b  # only the target's structure needs its colours
+        colour = self.colour_logits(x, i).float().log_softmax(-1)  # (B, T', b)
+        joint = structure.gather(-1, i[..., None])[..., 0] + colour.gather(-1, j[..., None])[..., 0]
+        token = logits.gather(-1, targets.clamp(max=rows - 1)[..., None])[..., 0]
+        norm = torch.logaddexp(logits.logsumexp(-1), torch.zeros((), device=x.device))  # the codes sum to 1
+        return torch.where(targets < rows, token, joint) - norm
+
+    def colour_logits(self, x: torch.Tensor, structure: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed hidden states (B, T', C) -> colour logits given each structure (B, T', a, b), or given `structure`
+        (B, T') only (B, T', b): a small MLP of the hidden state and the structure's gate, so which colour comes
+        depends on which object's patch is drawn."""
+        hidden = self.colour_in(x)
+        if structure is None:
+            hidden, gate = hidden[..., None, :], self.structure_gate.weight
+        else:
+            gate = self.structure_gate(structure)
+        return self.colour_out(F.gelu(hidden + gate.to(hidden.dtype)))
 
     def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token rows; a factored code's is the sum of its structure's and its colour's rows."""
@@ -474,6 +510,10 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     as PaLM does, although a causal kernel can skip half of it."""
     C, L, D = config.n_embd, config.n_layer, config.head_dim
     per_layer = C * (config.n_head + 2 * config.kv_heads) * D + config.n_head * D * C + 3 * C * config.ffn_dim
-    head = config.num_token_rows + (sum(config.code_factors) if config.code_factors else 0)
-    n_matmul = L * per_layer + C * head + config.code_features * (2 * C + config.vocab_size)
+    n_matmul = L * per_layer + C * config.num_token_rows + config.code_features * C  # blocks, token rows, feat_in
+    if config.code_factors:  # structure head, colour_in, colour_out (training needs the target structure's only)
+        (a, b), hidden = config.code_factors, config.colour_hidden
+        n_matmul += C * (a + hidden) + hidden * b
+    else:
+        n_matmul += config.code_features * (C + config.vocab_size)
     return 6.0 * n_matmul + 12.0 * L * config.n_head * D * seq_len

@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from argen.data.codes import CODES_NAME, CaptionIds, CodeShardDataset, caption_ids, map_random, open_caption_ids
@@ -253,26 +252,28 @@ class SequenceLoss:
 
     loss: Tensor          # sum(w * ce) / sum(w): what is trained
     image_loss: Tensor    # mean cross-entropy (nats) over image targets
-    image_acc: Tensor     # argmax accuracy over image targets
+    image_acc: Tensor | None  # argmax accuracy over image targets (asked for: it needs every code's logit)
     text_loss: Tensor     # mean cross-entropy over non-PAD text targets (0 when there are none)
 
 
 def sequence_loss(model: nn.Module, text_ids: Tensor, codes: Tensor, *, layout: SequenceLayout,
-                  text_loss_weight: float = 0.0) -> SequenceLoss:
+                  text_loss_weight: float = 0.0, accuracy: bool = False) -> SequenceLoss:
     """Cross-entropy of the GPT on [text | BOI | codes]: image targets weigh 1, text targets `text_loss_weight`,
-    PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64. Without a text loss the model computes no logits
-    for the text positions, and text_loss is 0."""
+    PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64. The model gives the targets' log-probabilities
+    (`GPT.forward(targets=...)`), none for the text positions without a text loss (text_loss is then 0).
+    `accuracy` adds the argmax accuracy over image targets, from a second forward pass without gradients."""
     seq = layout.build(text_ids, codes, check=False)  # (B, seq_len); ids are checked once, at load time
     inputs, targets = layout.split(seq)
     first = layout.prefix_len - 1  # the first input position whose target is an image token
     start = 0 if text_loss_weight > 0 else first
     weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)[:, start:]
     targets = targets[:, start:]
-    logits = model(inputs, logits_from=start).float()  # (B, T - start, V)
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    ce = -model(inputs, logits_from=start, targets=targets)  # (B, T - start)
     image_ce = ce[:, first - start:]
     with torch.no_grad():
-        acc = (logits[:, first - start:].argmax(-1) == targets[:, first - start:]).float().mean()
+        acc = None
+        if accuracy:
+            acc = (model(inputs, logits_from=first).argmax(-1) == targets[:, first - start:]).float().mean()
         text_mask = targets[:, :first - start] != layout.pad_id
         text_loss = (ce[:, :first - start] * text_mask).sum() / text_mask.sum().clamp(min=1)
     return SequenceLoss(loss=(ce * weights).sum() / weights.sum(), image_loss=image_ce.mean(), image_acc=acc,
@@ -335,7 +336,7 @@ class GPTTask:
             logs["cond_dropped"] = drop.float().mean()
         out = sequence_loss(modules["gpt"], text_ids, codes, layout=self.layout,
                             text_loss_weight=self.experiment.text_loss_weight)
-        logs.update(image_loss=out.image_loss.detach(), image_acc=out.image_acc)
+        logs["image_loss"] = out.image_loss.detach()
         if self.experiment.text_loss_weight > 0:
             logs["text_loss"] = out.text_loss
         return StepOutput(losses={"gpt": out.loss}, logs=logs)
@@ -354,7 +355,7 @@ class GPTTask:
             text_ids, codes = batch["text_ids"].to(device), batch["codes"].to(device)
             tokens = codes.numel()
             with accelerator.autocast():
-                cond = sequence_loss(gpt, text_ids, codes, layout=self.layout)
+                cond = sequence_loss(gpt, text_ids, codes, layout=self.layout, accuracy=True)
                 sums[0] += cond.image_loss.double() * tokens
                 sums[1] += cond.image_acc.double() * tokens
                 if ev.uncond:
