@@ -1,0 +1,74 @@
+"""Step times of the demo's two training loops on this host, to estimate the demo's time on a host with fewer ISA
+extensions: the shapes tokenizer's step (float32, as the demo trains it) and the demo GPT's (bf16 autocast with
+--bf16, as the demo trains it where bf16 is native; float32 otherwise), plus a 1024^3 float32 GEMM rate. Two threads.
+
+    python benchmarks/demo_host_steps.py --bf16                    # as the demo runs on this host
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/demo_host_steps.py                       # the same kernels capped at AVX2, float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from argen.model import GPT, GPTConfig
+from argen.tasks.tokenizer import TokenizerExperiment
+from tokenizers_img.config import load_config
+from tokenizers_img.vq_model import VQModel
+
+
+def seconds_per_call(fn, n: int = 20, warm: int = 5) -> float:
+    for _ in range(warm):
+        fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bf16", action="store_true", help="train the GPT step under bf16 autocast")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    gflops = 2 * 1024**3 / seconds_per_call(lambda: a @ b, 20, 3) / 1e9
+
+    vq = VQModel(load_config("argen/configs/tokenizer/shapes_32.yaml", TokenizerExperiment).model)
+    vq_opt, images = torch.optim.AdamW(vq.parameters()), torch.rand(32, 3, 32, 32)
+
+    def tokenizer_step() -> None:
+        out = vq(images)
+        reconstruction = out[0] if isinstance(out, tuple) else out.reconstruction
+        (reconstruction.float() - images).pow(2).mean().backward()
+        vq_opt.step()
+        vq_opt.zero_grad()
+
+    # the demo GPT at the demo tokenizers' sizes: 357 BPE tokens + BOI, 128 x 32 code pairs on an 8x8 grid
+    cfg = GPTConfig(vocab_size=358 + 4096, prefix_len=29, image_grid=(8, 8), n_layer=4, n_head=4, n_embd=256,
+                    abs_pos_emb=True, code_features=32, code_factors=(128, 32))
+    gpt = GPT(cfg)
+    gpt_opt = torch.optim.AdamW(gpt.parameters())
+    idx = torch.randint(0, cfg.vocab_size, (32, cfg.block_size))
+    targets = torch.randint(358, cfg.vocab_size, (32, 64))
+
+    def gpt_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = -gpt(idx, logits_from=cfg.prefix_len - 1, targets=targets).mean()
+        loss.backward()
+        gpt_opt.step()
+        gpt_opt.zero_grad()
+
+    print(f"ISA cap {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, GPT {'bf16' if args.bf16 else 'float32'}, "
+          f"{args.threads} threads: GEMM fp32 {gflops:.0f} GFLOP/s, tokenizer step {seconds_per_call(tokenizer_step) * 1e3:.0f} ms, "
+          f"GPT step {seconds_per_call(gpt_step) * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
