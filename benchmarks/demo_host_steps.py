@@ -15,7 +15,10 @@ import time
 
 import torch
 
-from argen.model import GPT, GPTConfig
+from argen.demo import GPT_CONFIG
+from argen.layout import SequenceLayout
+from argen.model import GPT
+from argen.tasks.gpt import GPTExperiment, gpt_config_for, sequence_loss
 from argen.tasks.tokenizer import TokenizerExperiment
 from tokenizers_img.config import load_config
 from tokenizers_img.vq_model import VQModel
@@ -40,7 +43,8 @@ def main() -> None:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     gflops = 2 * 1024**3 / seconds_per_call(lambda: a @ b, 20, 3) / 1e9
 
-    vq = VQModel(load_config("argen/configs/tokenizer/shapes_32.yaml", TokenizerExperiment).model)
+    vq_config = load_config("argen/configs/tokenizer/shapes_32.yaml", TokenizerExperiment).model
+    vq = VQModel(vq_config)
     vq_opt, images = torch.optim.AdamW(vq.parameters()), torch.rand(32, 3, 32, 32)
 
     def tokenizer_step() -> None:
@@ -50,17 +54,18 @@ def main() -> None:
         vq_opt.step()
         vq_opt.zero_grad()
 
-    # the demo GPT at the demo tokenizers' sizes: 357 BPE tokens + BOI, 128 x 32 code pairs on an 8x8 grid
-    cfg = GPTConfig(vocab_size=358 + 4096, prefix_len=29, image_grid=(8, 8), n_layer=4, n_head=4, n_embd=256,
-                    abs_pos_emb=True, code_features=32, code_factors=(128, 32))
-    gpt = GPT(cfg)
+    # the demo GPT (its YAML) at the demo tokenizers' sizes: the shapes BPE's 357 tokens, the VQ's code pairs
+    experiment = load_config(GPT_CONFIG, GPTExperiment)
+    layout = SequenceLayout(text_vocab_size=357, pad_id=0, text_len=experiment.data.text_len,
+                            num_codes=vq_config.num_codes, image_grid=(vq_config.grid_size,) * 2)
+    gpt = GPT(gpt_config_for(experiment.model, layout, code_factors=(vq_config.codebook_size, vq_config.colour_codes)))
     gpt_opt = torch.optim.AdamW(gpt.parameters())
-    idx = torch.randint(0, cfg.vocab_size, (32, cfg.block_size))
-    targets = torch.randint(358, cfg.vocab_size, (32, 64))
+    text_ids = torch.randint(1, 357, (32, experiment.data.text_len))
+    codes = torch.randint(0, vq_config.num_codes, (32, vq_config.grid_size**2))
 
     def gpt_step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = -gpt(idx, logits_from=cfg.prefix_len - 1, targets=targets).mean()
+            loss = sequence_loss(gpt, text_ids, codes, layout=layout).loss
         loss.backward()
         gpt_opt.step()
         gpt_opt.zero_grad()

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from argen.data.codes import CODES_NAME, CaptionIds, CodeShardDataset, caption_ids, map_random, open_caption_ids
@@ -261,19 +262,23 @@ def sequence_loss(model: nn.Module, text_ids: Tensor, codes: Tensor, *, layout: 
     """Cross-entropy of the GPT on [text | BOI | codes]: image targets weigh 1, text targets `text_loss_weight`,
     PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64. The model gives the targets' log-probabilities
     (`GPT.forward(targets=...)`), none for the text positions without a text loss (text_loss is then 0).
-    `accuracy` adds the argmax accuracy over image targets, from a second forward pass without gradients."""
+    `accuracy` adds the argmax accuracy over image targets; the model then computes every logit (evaluation)."""
     seq = layout.build(text_ids, codes, check=False)  # (B, seq_len); ids are checked once, at load time
     inputs, targets = layout.split(seq)
     first = layout.prefix_len - 1  # the first input position whose target is an image token
     start = 0 if text_loss_weight > 0 else first
     weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)[:, start:]
     targets = targets[:, start:]
-    ce = -model(inputs, logits_from=start, targets=targets)  # (B, T - start)
+    acc = None
+    if accuracy:
+        logits = model(inputs, logits_from=start).float()  # (B, T - start, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        with torch.no_grad():
+            acc = (logits[:, first - start:].argmax(-1) == targets[:, first - start:]).float().mean()
+    else:
+        ce = -model(inputs, logits_from=start, targets=targets)  # (B, T - start)
     image_ce = ce[:, first - start:]
     with torch.no_grad():
-        acc = None
-        if accuracy:
-            acc = (model(inputs, logits_from=first).argmax(-1) == targets[:, first - start:]).float().mean()
         text_mask = targets[:, :first - start] != layout.pad_id
         text_loss = (ce[:, :first - start] * text_mask).sum() / text_mask.sum().clamp(min=1)
     return SequenceLoss(loss=(ce * weights).sum() / weights.sum(), image_loss=image_ce.mean(), image_acc=acc,
