@@ -99,11 +99,12 @@ def classifier_free_guidance(outputs: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set to -inf the logits (B, V) outside the top-k and outside the top-p nucleus; at least one survives per row."""
+    """Set to -inf the logits (B, V) outside the top-k (the k that `torch.topk` returns, so a tie at the k-th logit
+    keeps k) and outside the top-p nucleus; at least one survives per row."""
     V = logits.shape[-1]
     if top_k is not None and top_k < V:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
@@ -179,13 +180,16 @@ class RowNoise:
 
 
 class TokenPicker:
-    """Draws one token per row from logits (B, V) with a SamplingConfig and a reusable noise buffer (see RowNoise)."""
+    """Draws one token per row from logits (B, V) with a SamplingConfig and a reusable noise buffer (see RowNoise).
+
+    With top-k only the k candidates get noise: drawing it for every code cost more than a small GPT's decode step."""
 
     def __init__(self, config: SamplingConfig, *, batch_size: int, vocab: int, device: torch.device,
                  generator: Generators = None):
         self.config = config
         self.rng = RowNoise(generator, batch_size)
-        self.noise = torch.empty(batch_size, vocab, device=device)  # (B, V), refilled each step
+        self.top_k = config.top_k if config.top_k is not None and config.top_k < vocab else None
+        self.noise = torch.empty(batch_size, self.top_k or vocab, device=device)  # (B, k or V), refilled each step
         # (B,) rows that met NaN logits or probabilities at any step; read once at the end (no per-step device sync)
         self.nonfinite = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
@@ -197,10 +201,13 @@ class TokenPicker:
             return logits.argmax(dim=-1)
         if cfg.temperature != 1.0:
             logits = logits / cfg.temperature
-        logits = filter_logits(logits, top_k=cfg.top_k, top_p=cfg.top_p)
-        probs = torch.softmax(logits.float(), dim=-1)
+        candidates = None
+        if self.top_k is not None:  # the top-k filter of filter_logits, as (B, k) logits and their codes
+            logits, candidates = logits.topk(self.top_k, dim=-1)
+        probs = torch.softmax(filter_logits(logits, top_p=cfg.top_p).float(), dim=-1)
         self.nonfinite |= probs.isnan().any(dim=-1)
-        return (probs / self.rng.exponential_(self.noise)).argmax(dim=-1)
+        pick = (probs / self.rng.exponential_(self.noise)).argmax(dim=-1)
+        return pick if candidates is None else candidates.gather(-1, pick[:, None])[:, 0]
 
 
 @dataclass

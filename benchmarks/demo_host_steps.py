@@ -1,6 +1,9 @@
 """Step times of the demo's two training loops on this host, to estimate the demo's time on a host with fewer ISA
 extensions: the shapes tokenizer's step (float32, as the demo trains it) and the demo GPT's (bf16 autocast with
 --bf16, as the demo trains it where bf16 is native; float32 otherwise), plus a 1024^3 float32 GEMM rate. Two threads.
+Also the per-image costs of the demo's other stages: VQ encoding (stage 3), VQ decoding (code features and stage 6)
+and sampling 64 image tokens as stage 6 does (a batch of 256 rows, one generator per row, top-k 4, T 0.5), all with
+random weights: they time the same operations as the trained models.
 
     python benchmarks/demo_host_steps.py --bf16                    # as the demo runs on this host
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
@@ -17,7 +20,8 @@ import torch
 
 from argen.demo import GPT_CONFIG
 from argen.layout import SequenceLayout
-from argen.model import GPT
+from argen.model import GPT, onednn_available, pack_for_cpu
+from argen.sample import SamplingConfig, decode_image_tokens
 from argen.tasks.gpt import GPTExperiment, gpt_config_for, sequence_loss
 from argen.tasks.tokenizer import TokenizerExperiment
 from tokenizers_img.config import load_config
@@ -70,9 +74,24 @@ def main() -> None:
         gpt_opt.step()
         gpt_opt.zero_grad()
 
+    vq.eval()
+    scenes, grids = torch.rand(500, 3, 32, 32) * 2 - 1, torch.randint(0, vq_config.num_codes, (256, vq_config.grid_size**2))
+    sampler = (pack_for_cpu(gpt) if onednn_available() else gpt).eval()
+    prefix = layout.prefix(torch.randint(1, 357, (256, experiment.data.text_len)))  # text ids, then BOI
+
+    def sample() -> None:
+        decode_image_tokens(sampler, prefix, image_offset=layout.image_offset, num_codes=layout.num_codes,
+                            config=SamplingConfig(temperature=0.5, top_k=4),
+                            generator=[torch.Generator().manual_seed(i) for i in range(256)])
+
+    with torch.inference_mode():
+        encode = seconds_per_call(lambda: vq.encode(scenes), 5, 1) / 500
+        decode = seconds_per_call(lambda: vq.decode(grids), 5, 1) / 256
+        per_image = seconds_per_call(sample, 3, 1) / 256
     print(f"ISA cap {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, GPT {'bf16' if args.bf16 else 'float32'}, "
           f"{args.threads} threads: GEMM fp32 {gflops:.0f} GFLOP/s, tokenizer step {seconds_per_call(tokenizer_step) * 1e3:.0f} ms, "
-          f"GPT step {seconds_per_call(gpt_step) * 1e3:.0f} ms")
+          f"GPT step {seconds_per_call(gpt_step) * 1e3:.0f} ms; per image: VQ encode {encode * 1e3:.2f} ms, "
+          f"VQ decode {decode * 1e3:.2f} ms, sampling {per_image * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

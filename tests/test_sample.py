@@ -140,15 +140,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
     assert {int(order[i]) for i in range(4) if out[i].isfinite()} == kept
 
 
-def test_picker_draws_follow_the_filtered_distribution():
-    """Exponential-race draws: frequencies match softmax(logits) on the kept set; filtered codes never appear."""
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0]).expand(40000, 5)
-    pick = TokenPicker(SamplingConfig(top_k=3), batch_size=40000, vocab=5, device=torch.device("cpu"),
+@pytest.mark.parametrize("top_k,top_p", [(3, None), (4, 0.8), (None, 0.8), (None, None)])
+def test_picker_draws_follow_the_filtered_distribution(top_k, top_p):
+    """Exponential-race draws (noise for the top-k candidates only, with top-k): frequencies match
+    softmax(filter_logits(logits)) over the whole vocabulary; filtered codes never appear."""
+    logits = torch.tensor([0.0, 2.0, -3.0, 1.0, -1.0]).expand(40000, 5)
+    config = SamplingConfig(top_k=top_k, top_p=top_p, temperature=0.8)
+    pick = TokenPicker(config, batch_size=40000, vocab=5, device=torch.device("cpu"),
                        generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(pick(logits), minlength=5).float() / 40000
-    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)
-    torch.testing.assert_close(counts[:3], expected, atol=0.01, rtol=0)
-    assert counts[3:].sum() == 0
+    expected = torch.softmax(filter_logits(logits[:1] / 0.8, top_k=top_k, top_p=top_p), -1)[0]
+    torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+    assert counts[expected == 0].sum() == 0
 
 
 def test_only_image_codes_are_sampled_even_when_text_tokens_dominate():

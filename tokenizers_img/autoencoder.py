@@ -109,7 +109,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # see Decoder.forward
         for level in self.levels:
             for i, block in enumerate(level.blocks):
                 h = block(h)
@@ -188,7 +188,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        # channels-last activations: oneDNN (CPU) and cuDNN convolutions run them without reordering each layer's input
+        h = self.mid(self.conv_in(z.contiguous(memory_format=torch.channels_last)))
         for level in self.levels:
             for i, block in enumerate(level.blocks):
                 h = block(h)

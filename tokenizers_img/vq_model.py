@@ -176,7 +176,7 @@ def structure_and_colour(images: torch.Tensor, patch: int) -> tuple[torch.Tensor
     """
     x = (images.float() + 1) / 2
     b, _, h, w = x.shape
-    bright = x.norm(dim=1, keepdim=True)  # (B, 1, H, W)
+    bright = x.pow(2).sum(1, keepdim=True).sqrt()  # (B, 1, H, W); x.norm(dim=1) ran 100x slower on a CPU
     peak, where = F.max_pool2d(bright, patch, return_indices=True)  # (B, 1, h, w): value and flat index in H*W
     colour = x.flatten(2).gather(2, where.flatten(2).expand(-1, 3, -1)).view(b, 3, h // patch, w // patch)
     scale = F.interpolate(peak, scale_factor=patch, mode="nearest").clamp(min=STRUCTURE_FLOOR)
