@@ -161,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     _, hf = build_pair(pipe.gpt.config, seed=args.seed)  # a same-size Llama (without code features or position table)
     relation = prompt_set("relation", max_prompts=max(args.batches))
     speed_rows = []
+    guided = base.cfg_scale if base.cfg_scale > 1 else 2.0  # a demo whose sweep chose no guidance still gets CFG rows
     for batch in args.batches:
         text = pipe.text.encode([relation[i % len(relation)] for i in range(batch)], text_len=layout.text_len)
         prefix = layout.prefix(text)
         for cfg_on in (False, True):
-            config = SamplingConfig(**{**base.__dict__, "cfg_scale": base.cfg_scale if cfg_on else 1.0})
+            config = SamplingConfig(**{**base.__dict__, "cfg_scale": guided if cfg_on else 1.0})
             row = measure_speed(gpt, hf, prefix=prefix, uncond=layout.uncond_prefix(), image_offset=layout.image_offset,
                                 num_codes=layout.num_codes, configs=settings(config, args.settings),
                                 reps=args.reps, seed=args.seed)
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = [{"model": f"demo GPT ({args.pipeline})",
               "about": f"{pipe.gpt.num_params() / 1e6:.1f}M parameters, {layout.prefix_len}-token prefix, "
                        f"{layout.num_image_tokens} image tokens, {layout.num_codes} codes; sampling {base} (CFG off: "
-                       "scale 1); relation prompts; ours on the pipeline's CPU sampling copy (oneDNN-packed); HF on a "
+                       f"scale 1; CFG on: scale {guided:g}); relation prompts; ours on the pipeline's CPU sampling copy (oneDNN-packed); HF on a "
                        "same-size Llama with random weights.",
               "rows": speed_rows}]
     if args.random_gpt:
