@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from argen.demo import GPT_CONFIG
+from argen.demo import GPT_CONFIG, TOKENIZER_CONFIG
 from argen.layout import SequenceLayout
 from argen.model import GPT, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, decode_image_tokens
@@ -47,14 +47,12 @@ def main() -> None:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     gflops = 2 * 1024**3 / seconds_per_call(lambda: a @ b, 20, 3) / 1e9
 
-    vq_config = load_config("argen/configs/tokenizer/shapes_32.yaml", TokenizerExperiment).model
+    vq_config = load_config(TOKENIZER_CONFIG, TokenizerExperiment).model
     vq = VQModel(vq_config)
     vq_opt, images = torch.optim.AdamW(vq.parameters()), torch.rand(32, 3, 32, 32)
 
     def tokenizer_step() -> None:
-        out = vq(images)
-        reconstruction = out[0] if isinstance(out, tuple) else out.reconstruction
-        (reconstruction.float() - images).pow(2).mean().backward()
+        (vq(images).reconstruction.float() - images).pow(2).mean().backward()
         vq_opt.step()
         vq_opt.zero_grad()
 

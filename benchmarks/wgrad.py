@@ -9,25 +9,20 @@ place. Which wins depends on the host's BLAS, so `WGRAD_BLAS_ROWS` should be rea
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from argen.host import host_info
-from argen.model.onednn import WGRAD_BLAS_ROWS, _onednn_matmul, onednn_available
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_host_steps import seconds_per_call  # noqa: E402  (one timing loop for the benchmarks of this page)
+
+from argen.host import host_info  # noqa: E402
+from argen.model.onednn import WGRAD_BLAS_ROWS, _onednn_matmul, onednn_available  # noqa: E402
 
 # rows N x (in -> out): the demo GPT's four block GEMMs (batch 32 x 92 tokens), then docs/speed.md's table
 SHAPES = ((2944, 256, 1408), (2944, 704, 256), (2944, 256, 768), (2944, 256, 256),
           (16640, 96, 384), (8064, 128, 128), (5120, 512, 128), (2304, 512, 1536))
-
-
-def ms_per_call(fn, n: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n * 1e3
 
 
 def main() -> None:
@@ -43,8 +38,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for n, d_in, d_out in SHAPES:
         gy, x = torch.randn(n, d_out), torch.randn(n, d_in)
-        onednn = ms_per_call(lambda: _onednn_matmul(gy.t(), x.t().contiguous()), args.reps)
-        blas = ms_per_call(lambda: gy.t().mm(x), args.reps)
+        onednn = seconds_per_call(lambda: _onednn_matmul(gy.t(), x.t().contiguous()), args.reps, 3) * 1e3
+        blas = seconds_per_call(lambda: gy.t().mm(x), args.reps, 3) * 1e3
         picks = "BLAS" if n >= WGRAD_BLAS_ROWS * (d_in + d_out) else "oneDNN"
         print(f"| {n} x ({d_in} -> {d_out}) | {onednn:.2f} | {blas:.2f} | {onednn / blas:.2f}x | {picks} |")
 
