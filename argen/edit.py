@@ -202,7 +202,7 @@ def token_log_probs(model, prefix: Tensor, codes: Tensor, *, image_offset: int, 
     was_training = model.training
     model.eval()
     try:
-        logits = model(seq)[:, P - 1:, image_offset:image_offset + num_codes]  # (R, N, K)
+        logits = model(seq, logits_from=P - 1)[:, :, image_offset:image_offset + num_codes]  # (R, N, K)
     finally:
         model.train(was_training)
     return _guided(logits, sampling, first=0, num_tokens=N)
@@ -324,7 +324,7 @@ def _gibbs(model, prefix: Tensor, codes: Tensor, regenerate: Tensor, *, uncond: 
     model.eval()
     try:
         cache = KVCache.allocate(cfg, G * B, device=device, dtype=next(model.parameters()).dtype)
-        logits = model(seq, cache=cache, start=0)[:, P - 1:]  # (G*B, N, V)
+        logits = model(seq, cache=cache, start=0, logits_from=P - 1)  # (G*B, N, V)
         log_probs = _guided(logits[..., image_offset:image_offset + num_codes], sampling, first=0, num_tokens=N)
         passes = 1
         C = min(config.candidates, num_codes)

@@ -138,11 +138,11 @@ def code_probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Te
 
 
 class RowNoise:
-    """Uniform and exponential noise from one generator for the batch, or one per row: with one per row, a row's
-    draws do not depend on the rest of the batch.
+    """Uniform noise and categorical draws from one generator for the batch, or one per row: with one per row, a
+    row's draws do not depend on the rest of the batch.
 
-    Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. is a draw from p (the Gumbel-max trick
-    in another form), one noise tensor per draw."""
+    A categorical draw takes one uniform and inverts the cumulative sum (not K exponentials or Gumbels per draw,
+    which cost more than a small GPT's forward pass at a 4096-code vocabulary)."""
 
     def __init__(self, generator: Generators, batch_size: int) -> None:
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -165,31 +165,31 @@ class RowNoise:
             draw(out, self.generator)
         return out
 
-    def exponential_(self, out: torch.Tensor) -> torch.Tensor:
-        """Fill out (B, ...) with Exp(1) noise, clamped above 0 (an exact 0 would make 0 / 0 = nan win an argmax)."""
-        self._fill(out, lambda t, g: t.exponential_(generator=g))
-        return out.clamp_(min=torch.finfo(out.dtype).tiny)
-
     def uniform(self, *shape: int, device: torch.device) -> torch.Tensor:
         """(B, *shape) float32 in [0, 1)."""
         return self._fill(torch.empty(self.batch_size, *shape, device=device), lambda t, g: t.uniform_(generator=g))
 
     def categorical(self, probs: torch.Tensor) -> torch.Tensor:
-        """One draw from each distribution in probs (B, ..., K) -> int64 (B, ...)."""
-        return (probs / self.exponential_(torch.empty(probs.shape, device=probs.device))).argmax(dim=-1)
+        """One draw from each distribution in probs (B, ..., K), non-negative and not necessarily normalised ->
+        int64 (B, ...): the number of cumulative sums at or below u * total, which is the first code whose
+        cumulative sum exceeds it and so has positive probability (u is kept below 1 after rounding)."""
+        cdf = probs.float().cumsum(dim=-1)  # (B, ..., K), non-decreasing: a code of probability 0 repeats its left sum
+        total = cdf[..., -1:]
+        u = self.uniform(*probs.shape[1:-1], 1, device=probs.device)
+        v = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+        return (cdf <= v).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
 
 
 class TokenPicker:
-    """Draws one token per row from logits (B, V) with a SamplingConfig and a reusable noise buffer (see RowNoise).
+    """Draws one token per row from logits (B, V) with a SamplingConfig (see RowNoise for the draws).
 
-    With top-k only the k candidates get noise: drawing it for every code cost more than a small GPT's decode step."""
+    With top-k only the k candidates' probabilities are formed and drawn from."""
 
     def __init__(self, config: SamplingConfig, *, batch_size: int, vocab: int, device: torch.device,
                  generator: Generators = None):
         self.config = config
         self.rng = RowNoise(generator, batch_size)
         self.top_k = config.top_k if config.top_k is not None and config.top_k < vocab else None
-        self.noise = torch.empty(batch_size, self.top_k or vocab, device=device)  # (B, k or V), refilled each step
         # (B,) rows that met NaN logits or probabilities at any step; read once at the end (no per-step device sync)
         self.nonfinite = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
@@ -206,7 +206,7 @@ class TokenPicker:
             logits, candidates = logits.topk(self.top_k, dim=-1)
         probs = torch.softmax(filter_logits(logits, top_p=cfg.top_p).float(), dim=-1)
         self.nonfinite |= probs.isnan().any(dim=-1)
-        pick = (probs / self.rng.exponential_(self.noise)).argmax(dim=-1)
+        pick = self.rng.categorical(probs)
         return pick if candidates is None else candidates.gather(-1, pick[:, None])[:, 0]
 
 
@@ -319,12 +319,12 @@ def decode_image_tokens(
             if use_cache:
                 param = next(model.parameters())
                 cache = KVCache.allocate(cfg, R, device=device, dtype=cache_dtype or param.dtype)
-                logits = model(rows, cache=cache, start=0)[:, -1, codes_slice]  # (R, K)
+                logits = model(rows, cache=cache, start=0, logits_from=P - 1)[:, -1, codes_slice]  # (R, K)
                 step_input = torch.empty(R, 1, dtype=torch.long, device=device)  # (R, 1), reused every step
             else:
                 seq = torch.empty(R, cfg.block_size, dtype=torch.long, device=device)  # (R, P + N - 1)
                 seq[:, :P] = rows
-                logits = model(rows)[:, -1, codes_slice]
+                logits = model(rows, logits_from=P - 1)[:, -1, codes_slice]
             for t in range(N):
                 if config.uses_cfg:
                     logits = classifier_free_guidance(logits, scales[t])  # (B, K)
@@ -344,7 +344,7 @@ def decode_image_tokens(
                     seq[:B, P + t : P + t + 1] = token
                     if R > B:
                         seq[B:, P + t : P + t + 1] = token
-                    logits = model(seq[:, : P + t + 1])[:, -1, codes_slice]
+                    logits = model(seq[:, : P + t + 1], logits_from=P + t)[:, -1, codes_slice]
     finally:
         model.train(was_training)
     return _checked(Decoded(codes=codes, forward_passes=N, nonfinite=pick.nonfinite), config)

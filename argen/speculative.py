@@ -36,7 +36,7 @@ class SpeculativeDecoder:
         self.cache = KVCache.allocate(cfg, self.R, device=device, dtype=cache_dtype)
         self.forward_passes = 0
         if self.P > 1:
-            model(rows[:, : self.P - 1], cache=self.cache, start=0)
+            model(rows[:, : self.P - 1], cache=self.cache, start=0, logits_from=self.P - 2)  # only the cache is kept
             self.forward_passes += 1
         B, L = self.B, self.L
         self.seq = torch.zeros(B, self.N, dtype=torch.long, device=device)  # committed codes below n, drafts from n on

@@ -61,7 +61,7 @@ class RowParallelDecoder:
         self.forward_passes = 0
 
     def run(self) -> Decoded:
-        logits = self.model(self.rows, cache=self.cache, start=0)[:, -1:]  # the prefill predicts token 0
+        logits = self.model(self.rows, cache=self.cache, start=0, logits_from=self.P - 1)  # the prefill predicts token 0
         self.forward_passes += 1
         self._commit(torch.zeros(1, dtype=torch.long, device=self.rows.device), logits)
         for t in range(1, int(self.pass_of.max()) + 1):

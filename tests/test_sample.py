@@ -8,6 +8,7 @@ import torch
 from argen.model import GPT, GPTConfig, onednn_available, pack_for_cpu
 from argen.sample import (
     NonFiniteSamplingError,
+    RowNoise,
     SamplingConfig,
     TokenPicker,
     classifier_free_guidance,
@@ -142,8 +143,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
 
 @pytest.mark.parametrize("top_k,top_p", [(3, None), (4, 0.8), (None, 0.8), (None, None)])
 def test_picker_draws_follow_the_filtered_distribution(top_k, top_p):
-    """Exponential-race draws (noise for the top-k candidates only, with top-k): frequencies match
-    softmax(filter_logits(logits)) over the whole vocabulary; filtered codes never appear."""
+    """Draws (among the top-k candidates only, with top-k): frequencies match softmax(filter_logits(logits)) over the
+    whole vocabulary; filtered codes never appear."""
     logits = torch.tensor([0.0, 2.0, -3.0, 1.0, -1.0]).expand(40000, 5)
     config = SamplingConfig(top_k=top_k, top_p=top_p, temperature=0.8)
     pick = TokenPicker(config, batch_size=40000, vocab=5, device=torch.device("cpu"),
@@ -152,6 +153,25 @@ def test_picker_draws_follow_the_filtered_distribution(top_k, top_p):
     expected = torch.softmax(filter_logits(logits[:1] / 0.8, top_k=top_k, top_p=top_p), -1)[0]
     torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
     assert counts[expected == 0].sum() == 0
+
+
+def test_categorical_draws_follow_unnormalised_probabilities_and_never_a_zero():
+    """Inverse-CDF draws over (B, T, K): frequencies match probs / sum, codes of probability 0 (first, inner, last)
+    never appear, and a uniform at its largest value below 1 still lands on the last code of positive probability."""
+    probs = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0]) * 7.0  # unnormalised
+    rows, per_row = 4, 20000
+    noise = RowNoise(gens(range(rows)), rows)
+    draws = noise.categorical(probs.expand(rows, per_row, 6))  # (rows, per_row)
+    assert draws.shape == (rows, per_row) and draws.dtype == torch.long
+    counts = torch.bincount(draws.flatten(), minlength=6).float() / draws.numel()
+    torch.testing.assert_close(counts, probs / probs.sum(), atol=0.01, rtol=0)
+    assert counts[probs == 0].sum() == 0
+    top = RowNoise(None, 1)
+    top.uniform = lambda *shape, device: torch.full((1, *shape), 1.0).nextafter(torch.zeros(()))
+    assert top.categorical(probs[None]).item() == 4
+    # per-row generators: a row's draws do not depend on the other rows
+    alone = RowNoise(gens([2]), 1).categorical(probs.expand(1, per_row, 6))
+    assert torch.equal(alone[0], draws[2])
 
 
 def test_only_image_codes_are_sampled_even_when_text_tokens_dominate():

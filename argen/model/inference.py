@@ -59,10 +59,11 @@ class CompiledDecoding(nn.Module):
         self.config = gpt.config
         self.step = torch.compile(self.gpt, dynamic=True)
 
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0,
+                logits_from: int = 0) -> torch.Tensor:
         if (cache is None or idx.ndim != 2 or idx.shape[1] != 1 or torch.is_grad_enabled()
                 or isinstance(start, RowPositions)):
-            return self.gpt(idx, cache=cache, start=start)
+            return self.gpt(idx, cache=cache, start=start, logits_from=logits_from)
         import torch._inductor.config as inductor_config
 
         # freezing is read when a graph is compiled, which may happen on any step (a new batch size or cache dtype);
