@@ -84,14 +84,17 @@ THEMES = {
                         "usr/share/icons/elementary-xfce/", False, "GPL-2+, LGPL-2+ or CC-BY-SA-2.0, by file"),
 }
 # Theme category folder -> the caption's description. Left out: animations (spinner sprite sheets), special,
-# stock, ui, and anything else not named here.
+# stock, ui, emotes (smileys: an emoji set, which is kept out of development, tests and tuning for independent
+# checks), and anything else not named here.
 CATEGORIES = {
     "actions": "an action icon", "apps": "an application icon", "applets": "an applet icon",
     "categories": "a category icon", "devices": "a device icon", "emblems": "an emblem icon",
-    "emotes": "an emote icon", "mimetypes": "a file type icon", "mimes": "a file type icon",
+    "mimetypes": "a file type icon", "mimes": "a file type icon",
     "places": "a place icon", "status": "a status icon", "panel": "a panel icon",
     "web": "a web application icon", "legacy": "an icon",
 }
+# freedesktop smiley names ("face-smile", "face-wink", "emoji-...") that some themes keep outside emotes/
+SMILEY = re.compile(r"(face|emoji|emote|smiley)[-_]", re.IGNORECASE)
 SPLIT_FOLDERS = ("train", "val", "heldout")
 _SIZE_FIRST = re.compile(r"(?P<px>\d+)x(?P=px)/(?P<category>[^/]+)/(?P<name>[^/]+)\.png")  # NxN/CATEGORY/NAME.png
 _CATEGORY_FIRST = re.compile(r"(?P<category>[^/]+)/(?P<px>\d+)/(?P<name>[^/]+)\.png")  # CATEGORY/N/NAME.png
@@ -188,6 +191,9 @@ def read_theme(archive: Path, *, theme: str, spec: Theme, min_source_px: int, dr
 
     icons = []
     for (category, name), (px, member) in sorted(largest.items()):
+        if SMILEY.match(name):
+            dropped["a smiley outside emotes/ (emoji sets are kept out)"] += 1
+            continue
         for _ in range(10):  # follow a chain of symlinks
             kind, value = entries.get(member, ("missing", None))
             if kind != "link":

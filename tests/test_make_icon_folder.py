@@ -31,8 +31,8 @@ def _icon(path: Path, px: int, colour: tuple[int, int, int, int]) -> None:
 
 
 def _fake_deb(tmp: Path, *, size_first: bool = True) -> Path:
-    """A theme with 40 plain icons, one at two sizes, one alias, one transparent, one only at 32 px; its folders are
-    NxN/CATEGORY (size_first) or CATEGORY/N."""
+    """A theme with 40 plain icons, one at two sizes, one alias, one transparent, one only at 32 px, one in emotes/
+    and one smiley name in status/; its folders are NxN/CATEGORY (size_first) or CATEGORY/N."""
     pkg = tmp / "pkg"
     theme = pkg / PREFIX
 
@@ -48,6 +48,8 @@ def _fake_deb(tmp: Path, *, size_first: bool = True) -> Path:
     (folder(64, "actions") / "thing-alias.png").symlink_to("thing-1.png")
     _icon(folder(64, "places") / "blank.png", 64, (0, 0, 0, 0))
     _icon(folder(32, "apps") / "tiny.png", 32, (200, 0, 0, 255))
+    _icon(folder(64, "emotes") / "wink.png", 64, (90, 90, 0, 255))  # emotes/ is not read at all
+    _icon(folder(64, "status") / "face-wink.png", 64, (90, 0, 90, 255))  # a smiley name elsewhere: dropped
     (pkg / "DEBIAN").mkdir()
     (pkg / "DEBIAN" / "control").write_text(
         "Package: fake-icon-theme\nVersion: 1\nArchitecture: all\nMaintainer: t <t@t>\nDescription: fake\n")
@@ -62,7 +64,8 @@ def test_both_folder_layouts_give_the_same_icons(tmp_path, size_first):
     dropped = Counter()
     icons = icons_mod.read_theme(_fake_deb(tmp_path, size_first=size_first), theme="fake", spec=spec,
                                  min_source_px=64, dropped=dropped)
-    assert dropped == {"symlinked alias of another icon": 1, "largest PNG under 64 px": 1}
+    assert dropped == {"symlinked alias of another icon": 1, "largest PNG under 64 px": 1,
+                       "a smiley outside emotes/ (emoji sets are kept out)": 1}
     assert sorted((i.category, i.name, i.source_px) for i in icons) == sorted(
         [("actions" if k % 2 else "places", f"thing-{k}", 128 if k == 3 else 64) for k in range(40)]
         + [("places", "blank", 64)])
@@ -86,7 +89,8 @@ def test_icon_folder_from_fake_theme(tmp_path):
     icons = icons_mod.read_theme(_fake_deb(tmp_path), theme="fake", spec=SIZE_FIRST, min_source_px=64,
                                  dropped=dropped)
     by_name = {icon.name: icon for icon in icons}
-    assert dropped == {"symlinked alias of another icon": 1, "largest PNG under 64 px": 1}
+    assert dropped == {"symlinked alias of another icon": 1, "largest PNG under 64 px": 1,
+                       "a smiley outside emotes/ (emoji sets are kept out)": 1}
     assert by_name["thing-3"].source_px == 128 and by_name["thing-1"].source_px == 64
     assert by_name["thing-1"].caption == "thing 1, an action icon"
     assert by_name["thing-2"].caption == "thing 2, a place icon"
