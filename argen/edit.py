@@ -339,7 +339,7 @@ def _gibbs(model, prefix: Tensor, codes: Tensor, regenerate: Tensor, *, uncond: 
                     score = log_probs[rows, t].gather(-1, cand)  # (R, C) log p(x_t = c | x_<t)
                     if t < N - 1:
                         cache_rows = torch.cat([g * B + rows for g in range(G)]).repeat_interleave(C)  # (G*R*C,)
-                        trial = KVCache(k=tuple(k[cache_rows] for k in cache.k), v=tuple(v[cache_rows] for v in cache.v))
+                        trial = cache.rows(cache_rows)
                         tokens = codes[rows, t:N - 1].repeat_interleave(C, 0)  # (R*C, N-1-t): x_t .. x_{N-2}
                         tokens[:, 0] = cand.flatten()
                         out = model((tokens + image_offset).repeat(G, 1), cache=trial, start=P + t)

@@ -67,7 +67,7 @@ class SpeculativeDecoder:
         for name in ("seq", "q", "n", "s", "nonfinite", "index"):
             setattr(self, name, getattr(self, name)[keep])
         self.rows = self.rows[keep_rows]
-        self.cache = KVCache(tuple(k[keep_rows] for k in self.cache.k), tuple(v[keep_rows] for v in self.cache.v))
+        self.cache = self.cache.rows(keep_rows)
         self.noise = self.noise.subset(keep.tolist())
         self.R = self.R // self.B * len(keep)
         self.B = len(keep)

@@ -445,3 +445,58 @@ def test_count_flops_sees_onednn_linears():
     assert x.numel() * layer.out_features >= ONEDNN_MIN_MACS  # the oneDNN path, not F.linear
     with torch.no_grad():
         assert count_flops(lambda: layer(x)) == count_flops(lambda: torch.nn.functional.linear(x, layer.weight)) == 2 * 64 * 256 * 512
+
+
+PAD = 0
+
+
+def padded(cfg: GPTConfig, lengths: list[int], *, seed: int = 0) -> torch.Tensor:
+    """Rows of [caption of `length` tokens, pads up to prefix_len - 1, BOI-like token, image tokens] (B, block_size)."""
+    seq = tokens(cfg, len(lengths), seed=seed).clamp(min=1)  # no pad outside the padding
+    for row, n in enumerate(lengths):
+        seq[row, n : cfg.prefix_len - 1] = PAD
+    return seq
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("abs_pos_emb, code_factors", [(False, None), (True, (4, 5))])
+def test_masked_padding_gives_the_same_outputs_with_the_all_pad_columns_dropped(backend, abs_pos_emb, code_factors):
+    """With mask_padding, no position reads a pad: dropping the text columns that hold only pads (positions= keeps the
+    others where they were) leaves every other output the same; the same weights without the mask read them."""
+    cfg = tiny(prefix_len=8, mask_padding=True, pad_id=PAD, attn_backend=backend, abs_pos_emb=abs_pos_emb,
+               code_factors=code_factors)
+    model = model_of(cfg)
+    seq = padded(cfg, [3, 1, 0])  # captions of 3, 1 and 0 tokens in 7 text columns
+    full = model(seq)
+    keep = torch.cat([torch.arange(3), torch.arange(7, cfg.block_size)])
+    short = model(seq[:, keep], positions=keep)
+    real = seq[:, keep] != PAD  # the short sequence's non-pad positions
+    torch.testing.assert_close(short[real], full[:, keep][real], atol=1e-5, rtol=1e-5)
+    unmasked = model_of(tiny(prefix_len=8, attn_backend=backend, abs_pos_emb=abs_pos_emb, code_factors=code_factors))
+    assert not torch.allclose(unmasked(seq)[:, -1], full[:, -1], atol=1e-4)  # the same weights read the pads
+    assert torch.isfinite(full).all()  # the all-pad caption row reads only BOI and itself: no NaN
+
+
+def test_masked_padding_keeps_cached_decoding_equal_to_the_full_forward():
+    cfg = tiny(prefix_len=8, mask_padding=True, pad_id=PAD)
+    model = model_of(cfg)
+    seq = padded(cfg, [3, 0])
+    full = model(seq)
+    cache = KVCache.allocate(cfg, 2)
+    steps = [model(seq[:, : cfg.prefix_len], cache=cache, start=0)]
+    for t in range(cfg.prefix_len, cfg.block_size):
+        steps.append(model(seq[:, t : t + 1], cache=cache, start=t))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert not cache.visible[0, 3:7].any() and cache.visible[0, :3].all() and cache.visible[:, 7:].all()
+    assert cache.rows(torch.tensor([1])).visible.shape == (1, cfg.block_size + 1)
+
+
+def test_positions_are_checked():
+    cfg = tiny(prefix_len=8, mask_padding=True, pad_id=PAD)
+    model, seq = model_of(cfg), padded(cfg, [3])
+    with pytest.raises(ValueError, match="increasing int64"):
+        model(seq[:, :4], positions=torch.tensor([0, 2, 1, 3]))
+    with pytest.raises(ValueError, match="mask_padding"):
+        model_of(tiny())(seq[:, :4], positions=torch.arange(4))
+    with pytest.raises(ValueError, match="pad_id"):
+        tiny(mask_padding=True)

@@ -194,6 +194,36 @@ def test_caption_dropout_and_text_weight(parts, tmp_path):
     assert torch.equal(weighted.image_acc, (predicted.argmax(-1) == batch["codes"] + layout.image_offset).float().mean())
 
 
+def test_masked_padding_trains_on_the_used_text_columns_only_with_the_same_loss(parts, tmp_path):
+    """model.mask_padding: the step leaves out the text columns that hold only pads in the batch; loss, accuracy and
+    gradients are those of the full sequence."""
+    text = TextTokenizer.load(parts.text_file)
+    data = CaptionedCodes([str(parts.train)], text_tokenizer=text, text_len=8)
+    layout = SequenceLayout.from_parts(text, text_len=8, num_codes=32, image_grid=(4, 4))
+    batch = data.__getitems__(list(range(8)))
+    text_ids = batch["text_ids"].clone()
+    text_ids[:, 5:] = text.pad_id  # at most 5 caption tokens: 3 all-pad columns to leave out
+    text_ids[0] = text.pad_id  # and one empty caption
+    task = GPTTask(experiment_for(parts, tmp_path, "model.mask_padding=true"), layout=layout, text_tokenizer=text,
+                   trained_with={})
+    gpt = task.gpt
+    assert gpt.config.mask_padding and gpt.config.pad_id == layout.pad_id == text.pad_id
+    losses = {}
+    for drop in (False, True):
+        out = sequence_loss(gpt, text_ids, batch["codes"], layout=layout, accuracy=True, drop_padding=drop)
+        out.loss.backward()
+        losses[drop] = (out.loss.detach(), out.image_acc, [p.grad.clone() for p in gpt.parameters()])
+        gpt.zero_grad()
+    torch.testing.assert_close(losses[True][0], losses[False][0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(losses[True][1], losses[False][1])
+    for a, b in zip(losses[True][2], losses[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    calls = []
+    gpt.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    task.training_step({**batch, "text_ids": text_ids}, modules={"gpt": gpt}, step=0)
+    assert calls == [layout.seq_len - 1 - 3]  # the 3 all-pad columns were left out
+
+
 def test_code_features_are_what_the_vq_codes_look_like(parts, tmp_path):
     text = TextTokenizer.load(parts.text_file)
     layout = SequenceLayout.from_parts(text, text_len=8, num_codes=32, image_grid=(4, 4))

@@ -255,3 +255,23 @@ def test_bad_sampler_inputs_raise_with_values():
         sample_image_tokens(model, prefix, image_offset=OFFSET, num_codes=17)
     with pytest.raises(ValueError, match="got 1 generators for 2 prompts"):
         sample(model, prefix, generator=gens([0]))
+
+
+def test_masked_padding_decodes_the_same_tokens_with_every_decoder():
+    """A model with mask_padding, prompts with pads (and the all-pad unconditional prefix) under CFG: greedy tokens
+    are the same with the cache, without it, and with the parallel decoders that are exact when greedy."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=OFFSET + NUM_CODES, prefix_len=4, image_grid=(3, 3), n_layer=2, n_head=4,
+                    n_kv_head=2, n_embd=32, mask_padding=True, pad_id=PAD)
+    model = GPT(cfg).eval()
+    prefix = prompts(3)
+    prefix[0, 1:3] = PAD  # captions of 1, 3 and 2 tokens
+    prefix[2, 2] = PAD
+    greedy = SamplingConfig(temperature=0, cfg_scale=3.0)
+    want = sample(model, prefix, greedy)
+    assert torch.equal(sample(model, prefix, greedy, use_cache=False), want)
+    for decoding, window in (("spatial", 4), ("jacobi", 3), ("zipar", 3)):
+        config = SamplingConfig(temperature=0, cfg_scale=3.0, decoding=decoding, window=window)
+        assert torch.equal(sample(model, prefix, config), want), decoding
+    seeded = sample(model, prefix, SamplingConfig(cfg_scale=3.0), generator=gens(range(3)))
+    assert torch.equal(sample(model, prefix[2:], SamplingConfig(cfg_scale=3.0), generator=gens([2])), seeded[2:])

@@ -171,8 +171,8 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, ma
     Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
     q = (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, G * Tq, D)  # head h reads key/value head h // G
-    if Tq == 1 and mask is None:  # decode: the keys as the left operand, (Tk, D) @ (D, G), streamed row by row
-        return _decode_math(q, k, v, dropout_p=dropout_p).view(B, H, Tq, D)
+    if Tq == 1:  # decode: the keys as the left operand, (Tk, D) @ (D, G), streamed row by row
+        return _decode_math(q, k, v, mask=mask, dropout_p=dropout_p).view(B, H, Tq, D)
     scores = q @ k.transpose(-2, -1)  # (B, Hkv, G*Tq, Tk)
     if mask is not None:
         scores = scores.view(B, Hkv, G, Tq, Tk).masked_fill(~mask[:, :, None], float("-inf")).view(B, Hkv, G * Tq, Tk)
@@ -185,13 +185,17 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, ma
     return (weights @ v).view(B, H, Tq, D)
 
 
-def _decode_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float) -> torch.Tensor:
-    """One query per head against a KV cache: q (B, Hkv, G, D) already scaled, k and v (B, Hkv, Tk, D) -> (B, Hkv, G, D).
+def _decode_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
+                 dropout_p: float) -> torch.Tensor:
+    """One query per head against a KV cache: q (B, Hkv, G, D) already scaled, k and v (B, Hkv, Tk, D) -> (B, Hkv, G, D);
+    mask (B, 1, 1, Tk): the keys it may read (None: all).
 
     The scores are k @ q^T, (Tk, D) @ (D, G), rather than q @ k^T: the batched GEMMs then read each cache row once in
     memory order, which makes the decode step faster, the more so with a bfloat16 cache, whose q @ k^T products are
     slow on the CPU (docs/speed.md)."""
     scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)  # (B, Hkv, G, Tk); contiguous when G = 1
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)

@@ -89,6 +89,10 @@ class GPTConfig:
     never seen as a target is one the model learned never comes), while the colour still depends on which object
     the structure belongs to: two independent softmaxes would mix the colour of one object with the shape of the
     other when either could come next. The image logits are then normalised log-probabilities.
+    `mask_padding` hides the text padding (token `pad_id`, which the sequence layout supplies) from attention: no
+    position reads a pad (a pad reads only itself), so every other position's output is the same whatever the
+    number of pads. Training then drops the text columns that hold only pads in a batch (`forward(positions=...)`),
+    which saves most of the prefix's compute on short captions; sampling keeps the full prefix.
     """
 
     vocab_size: int
@@ -109,9 +113,14 @@ class GPTConfig:
     abs_pos_emb: bool = False
     code_features: int = 0
     code_factors: tuple[int, int] | None = None
+    mask_padding: bool = False
+    pad_id: int | None = None
 
     def __post_init__(self) -> None:
         self.image_grid = tuple(self.image_grid)  # JSON/YAML give a list
+        if self.mask_padding and not (self.pad_id is not None and 0 <= self.pad_id < self.vocab_size):
+            raise ValueError(f"mask_padding needs the text padding id pad_id in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_id!r} (argen train gpt takes it from the sequence layout).")
         if self.code_factors is not None:
             self.code_factors = tuple(self.code_factors)
             if len(self.code_factors) != 2 or min(self.code_factors) < 1 or self.num_factored_codes >= self.vocab_size:
@@ -222,6 +231,7 @@ class KVCache:
 
     k: tuple[torch.Tensor, ...]
     v: tuple[torch.Tensor, ...]
+    visible: torch.Tensor | None = None  # (B, block_size + 1) bool: False where a masked pad was written
 
     @classmethod
     def allocate(
@@ -230,7 +240,14 @@ class KVCache:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         shape = (batch_size, config.kv_heads, config.block_size + 1, config.head_dim)
-        return cls(*(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)) for _ in "kv"))
+        visible = torch.ones(batch_size, config.block_size + 1, dtype=torch.bool, device=device) if config.mask_padding else None
+        return cls(*(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)) for _ in "kv"),
+                   visible=visible)
+
+    def rows(self, index: torch.Tensor) -> KVCache:
+        """A cache of the rows `index` (B',) only (a copy)."""
+        return KVCache(tuple(k[index] for k in self.k), tuple(v[index] for v in self.v),
+                       None if self.visible is None else self.visible[index])
 
     @property
     def batch_size(self) -> int:
@@ -275,7 +292,9 @@ class SelfAttention(nn.Module):
         *,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int | RowPositions = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """mask: bool (B, 1, T, keys) in place of the causal (or RowPositions) one: see `GPT._padding_mask`."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
@@ -283,13 +302,12 @@ class SelfAttention(nn.Module):
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, D)
         v = qkv[:, :, H + Hkv :].transpose(1, 2)  # (B, Hkv, T, D)
-        mask = None
         if isinstance(start, RowPositions):  # rows at different positions: written by index, each sees its own keys
             cache_k, cache_v = cache
             rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
             cache_k[rows, :, start.index] = k.transpose(1, 2).to(cache_k.dtype)  # (B, T, Hkv, D) into (B, Hkv, S, D)
             cache_v[rows, :, start.index] = v.transpose(1, 2).to(cache_v.dtype)
-            k, v, mask = cache_k[:, :, : start.end], cache_v[:, :, : start.end], start.mask
+            k, v, mask = cache_k[:, :, : start.end], cache_v[:, :, : start.end], start.mask if mask is None else mask
             q = q.to(k.dtype)
         elif cache is not None:
             cache_k, cache_v = cache  # (B, Hkv, block_size + 1, D), possibly in a narrower dtype than x (see KVCache)
@@ -334,8 +352,9 @@ class Block(nn.Module):
         *,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int | RowPositions = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache=cache, start=start))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache=cache, start=start, mask=mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -400,11 +419,15 @@ class GPT(PretrainedMixin, nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0,
-                logits_from: int = 0, targets: torch.Tensor | None = None) -> torch.Tensor:
+                logits_from: int = 0, targets: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """`logits_from` > 0 returns the logits of positions [logits_from, T) only (B, T - logits_from, vocab_size):
         training without a text loss needs none for the text positions, and the head is a large share of a step.
         With `targets` (B, T - logits_from) int64 it returns the log-probability of each target (B, T - logits_from),
-        log_softmax(logits) at the target, which a factored head computes without the logits of every code."""
+        log_softmax(logits) at the target, which a factored head computes without the logits of every code.
+        `positions` (T,) int64, increasing: the positions of idx's tokens in a forward without a cache, when columns
+        that hold only masked pads were dropped (`GPTConfig.mask_padding`); the outputs are then those of the full
+        sequence at these positions."""
         if idx.ndim != 2:
             raise ValueError(f"idx must be int64 token ids (B, T), got shape {tuple(idx.shape)}.")
         B, T = idx.shape
@@ -415,6 +438,8 @@ class GPT(PretrainedMixin, nn.Module):
                              f"per-row positions; got {tuple(targets.shape)}.")
         if isinstance(start, RowPositions):
             return self._forward_rows(idx, cache=cache, rows=start)[:, logits_from:]
+        if positions is not None:
+            return self._forward_at(idx, positions, logits_from=logits_from, targets=targets, cache=cache, start=start)
         if start < 0 or start + T > self.config.block_size:
             raise ValueError(
                 f"positions [start, start + T) = [{start}, {start + T}) must lie in [0, block_size={self.config.block_size})."
@@ -426,7 +451,34 @@ class GPT(PretrainedMixin, nn.Module):
         cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
         sin = self.rope_sin[start : start + T].unsqueeze(1)
         pos = self.pos_emb.weight[start : start + T] if self.pos_emb is not None else None
-        return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from, targets=targets)
+        mask = None
+        if self.config.mask_padding:
+            keys = torch.arange(start + T, device=idx.device)
+            own = keys[None, :] == (start + torch.arange(T, device=idx.device))[:, None]  # (T, keys)
+            visible = idx != self.config.pad_id  # (B, T)
+            if cache is not None:
+                cache.visible[:, start : start + T] = visible
+                visible = cache.visible[:, : start + T]
+            mask = (keys[None, :] <= keys[start:, None]) & (visible[:, None, None, :] | own)  # (B, 1, T, keys)
+        return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from, targets=targets,
+                         mask=mask)
+
+    def _forward_at(self, idx: torch.Tensor, positions: torch.Tensor, *, logits_from: int,
+                    targets: torch.Tensor | None, cache: KVCache | None, start: int | RowPositions) -> torch.Tensor:
+        """forward over tokens at `positions` (T,), without a cache, pads masked."""
+        T = idx.shape[1]
+        if cache is not None or start != 0 or not self.config.mask_padding:
+            raise ValueError("positions= is for a forward without a cache (start=0) of a model with mask_padding: the "
+                             "dropped columns must have been masked pads.")
+        if positions.shape != (T,) or positions.dtype != torch.long or not bool((positions[1:] > positions[:-1]).all()) \
+                or int(positions[0]) < 0 or int(positions[-1]) >= self.config.block_size:
+            raise ValueError(f"positions must be increasing int64 ({T},) in [0, block_size={self.config.block_size}), "
+                             f"got {positions.dtype} {tuple(positions.shape)}.")
+        cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (T, 1, D/2)
+        pos = self.pos_emb.weight[positions] if self.pos_emb is not None else None
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        mask = causal & ((idx != self.config.pad_id)[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device))
+        return self._run(idx, cos, sin, pos, cache=None, start=0, logits_from=logits_from, targets=targets, mask=mask)
 
     def _forward_rows(self, idx: torch.Tensor, *, cache: KVCache | None, rows: RowPositions) -> torch.Tensor:
         """forward with each row at its own positions `rows.index` (B, T) against `cache`."""
@@ -438,13 +490,20 @@ class GPT(PretrainedMixin, nn.Module):
         cos = self.rope_cos[rows.index].unsqueeze(2)  # (B, T, 1, D/2), broadcast over heads
         sin = self.rope_sin[rows.index].unsqueeze(2)
         pos = self.pos_emb(rows.index) if self.pos_emb is not None else None
-        return self._run(idx, cos, sin, pos, cache=cache, start=rows)
+        mask = None
+        if self.config.mask_padding:
+            batch = torch.arange(idx.shape[0], device=idx.device)[:, None]
+            cache.visible[batch, rows.index] = idx != self.config.pad_id
+            own = torch.arange(rows.end, device=idx.device) == rows.index[..., None]  # (B, T, end)
+            mask = rows.mask & (cache.visible[:, None, None, : rows.end] | own[:, None])
+        return self._run(idx, cos, sin, pos, cache=cache, start=rows, mask=mask)
 
     def _run(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None, *,
              cache: KVCache | None, start: int | RowPositions, logits_from: int = 0,
-             targets: torch.Tensor | None = None) -> torch.Tensor:
+             targets: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (plus the absolute position rows `pos`), the blocks, the head on positions [logits_from, T):
-        logits (B, T - logits_from, vocab_size), or the targets' log-probabilities."""
+        logits (B, T - logits_from, vocab_size), or the targets' log-probabilities. mask: bool (B, 1, T, keys), which
+        keys each position reads when pads are masked (None: causal, or the RowPositions mask)."""
         x = self._embed(idx)  # (B, T, C)
         if self.config.code_features:
             x = x + self.feat_in(self.code_feat[idx])
@@ -454,9 +513,9 @@ class GPT(PretrainedMixin, nn.Module):
         recompute = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute and cache is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask=mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache=None if cache is None else (cache.k[i], cache.v[i]), start=start)
+                x = block(x, cos, sin, cache=None if cache is None else (cache.k[i], cache.v[i]), start=start, mask=mask)
         return self._head(self.norm(x[:, logits_from:]), targets)
 
     def _head(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ from tokenizers_img.serialization import pretrained_hash
 from tokenizers_img.vq_model import VQModel
 
 # set by the sequence layout and the VQ tokenizer (`vq_code_factors`), never typed in YAML
-DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid", "code_factors")
+DERIVED_GPT_FIELDS = ("vocab_size", "prefix_len", "image_grid", "code_factors", "pad_id")
 
 
 @dataclass
@@ -57,10 +57,11 @@ class GPTArchitecture:
     init_std: float = 0.02
     abs_pos_emb: bool = False
     code_features: int = 0
+    mask_padding: bool = False
 
     def __post_init__(self) -> None:
         """Validate with GPTConfig's own checks (placeholder derived sizes), so a bad YAML fails at load time."""
-        GPTConfig(vocab_size=1, prefix_len=1, image_grid=(1, 1), **architecture_kwargs(self))
+        GPTConfig(vocab_size=1, prefix_len=1, image_grid=(1, 1), pad_id=0, **architecture_kwargs(self))
 
 
 def architecture_kwargs(arch: Any) -> dict[str, Any]:
@@ -68,9 +69,9 @@ def architecture_kwargs(arch: Any) -> dict[str, Any]:
 
 
 def gpt_config_for(arch: Any, layout: SequenceLayout, *, code_factors: tuple[int, int] | None = None) -> GPTConfig:
-    """The full GPTConfig: the architecture plus the layout's vocab_size, prefix_len and image_grid, and the VQ
-    tokenizer's code_factors."""
-    return GPTConfig(**layout.gpt_sizes(), **architecture_kwargs(arch), code_factors=code_factors)
+    """The full GPTConfig: the architecture plus the layout's vocab_size, prefix_len, image_grid and pad_id, and the
+    VQ tokenizer's code_factors."""
+    return GPTConfig(**layout.gpt_sizes(), **architecture_kwargs(arch), code_factors=code_factors, pad_id=layout.pad_id)
 
 
 def vq_code_factors(vq_dir: str | None) -> tuple[int, int] | None:
@@ -258,25 +259,35 @@ class SequenceLoss:
 
 
 def sequence_loss(model: nn.Module, text_ids: Tensor, codes: Tensor, *, layout: SequenceLayout,
-                  text_loss_weight: float = 0.0, accuracy: bool = False) -> SequenceLoss:
+                  text_loss_weight: float = 0.0, accuracy: bool = False, drop_padding: bool = False) -> SequenceLoss:
     """Cross-entropy of the GPT on [text | BOI | codes]: image targets weigh 1, text targets `text_loss_weight`,
     PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64. The model gives the targets' log-probabilities
     (`GPT.forward(targets=...)`), none for the text positions without a text loss (text_loss is then 0).
-    `accuracy` adds the argmax accuracy over image targets; the model then computes every logit (evaluation)."""
+    `accuracy` adds the argmax accuracy over image targets; the model then computes every logit (evaluation).
+    `drop_padding` (a model with `GPTConfig.mask_padding`, no text loss): the text columns that hold only pads in this
+    batch are left out of the forward, which gives the same loss with less compute."""
     seq = layout.build(text_ids, codes, check=False)  # (B, seq_len); ids are checked once, at load time
     inputs, targets = layout.split(seq)
+    weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)
     first = layout.prefix_len - 1  # the first input position whose target is an image token
+    positions = None
+    if drop_padding and text_loss_weight == 0:
+        used = (text_ids != layout.pad_id).any(dim=0).nonzero()  # text columns with a caption token in some row
+        positions = torch.cat([torch.arange(int(used[-1]) + 1 if len(used) else 0, device=seq.device),
+                               torch.arange(first, inputs.shape[1], device=seq.device)])
+        first -= inputs.shape[1] - len(positions)
+        inputs, targets, weights = inputs[:, positions], targets[:, positions], weights[:, positions]
     start = 0 if text_loss_weight > 0 else first
-    weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)[:, start:]
+    weights = weights[:, start:]
     targets = targets[:, start:]
     acc = None
     if accuracy:
-        logits = model(inputs, logits_from=start).float()  # (B, T - start, V)
+        logits = model(inputs, logits_from=start, positions=positions).float()  # (B, T - start, V)
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         with torch.no_grad():
             acc = (logits[:, first - start:].argmax(-1) == targets[:, first - start:]).float().mean()
     else:
-        ce = -model(inputs, logits_from=start, targets=targets)  # (B, T - start)
+        ce = -model(inputs, logits_from=start, targets=targets, positions=positions)  # (B, T - start)
     image_ce = ce[:, first - start:]
     with torch.no_grad():
         text_mask = targets[:, :first - start] != layout.pad_id
@@ -340,7 +351,7 @@ class GPTTask:
             text_ids = torch.where(drop[:, None], torch.full_like(text_ids, self.layout.pad_id), text_ids)
             logs["cond_dropped"] = drop.float().mean()
         out = sequence_loss(modules["gpt"], text_ids, codes, layout=self.layout,
-                            text_loss_weight=self.experiment.text_loss_weight)
+                            text_loss_weight=self.experiment.text_loss_weight, drop_padding=self.gpt.config.mask_padding)
         logs["image_loss"] = out.image_loss.detach()
         if self.experiment.text_loss_weight > 0:
             logs["text_loss"] = out.text_loss
@@ -360,12 +371,14 @@ class GPTTask:
             text_ids, codes = batch["text_ids"].to(device), batch["codes"].to(device)
             tokens = codes.numel()
             with accelerator.autocast():
-                cond = sequence_loss(gpt, text_ids, codes, layout=self.layout, accuracy=True)
+                drop = self.gpt.config.mask_padding
+                cond = sequence_loss(gpt, text_ids, codes, layout=self.layout, accuracy=True, drop_padding=drop)
                 sums[0] += cond.image_loss.double() * tokens
                 sums[1] += cond.image_acc.double() * tokens
                 if ev.uncond:
                     empty = torch.full_like(text_ids, self.layout.pad_id)
-                    sums[2] += sequence_loss(gpt, empty, codes, layout=self.layout).image_loss.double() * tokens
+                    sums[2] += sequence_loss(gpt, empty, codes, layout=self.layout,
+                                             drop_padding=drop).image_loss.double() * tokens
             sums[3] += tokens
             sums[4] += len(codes)
         sums = accelerator.reduce(sums, reduction="sum")
