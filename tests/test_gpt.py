@@ -500,3 +500,5 @@ def test_positions_are_checked():
         model_of(tiny())(seq[:, :4], positions=torch.arange(4))
     with pytest.raises(ValueError, match="pad_id"):
         tiny(mask_padding=True)
+    with pytest.raises(ValueError, match="takes a mask"):
+        tiny(mask_padding=True, pad_id=PAD, attn_backend="xformers")

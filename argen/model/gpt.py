@@ -121,6 +121,9 @@ class GPTConfig:
         if self.mask_padding and not (self.pad_id is not None and 0 <= self.pad_id < self.vocab_size):
             raise ValueError(f"mask_padding needs the text padding id pad_id in [0, vocab_size={self.vocab_size}), "
                              f"got {self.pad_id!r} (argen train gpt takes it from the sequence layout).")
+        if self.mask_padding and self.attn_backend == "xformers":
+            raise ValueError("mask_padding needs an attention backend that takes a mask: 'auto', 'sdpa' or 'math', "
+                             "not 'xformers'.")
         if self.code_factors is not None:
             self.code_factors = tuple(self.code_factors)
             if len(self.code_factors) != 2 or min(self.code_factors) < 1 or self.num_factored_codes >= self.vocab_size:
