@@ -457,12 +457,11 @@ class GPT(PretrainedMixin, nn.Module):
         mask = None
         if self.config.mask_padding:
             keys = torch.arange(start + T, device=idx.device)
-            own = keys[None, :] == (start + torch.arange(T, device=idx.device))[:, None]  # (T, keys)
             visible = idx != self.config.pad_id  # (B, T)
             if cache is not None:
                 cache.visible[:, start : start + T] = visible
                 visible = cache.visible[:, : start + T]
-            mask = (keys[None, :] <= keys[start:, None]) & (visible[:, None, None, :] | own)  # (B, 1, T, keys)
+            mask = self._padding_mask(visible, keys[None, start:], keys)
         return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from, targets=targets,
                          mask=mask)
 
@@ -479,8 +478,7 @@ class GPT(PretrainedMixin, nn.Module):
                              f"got {positions.dtype} {tuple(positions.shape)}.")
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (T, 1, D/2)
         pos = self.pos_emb.weight[positions] if self.pos_emb is not None else None
-        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-        mask = causal & ((idx != self.config.pad_id)[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=idx.device))
+        mask = self._padding_mask(idx != self.config.pad_id, positions[None], positions)
         return self._run(idx, cos, sin, pos, cache=None, start=0, logits_from=logits_from, targets=targets, mask=mask)
 
     def _forward_rows(self, idx: torch.Tensor, *, cache: KVCache | None, rows: RowPositions) -> torch.Tensor:
@@ -497,9 +495,19 @@ class GPT(PretrainedMixin, nn.Module):
         if self.config.mask_padding:
             batch = torch.arange(idx.shape[0], device=idx.device)[:, None]
             cache.visible[batch, rows.index] = idx != self.config.pad_id
-            own = torch.arange(rows.end, device=idx.device) == rows.index[..., None]  # (B, T, end)
-            mask = rows.mask & (cache.visible[:, None, None, : rows.end] | own[:, None])
+            mask = self._padding_mask(cache.visible[:, : rows.end], rows.index, torch.arange(rows.end, device=idx.device),
+                                      order=rows.mask)
         return self._run(idx, cos, sin, pos, cache=cache, start=rows, mask=mask)
+
+    @staticmethod
+    def _padding_mask(visible: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, *,
+                      order: torch.Tensor | None = None) -> torch.Tensor:
+        """bool (B, 1, T, keys): the keys each query reads with the padding masked: those `order` (B or 1, 1, T, keys)
+        allows (default: at or before the query's position) that are not pads (`visible` (B, keys)), and the query's
+        own key, so a pad reads itself. query_pos (B or 1, T) and key_pos (keys,) are positions in the sequence."""
+        at_or_before = (key_pos <= query_pos[..., None])[:, None] if order is None else order
+        own = (key_pos == query_pos[..., None])[:, None]  # (B or 1, 1, T, keys)
+        return at_or_before & (visible[:, None, None, :] | own)
 
     def _run(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None, *,
              cache: KVCache | None, start: int | RowPositions, logits_from: int = 0,

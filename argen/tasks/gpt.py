@@ -366,12 +366,12 @@ class GPTTask:
         mine = list(range(accelerator.process_index, n, accelerator.num_processes))  # every item once, over processes
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # cond loss, cond correct, uncond loss, tokens, items
         gpt = modules["gpt"]
+        drop = self.gpt.config.mask_padding
         for start in range(0, len(mine), ev.batch_size):
             batch = self.val_dataset.__getitems__(mine[start:start + ev.batch_size])
             text_ids, codes = batch["text_ids"].to(device), batch["codes"].to(device)
             tokens = codes.numel()
             with accelerator.autocast():
-                drop = self.gpt.config.mask_padding
                 cond = sequence_loss(gpt, text_ids, codes, layout=self.layout, accuracy=True, drop_padding=drop)
                 sums[0] += cond.image_loss.double() * tokens
                 sums[1] += cond.image_acc.double() * tokens
