@@ -70,6 +70,26 @@ def gemm_gflops(dtype: torch.dtype, *, n: int = 1024, reps: int = 5, device: str
     return 2 * n**3 / best / 1e9
 
 
+def compile_problem(device: torch.device | str) -> str | None:
+    """Why `torch.compile` (Inductor) cannot compile for `device` here, or None when it can: on a CPU it builds C++
+    kernels and needs a C++ compiler, on CUDA it needs Triton."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "torch.compile on CUDA needs Triton (pip install triton), and it is not installed"
+    if kind != "cpu":
+        return f"argen compiles for the CPU and CUDA only, not {kind}"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as err:  # Inductor raises several kinds when no compiler is found
+        return (f"torch.compile on the CPU needs a C++ compiler, and none was found ({err}); install g++ or clang++ "
+                "(or set CXX)")
+    return None
+
+
 def host_info(*, measure_bf16: bool = True) -> HostInfo:
     """This machine's HostInfo: the CUDA GPU when there is one, else the CPU (bf16 measured where it can run)."""
     if torch.cuda.is_available():

@@ -5,9 +5,12 @@ Also the per-image costs of the demo's other stages: VQ encoding (stage 3), VQ d
 and sampling 64 image tokens as stage 6 does (a batch of 256 rows, one generator per row, top-k 4, T 0.5), all with
 random weights: they time the same operations as the trained models.
 
-    python benchmarks/demo_host_steps.py --bf16                    # as the demo runs on this host
+    python benchmarks/demo_host_steps.py --bf16 --compile          # as the demo runs on this host
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-        python benchmarks/demo_host_steps.py                       # the same kernels capped at AVX2, float32
+        python benchmarks/demo_host_steps.py --compile             # the same kernels capped at AVX2, float32
+
+With --compile the GPT step is timed both eagerly and through torch.compile (as `train.compile: auto` trains it where
+a C++ compiler is found; Inductor's generated kernels follow ATEN_CPU_CAPABILITY), after the compilation.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def seconds_per_call(fn, n: int = 20, warm: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bf16", action="store_true", help="train the GPT step under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="also time the GPT step through torch.compile")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,9 +69,9 @@ def main() -> None:
     text_ids = torch.randint(1, 357, (32, experiment.data.text_len))
     codes = torch.randint(0, vq_config.num_codes, (32, vq_config.grid_size**2))
 
-    def gpt_step() -> None:
+    def gpt_step(model: torch.nn.Module = gpt) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = sequence_loss(gpt, text_ids, codes, layout=layout).loss
+            loss = sequence_loss(model, text_ids, codes, layout=layout).loss
         loss.backward()
         gpt_opt.step()
         gpt_opt.zero_grad()
@@ -82,13 +86,23 @@ def main() -> None:
                             config=SamplingConfig(temperature=0.5, top_k=4),
                             generator=[torch.Generator().manual_seed(i) for i in range(256)])
 
+    def compiled_step() -> str:
+        if not args.compile:
+            return ""
+        compiled = torch.compile(gpt)
+        start = time.perf_counter()
+        gpt_step(compiled)
+        gpt_step(compiled)
+        compile_s = time.perf_counter() - start
+        return f" (compiled {seconds_per_call(lambda: gpt_step(compiled)) * 1e3:.0f} ms, after {compile_s:.0f} s for its first two steps)"
+
     with torch.inference_mode():
         encode = seconds_per_call(lambda: vq.encode(scenes), 5, 1) / 500
         decode = seconds_per_call(lambda: vq.decode(grids), 5, 1) / 256
         per_image = seconds_per_call(sample, 3, 1) / 256
     print(f"ISA cap {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}, GPT {'bf16' if args.bf16 else 'float32'}, "
           f"{args.threads} threads: GEMM fp32 {gflops:.0f} GFLOP/s, tokenizer step {seconds_per_call(tokenizer_step) * 1e3:.0f} ms, "
-          f"GPT step {seconds_per_call(gpt_step) * 1e3:.0f} ms; per image: VQ encode {encode * 1e3:.2f} ms, "
+          f"GPT step {seconds_per_call(gpt_step) * 1e3:.0f} ms{compiled_step()}; per image: VQ encode {encode * 1e3:.2f} ms, "
           f"VQ decode {decode * 1e3:.2f} ms, sampling {per_image * 1e3:.2f} ms")
 
 

@@ -15,7 +15,7 @@ from argen.model.gpt import GPT
 TOKENIZER = ("train.max_steps=2", "train.batch_size=4", "model.base_channels=8", "model.norm_groups=4",
              "model.z_channels=8", "train.save_every=0", "train.log_every=1")
 GPT_TOY = ("train.max_steps=2", "train.batch_size=4", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
-           "train.save_every=0", "train.log_every=1", "eval.max_items=20")
+           "train.save_every=0", "train.log_every=1", "eval.max_items=20", "train.compile=false")
 SETTINGS = DemoSettings(num_train_codes=40, extra_train_codes={"relation": 8}, cfg_scales=(1.0, 2.0), top_ks=(None,), temperatures=(1.0,),
                         sweep_prompts={"single": 2, "relation": 2},
                         eval_prompts={"single": 2, "relation": 2, "heldout": 2},

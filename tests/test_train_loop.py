@@ -148,6 +148,45 @@ def test_mixed_precision_auto_is_bf16_only_where_native(tmp_path, monkeypatch, n
     assert seen and all(s == native for s in seen)
 
 
+class DeterminismProbe(ToyTask):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def training_step(self, batch, *, modules, step):
+        self.seen.append(torch.are_deterministic_algorithms_enabled())
+        return super().training_step(batch, modules=modules, step=step)
+
+
+def test_compile_auto_trains_eagerly_where_inductor_cannot_and_true_refuses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop_mod, "compile_problem", lambda device: "no C++ compiler here")
+    task, eager = DeterminismProbe(), ToyTask()
+    train(task, ToyData(), toy_config(tmp_path / "auto", max_steps=3, compile="auto"))
+    assert "train.compile auto -> eager: no C++ compiler here" in capsys.readouterr().out
+    assert task.seen and not any(task.seen)  # eager: torch's deterministic algorithms stay as they were
+    train(eager, ToyData(), toy_config(tmp_path / "eager", max_steps=3))
+    assert_equal(final_tensors(tmp_path / "auto"), final_tensors(tmp_path / "eager"))
+    with pytest.raises(RuntimeError, match="train.compile=true: no C.. compiler here. Or set train.compile to false or auto"):
+        train(ToyTask(), ToyData(), toy_config(tmp_path / "true", max_steps=3, compile=True))
+
+
+@pytest.mark.slow
+def test_a_compiled_run_is_deterministic_and_learns_what_eager_learns(tmp_path):
+    from argen.host import compile_problem
+
+    if compile_problem("cpu") is not None:
+        pytest.skip(compile_problem("cpu"))
+    runs = {}
+    for name, compile in (("a", True), ("b", True), ("eager", False)):
+        task = DeterminismProbe()
+        train(task, ToyData(), toy_config(tmp_path / name, max_steps=4, compile=compile))
+        assert task.seen and all(s == compile for s in task.seen)  # on while a compiled run trains, restored after
+        runs[name] = final_tensors(tmp_path / name)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert_equal(runs["a"], runs["b"])
+    assert_equal(runs["a"], runs["eager"], exact=False)
+
+
 def test_optimizer_with_zero_loss_does_not_step(tmp_path):
     task = ToyTask(disc_start=100)
     disc0 = {k: v.clone() for k, v in task.disc.state_dict().items()}

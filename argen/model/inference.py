@@ -8,6 +8,7 @@ import platform
 import torch
 from torch import nn
 
+from argen.host import compile_problem
 from argen.model.gpt import GPT, KVCache, RowPositions
 from argen.model.onednn import _onednn_matmul, onednn_available
 
@@ -46,15 +47,9 @@ class CompiledDecoding(nn.Module):
 
     def __init__(self, gpt: GPT):
         super().__init__()
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            get_cpp_compiler()
-        except Exception as err:
-            raise RuntimeError(
-                f"compile=True needs a C++ compiler for torch.compile's CPU backend (Inductor), and none was found ({err}). "
-                "Install g++ or clang++ (or set CXX), or sample without compile."
-            ) from err
+        problem = compile_problem("cpu")
+        if problem is not None:
+            raise RuntimeError(f"compile=True: {problem}. Or sample without compile.")
         self.gpt = gpt.eval().requires_grad_(False)
         self.config = gpt.config
         self.step = torch.compile(self.gpt, dynamic=True)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from argen.data.skips import SkipReport
+from argen.host import compile_problem
 from argen.train.batches import Batches, seed_for
 from argen.train.checkpoint import (
     LATEST_NAME,
@@ -83,9 +84,12 @@ class TrainConfig:
     `mixed_precision="auto"` is bf16 autocast where the hardware computes bf16 natively (a CUDA GPU that supports
     it; a CPU with AVX512-BF16 or AMX, see `native_bf16`) and "no" elsewhere, where emulated bf16 would be slower
     than float32. `compile=True` runs each trained module's forward through `torch.compile` (Inductor; the first
-    steps and the first eval pay the compilation); weights and checkpoints are unchanged by it. It is off by
-    default: for the demo GPT on a 2-core CPU it ran training steps 1.15x faster after compiling (12 s with a warm
-    Inductor cache, longer cold), which a few thousand steps barely earn back. `ddp_find_unused_parameters` lets
+    steps and the first eval pay the compilation, about half a minute for the demo GPT on a CPU) and refuses to
+    start where Inductor cannot compile (`argen.host.compile_problem`); `"auto"` compiles where it can and says
+    why not elsewhere. Checkpoints are unchanged by it. A compiled run holds torch's deterministic algorithms on
+    (Inductor would otherwise sum embedding gradients with atomic adds, and two runs would differ). It pays for
+    models whose steps are bound by element-wise work, such as the demo GPT; off by default, since it makes some
+    steps slower (a conv tokenizer's, docs/speed.md). `ddp_find_unused_parameters` lets
     DDP train a module whose forward leaves some trainable parameters unused (one graph traversal per forward).
     """
 
@@ -107,7 +111,7 @@ class TrainConfig:
     num_workers: int = 0
     nan_policy: Literal["raise", "skip"] = "raise"
     nan_max_consecutive: int = 10
-    compile: bool = False
+    compile: bool | Literal["auto"] = False
     ddp_find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
@@ -440,6 +444,7 @@ class _Run:
     batches: Batches
     task_config: dict[str, Any]
     skips: SkipReport | None
+    compiled: bool = False               # the trained modules run through torch.compile (TrainConfig.compile)
     step: int = 0
     nan_skipped: int = 0
     consecutive_bad: int = 0
@@ -520,7 +525,8 @@ def _build(task: Task, dataset: Any, config: TrainConfig, *, task_config: dict[s
     for s in specs:  # a model with its optimizer: FSDP2 swaps the optimizer's parameters for the shards
         *wrapped, optimizers[s.name] = accelerator.prepare(*[modules[n] for n in s.modules], raw[s.name])
         prepared.update(zip(s.modules, wrapped))
-    if config.compile:
+    compiled = _compiles(config, device, accelerator)
+    if compiled:
         for n in trainable:  # in place: the module (and a DDP wrapper's call) runs compiled, its state_dict keeps its keys
             modules[n].compile()
     # In the modules' order (accelerate's FSDP clip_grad_norm_ compares the list with model.parameters()); under
@@ -529,7 +535,7 @@ def _build(task: Task, dataset: Any, config: TrainConfig, *, task_config: dict[s
     ema = EMA({n: modules[n] for n in ema_names}, decay=config.ema_decay) if ema_names else None  # type: ignore[arg-type]
     run = _Run(task=task, config=config, accelerator=accelerator, out_dir=Path(config.out_dir), modules=modules,
                prepared=prepared, specs=specs, optimizers=optimizers, params=params, schedulers=schedulers,
-               schedule=schedule, ema=ema, whole=whole, batches=batches, task_config=task_config or {}, skips=skips)
+               schedule=schedule, ema=ema, whole=whole, batches=batches, task_config=task_config or {}, skips=skips, compiled=compiled)
     if fsdp and len(specs) > 1:  # record each module's outputs, to see which losses run through which modules
         for s in specs:
             run.forward_outputs[s.name] = []
@@ -537,6 +543,33 @@ def _build(task: Task, dataset: Any, config: TrainConfig, *, task_config: dict[s
                 run.hooks.append(modules[n].register_forward_hook(
                     lambda module, args, out, k=s.name: run.forward_outputs[k].extend(output_nodes(out))))
     return run
+
+
+def _compiles(config: TrainConfig, device: torch.device, accelerator: Any) -> bool:
+    """Whether this run compiles its modules: `compile` True (refused where Inductor cannot compile) or "auto"
+    (where it can)."""
+    if config.compile is False:
+        return False
+    problem = compile_problem(device)
+    if problem is not None and config.compile is True:
+        raise RuntimeError(f"train.compile=true: {problem}. Or set train.compile to false or auto.")
+    if problem is not None:
+        accelerator.print(f"note: train.compile auto -> eager: {problem}.")
+    return problem is None
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """torch's deterministic algorithms on for the block (without filling new tensors with NaN), then as before."""
+    was, filled = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    if on:
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = filled
 
 
 def _resume(run: _Run, found: ResumePoint) -> dict[str, list[int]] | None:
@@ -878,7 +911,8 @@ def train(
     start = time.perf_counter()
     run = _build(task, dataset, config, task_config=task_config, collate_fn=collate_fn, skips=skips)
     try:
-        return _run(run, resume=resume, overwrite=overwrite, start=start)
+        with _deterministic(run.compiled):
+            return _run(run, resume=resume, overwrite=overwrite, start=start)
     finally:
         for hook in run.hooks:
             hook.remove()
