@@ -3,6 +3,7 @@ throughput, so a run's timings can be read against the host that produced them."
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from dataclasses import dataclass
@@ -72,22 +73,38 @@ def gemm_gflops(dtype: torch.dtype, *, n: int = 1024, reps: int = 5, device: str
 
 def compile_problem(device: torch.device | str) -> str | None:
     """Why `torch.compile` (Inductor) cannot compile for `device` here, or None when it can: on a CPU it builds C++
-    kernels and needs a C++ compiler, on CUDA it needs Triton."""
-    kind = torch.device(device).type
+    kernels and needs a C++ compiler (and Python's headers), on CUDA it needs Triton. Decided once per device kind,
+    by compiling a one-line function (a few seconds, most of them the compiler stack's start-up, which a real
+    compilation pays anyway)."""
+    return _compile_problem(torch.device(device).type)
+
+
+@functools.cache
+def _compile_problem(kind: str) -> str | None:
     if kind == "cuda":
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "torch.compile on CUDA needs Triton (pip install triton), and it is not installed"
-    if kind != "cpu":
+        if not has_triton():
+            return "torch.compile on CUDA needs Triton (pip install triton), and it is not installed"
+    elif kind != "cpu":
         return f"argen compiles for the CPU and CUDA only, not {kind}"
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
+    else:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
 
-        get_cpp_compiler()
-    except Exception as err:  # Inductor raises several kinds when no compiler is found
-        return (f"torch.compile on the CPU needs a C++ compiler, and none was found ({err}); install g++ or clang++ "
-                "(or set CXX)")
+            get_cpp_compiler()
+        except Exception as err:  # Inductor raises several kinds when no compiler is found
+            return (f"torch.compile on the CPU needs a C++ compiler, and none was found ({err}); install g++ or "
+                    "clang++ (or set CXX)")
+    try:
+        torch.compile(_compile_probe, dynamic=False)(torch.ones(2, device=kind))
+    except Exception as err:  # a broken tool chain (missing headers, a bad CXX) fails here, not in the first step
+        return f"torch.compile failed on a one-line function ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
     return None
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
 
 
 def host_info(*, measure_bf16: bool = True) -> HostInfo:

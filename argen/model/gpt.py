@@ -472,8 +472,10 @@ class GPT(PretrainedMixin, nn.Module):
         if cache is not None or start != 0 or not self.config.mask_padding:
             raise ValueError("positions= is for a forward without a cache (start=0) of a model with mask_padding: the "
                              "dropped columns must have been masked pads.")
-        if positions.shape != (T,) or positions.dtype != torch.long or not bool((positions[1:] > positions[:-1]).all()) \
-                or int(positions[0]) < 0 or int(positions[-1]) >= self.config.block_size:
+        # the values are checked eagerly only: reading them would split a compiled training step (train.compile)
+        if positions.shape != (T,) or positions.dtype != torch.long or not torch.compiler.is_compiling() and (
+                not bool((positions[1:] > positions[:-1]).all()) or int(positions[0]) < 0
+                or int(positions[-1]) >= self.config.block_size):
             raise ValueError(f"positions must be increasing int64 ({T},) in [0, block_size={self.config.block_size}), "
                              f"got {positions.dtype} {tuple(positions.shape)}.")
         cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (T, 1, D/2)

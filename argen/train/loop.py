@@ -86,8 +86,8 @@ class TrainConfig:
     than float32. `compile=True` runs each trained module's forward through `torch.compile` (Inductor; the first
     steps and the first eval pay the compilation, about half a minute for the demo GPT on a CPU) and refuses to
     start where Inductor cannot compile (`argen.host.compile_problem`); `"auto"` compiles where it can and says
-    why not elsewhere. Checkpoints are unchanged by it. A compiled run holds torch's deterministic algorithms on
-    (Inductor would otherwise sum embedding gradients with atomic adds, and two runs would differ). It pays for
+    why not elsewhere. Checkpoints are unchanged by it. A compiled run on the CPU holds torch's deterministic
+    algorithms on (Inductor would otherwise sum embedding gradients with atomic adds, and two runs would differ). It pays for
     models whose steps are bound by element-wise work, such as the demo GPT; off by default, since it makes some
     steps slower (a conv tokenizer's, docs/speed.md). `ddp_find_unused_parameters` lets
     DDP train a module whose forward leaves some trainable parameters unused (one graph traversal per forward).
@@ -911,7 +911,7 @@ def train(
     start = time.perf_counter()
     run = _build(task, dataset, config, task_config=task_config, collate_fn=collate_fn, skips=skips)
     try:
-        with _deterministic(run.compiled):
+        with _deterministic(run.compiled and run.accelerator.device.type == "cpu"):  # as eager CPU training is
             return _run(run, resume=resume, overwrite=overwrite, start=start)
     finally:
         for hook in run.hooks:
