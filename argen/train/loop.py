@@ -555,6 +555,9 @@ def _compiles(config: TrainConfig, device: torch.device, accelerator: Any) -> bo
         raise RuntimeError(f"train.compile=true: {problem}. Or set train.compile to false or auto.")
     if problem is not None:
         accelerator.print(f"note: train.compile auto -> eager: {problem}.")
+    else:
+        accelerator.print(f"train.compile {config.compile}: the trained modules run through torch.compile; the first "
+                          "steps and the first evaluation wait for its compilation")
     return problem is None
 
 
