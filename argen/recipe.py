@@ -302,7 +302,8 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
         "title": title, "dataset": dataset, "resolution": resolution,
         "tokenizer": {"dir": str(tok_dir), "config": str(configs["tokenizer"]), "metrics": tok_metrics},
         "gpt": {"pipeline": str(pipeline_dir), "config": str(configs["gpt"]), "num_params": gpt_metrics.get("num_params"),
-                "steps": gpt_metrics.get("step"), "eval": gpt_metrics.get("eval")},
+                "steps": gpt_metrics.get("step"), "eval": gpt_metrics.get("eval"),
+                "mixed_precision": gpt_metrics.get("mixed_precision"), "compiled": gpt_metrics.get("compiled")},
     }
     if shapes:
         summary.update(_sample_and_judge(pipe, pipeline_dir, settings=settings, out=out))
@@ -533,6 +534,15 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
+def _how_trained(gpt: dict) -> str:
+    """' (bf16 autocast, compiled)' from the GPT's metrics.json: what makes its weights differ across hosts; '' for a
+    run recorded before these were."""
+    if gpt.get("mixed_precision") is None:
+        return ""
+    precision = "float32" if gpt["mixed_precision"] == "no" else f"{gpt['mixed_precision']} autocast"
+    return f" ({precision}, {'compiled' if gpt.get('compiled') else 'eager'})"
+
+
 def report_markdown(summary: dict) -> str:
     """The run's report.md: tokenizer, GPT, the shapes judge's sweep and scores (shapes), the judge-CLIP evaluation
     (when trained), timings and host."""
@@ -566,7 +576,7 @@ Judge agreement: the judge reads the reconstruction as the same scene as the ori
 
 ## 2. Text-to-image GPT
 
-GPT with {gpt['num_params'] / 1e6:.2f}M parameters, {gpt['steps']} steps, {loss}. Pipeline: `{gpt['pipeline']}`.
+GPT with {gpt['num_params'] / 1e6:.2f}M parameters, {gpt['steps']} steps{_how_trained(gpt)}, {loss}. Pipeline: `{gpt['pipeline']}`.
 """]
     if shapes:
         parts.append(_shapes_markdown(summary))

@@ -11,6 +11,7 @@ import torch
 from argen.data.codes import read_meta
 from argen.demo import DemoSettings, run_demo
 from argen.model.gpt import GPT
+from argen.train.loop import native_bf16
 
 TOKENIZER = ("train.max_steps=2", "train.batch_size=4", "model.base_channels=8", "model.norm_groups=4",
              "model.z_channels=8", "train.save_every=0", "train.log_every=1")
@@ -41,6 +42,8 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
         assert (out / name).stat().st_size > 0, name
     markdown = (out / "report.md").read_text()
     assert "cfg 2 linear, top-k all, T 1" in markdown and report["chosen"] + " (chosen)" in markdown
+    precision = "bf16 autocast" if native_bf16() else "float32"  # the preset's mixed_precision auto
+    assert f"2 steps ({precision}, eager)" in markdown  # the toy overrides turn train.compile off
     assert json.loads((out / "report.json").read_text())["chosen"] == report["chosen"]
     # the extra relation shard is encoded and trained on beside the full one
     assert read_meta(out / "codes" / "train+relation").num_items == 8

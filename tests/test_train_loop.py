@@ -146,6 +146,8 @@ def test_mixed_precision_auto_is_bf16_only_where_native(tmp_path, monkeypatch, n
 
     train(Probe(), ToyData(), toy_config(tmp_path, max_steps=2, mixed_precision="auto"))
     assert seen and all(s == native for s in seen)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["mixed_precision"], metrics["compiled"]) == ("bf16" if native else "no", False)
 
 
 class DeterminismProbe(ToyTask):
@@ -181,6 +183,7 @@ def test_a_compiled_run_is_deterministic_and_learns_what_eager_learns(tmp_path):
         task = DeterminismProbe()
         train(task, ToyData(), toy_config(tmp_path / name, max_steps=4, compile=compile))
         assert task.seen and all(s == compile for s in task.seen)  # on while a compiled run trains, restored after
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["compiled"] is compile
         runs[name] = final_tensors(tmp_path / name)
     assert not torch.are_deterministic_algorithms_enabled()
     assert_equal(runs["a"], runs["b"])

@@ -856,7 +856,8 @@ def _finish(run: _Run, *, seconds: float) -> TrainResult:
                          metrics_json=run.out_dir / "metrics.json", main_process=run.is_main)
     if run.is_main:
         report: dict[str, Any] = {"step": step, "eval": final_eval, "logs": run.last_logs,
-                                  "artifacts": str(artifacts), "train_seconds": round(seconds, 1)}
+                                  "artifacts": str(artifacts), "train_seconds": round(seconds, 1),
+                                  "mixed_precision": run.accelerator.mixed_precision, "compiled": run.compiled}
         if skipped is not None:
             report["skipped"] = [{"key": s.key, "reason": s.reason} for s in skipped.skips]
             if len(skipped):
