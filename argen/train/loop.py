@@ -87,9 +87,9 @@ class TrainConfig:
     steps and the first eval pay the compilation, about half a minute for the demo GPT on a CPU) and refuses to
     start where Inductor cannot compile (`argen.host.compile_problem`); `"auto"` compiles where it can and says
     why not elsewhere. Checkpoints are unchanged by it. A compiled run on the CPU holds torch's deterministic
-    algorithms on (Inductor would otherwise sum embedding gradients with atomic adds, and two runs would differ). It pays for
-    models whose steps are bound by element-wise work, such as the demo GPT; off by default, since it makes some
-    steps slower (a conv tokenizer's, docs/speed.md). `ddp_find_unused_parameters` lets
+    algorithms on (Inductor would otherwise sum embedding gradients with atomic adds, and two runs would differ).
+    It pays for models whose steps are bound by element-wise work, such as the demo GPT; off by default, since it
+    makes some steps slower (a conv tokenizer's, docs/speed.md). `ddp_find_unused_parameters` lets
     DDP train a module whose forward leaves some trainable parameters unused (one graph traversal per forward).
     """
 
@@ -535,7 +535,8 @@ def _build(task: Task, dataset: Any, config: TrainConfig, *, task_config: dict[s
     ema = EMA({n: modules[n] for n in ema_names}, decay=config.ema_decay) if ema_names else None  # type: ignore[arg-type]
     run = _Run(task=task, config=config, accelerator=accelerator, out_dir=Path(config.out_dir), modules=modules,
                prepared=prepared, specs=specs, optimizers=optimizers, params=params, schedulers=schedulers,
-               schedule=schedule, ema=ema, whole=whole, batches=batches, task_config=task_config or {}, skips=skips, compiled=compiled)
+               schedule=schedule, ema=ema, whole=whole, batches=batches, task_config=task_config or {}, skips=skips,
+               compiled=compiled)
     if fsdp and len(specs) > 1:  # record each module's outputs, to see which losses run through which modules
         for s in specs:
             run.forward_outputs[s.name] = []
@@ -551,14 +552,14 @@ def _compiles(config: TrainConfig, device: torch.device, accelerator: Any) -> bo
     if config.compile is False:
         return False
     problem = compile_problem(device)
-    if problem is not None and config.compile is True:
-        raise RuntimeError(f"train.compile=true: {problem}. Or set train.compile to false or auto.")
-    if problem is not None:
-        accelerator.print(f"note: train.compile auto -> eager: {problem}.")
-    else:
+    if problem is None:
         accelerator.print(f"train.compile {config.compile}: the trained modules run through torch.compile; the first "
                           "steps and the first evaluation wait for its compilation")
-    return problem is None
+        return True
+    if config.compile is True:
+        raise RuntimeError(f"train.compile=true: {problem}. Or set train.compile to false or auto.")
+    accelerator.print(f"note: train.compile auto -> eager: {problem}.")
+    return False
 
 
 @contextlib.contextmanager
