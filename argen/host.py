@@ -52,6 +52,17 @@ def cpu_extensions() -> tuple[str, ...]:
     return tuple(name for flag, name in CPU_EXTENSIONS if flag in flags)
 
 
+def native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether `device` (default: CUDA when available, else the CPU) computes bf16 natively: a CUDA GPU with bf16
+    support, or an x86 CPU whose /proc/cpuinfo lists avx512_bf16 or amx_bf16 (oneDNN then runs bf16 convolutions
+    and GEMMs faster than float32; without them it emulates bf16, slower than float32). False where that cannot be
+    read. Decides `mixed_precision: auto` in training and `precision="auto"` in sampling."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return kind == "cpu" and any(name in cpu_extensions() for name in ("AVX512-BF16", "AMX"))
+
+
 def gemm_gflops(dtype: torch.dtype, *, n: int = 1024, reps: int = 5, device: str = "cpu") -> float:
     """Best-of-`reps` throughput of an (n x n) @ (n x n) product in `dtype`, GFLOP/s. On an x86 CPU in float32 it is
     oneDNN's GEMM, the one argen's Linear layers run (PyTorch's default BLAS can be several times slower there)."""

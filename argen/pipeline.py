@@ -18,9 +18,10 @@ from torch import Tensor
 
 import argen
 from argen.data.transforms import tensor_to_pil
+from argen.host import native_bf16
 from argen.layout import SequenceLayout
-from argen.model import GPT, CompiledDecoding, onednn_available, pack_for_cpu
-from argen.sample import SamplingConfig, decode_image_tokens
+from argen.model import GPT, CompiledDecoding, bf16_blocks, onednn_available, pack_for_cpu
+from argen.sample import PRECISIONS, Precision, SamplingConfig, decode_image_tokens
 from argen.saved import SavedDirError, parts_from_v1, read_manifest, trained_with
 from argen.text import TOKENIZER_FILE, TextTokenizer, tokenizer_file_hash
 from tokenizers_img.config import to_dict
@@ -44,6 +45,7 @@ PART_CLASSES = {"vq": "tokenizers_img.vq_model.VQModel", "text_tokenizer": "arge
 SAMPLING_KEY = "sampling"  # pipeline.json's recommended sampler settings (argen demo writes what its sweep chose)
 # What a pipeline samples with when its pipeline.json recommends nothing: guidance 2, plain temperature.
 FALLBACK_SAMPLING = SamplingConfig(cfg_scale=2.0)
+
 
 
 class PipelineError(SavedDirError):
@@ -187,23 +189,35 @@ class Pipeline:
 
     def __init__(self, *, vq: VQModel, text: TextTokenizer, gpt: GPT, layout: SequenceLayout, manifest: dict[str, Any],
                  path: Path | None = None, text_ids_seen: set[int] | None = None, pack: bool = True,
-                 compile: bool = False) -> None:
+                 compile: bool = False, precision: Precision = "auto") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}.")
         self.vq, self.text, self.gpt, self.layout = vq, text, gpt, layout
         self.manifest, self.path = manifest, path
         self.text_ids_seen = text_ids_seen
-        self.pack, self.compile = pack, compile
+        self.pack, self.compile, self.precision = pack, compile, precision
         self._sampler_gpt: GPT | CompiledDecoding | None = None
 
+    @property
+    def sampling_precision(self) -> str:
+        """What the sampling copy computes in: "bf16" (the blocks' weights and the KV cache in bfloat16, `bf16_blocks`)
+        for precision "bf16", or "auto" where this device computes bf16 natively (`argen.host.native_bf16`); else
+        "fp32", the GPT's own weights."""
+        fp32 = next(self.gpt.parameters()).dtype == torch.float32
+        bf16 = self.precision == "bf16" or self.precision == "auto" and native_bf16(self.device)
+        return "bf16" if fp32 and bf16 else "fp32"
+
     def sampler_gpt(self) -> GPT | CompiledDecoding:
-        """The GPT that sampling runs: with `pack` on a CPU with oneDNN a prepacked inference copy (1.3-1.8x faster
-        decode in benchmarks/sampling.py), with `compile` as well one whose decode step Inductor compiles
-        (`pack_for_cpu(gpt, compile=True)`), made once; otherwise the GPT itself (FLOP counters see only plain ops)."""
+        """The GPT that sampling runs, made once: in `sampling_precision`, and with `pack` on a CPU with oneDNN a
+        prepacked inference copy (1.3-1.8x faster decode in benchmarks/sampling.py), with `compile` as well one whose
+        decode step Inductor compiles (`pack_for_cpu`); otherwise the GPT itself (FLOP counters see only plain ops)."""
         if self._sampler_gpt is None:
+            bf16 = self.sampling_precision == "bf16"
             cpu = self.device.type == "cpu" and next(self.gpt.parameters()).dtype == torch.float32
             if self.pack and cpu and onednn_available():
-                self._sampler_gpt = pack_for_cpu(self.gpt, compile=self.compile)
+                self._sampler_gpt = pack_for_cpu(self.gpt, compile=self.compile, bf16=bf16)
             else:
-                self._sampler_gpt = self.gpt
+                self._sampler_gpt = bf16_blocks(self.gpt) if bf16 else self.gpt
         return self._sampler_gpt
 
     @property
@@ -239,14 +253,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True, pack: bool = True,
-             compile: bool = False) -> Pipeline:
+             compile: bool = False, precision: Precision = "auto") -> Pipeline:
         """Load and check a pipeline directory.
 
         With `verify` (the default) every part's hash is recomputed and compared with pipeline.json (a swapped
         part is refused, naming it). The GPT's own training record must name the VQ and text tokenizers (refused
         naming both sides otherwise; without `verify` it is compared with the hashes pipeline.json records, which
         skips reading the weights twice). The GPT's sizes are checked against the layout in any case.
-        `pack` and `compile` choose the CPU sampling copy (see `sampler_gpt`).
+        `pack`, `compile` and `precision` choose the sampling copy (see `sampler_gpt`).
         """
         path = Path(path)
         file = path / PIPELINE_FILE
@@ -283,7 +297,7 @@ class Pipeline:
         seen = record.get("text_ids_seen")
         seen_ids = {i for a, b in seen for i in range(a, b + 1)} if seen is not None else None
         return cls(vq=vq, text=text, gpt=gpt, layout=layout, manifest=manifest, path=path, text_ids_seen=seen_ids,
-                   pack=pack, compile=compile)
+                   pack=pack, compile=compile, precision=precision)
 
     def unseen_words(self, prompt: str) -> list[str]:
         """Words of `prompt` with a token that never occurred in a training caption (the GPT cannot know them)."""

@@ -19,6 +19,8 @@ MAX_CFG_SCALE = 1000.0
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed and numpy's SeedSequence take non-negative 64-bit seeds
 DECODINGS = ("token", "jacobi", "spatial", "zipar")
 MAX_WINDOW = 256
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS = ("auto", "fp32", "bf16")  # what a pipeline's sampling copy computes in: Pipeline.sampling_precision
 
 
 class NonFiniteSamplingError(ValueError):
@@ -249,9 +251,10 @@ def decode_image_tokens(
     measuring the cache only). generator: one torch.Generator for the batch, or one per prompt so that a
     prompt's tokens are the same in any batch; None uses the global RNG. Runs under torch.inference_mode
     with the model in eval mode (its train/eval mode is restored afterwards). On an x86 CPU, pass
-    `argen.model.pack_for_cpu(model)` (made once) for faster sampling (docs/speed.md). cache_dtype: the KV cache's dtype
-    (default: the model's); torch.bfloat16 under a float32 model halves the cache's memory traffic, the largest
-    cost of batched CPU decoding besides the weights, at the price of bf16-rounded keys and values.
+    `argen.model.pack_for_cpu(model)` (made once) for faster sampling (docs/speed.md). cache_dtype: the KV cache's
+    dtype (default: the model's `kv_cache_dtype`, else its weights'); torch.bfloat16 under a float32 model halves the
+    cache's memory traffic, the largest cost of batched CPU decoding besides the weights, at the price of
+    bf16-rounded keys and values.
 
     allowed_codes: optional bool (h*w, num_codes), or (B, h*w, num_codes) per prompt: image position t draws only
     among the codes allowed at t (after CFG, before temperature/top-k/top-p); each position must allow at least
@@ -290,6 +293,7 @@ def decode_image_tokens(
         rows = torch.cat([prefix, uncond_prefix.to(prefix.device).expand(B, P)])  # (2B, P): [cond; uncond]
     R = rows.shape[0]
     device = prefix.device
+    cache_dtype = cache_dtype or model.kv_cache_dtype or next(model.parameters()).dtype
     if config.decoding != "token":
         if not use_cache:
             raise ValueError(f"decoding={config.decoding!r} writes drafts into the KV cache; it needs use_cache=True.")
@@ -304,7 +308,7 @@ def decode_image_tokens(
                 decoded = decoder(
                     model, rows, batch_size=B, image_offset=image_offset, num_codes=num_codes, config=config,
                     banned=banned if allowed_codes is not None else None, noise=RowNoise(generator, B),
-                    cache_dtype=cache_dtype or next(model.parameters()).dtype).run()
+                    cache_dtype=cache_dtype).run()
         finally:
             model.train(was_training)
         return _checked(decoded, config)
@@ -317,8 +321,7 @@ def decode_image_tokens(
         with torch.inference_mode():
             codes = torch.empty(B, N, dtype=torch.long, device=device)  # (B, N)
             if use_cache:
-                param = next(model.parameters())
-                cache = KVCache.allocate(cfg, R, device=device, dtype=cache_dtype or param.dtype)
+                cache = KVCache.allocate(cfg, R, device=device, dtype=cache_dtype)
                 logits = model(rows, cache=cache, start=0, logits_from=P - 1)[:, -1, codes_slice]  # (R, K)
                 step_input = torch.empty(R, 1, dtype=torch.long, device=device)  # (R, 1), reused every step
             else:

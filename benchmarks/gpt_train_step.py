@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from argen.demo import GPT_CONFIG
+from argen.host import native_bf16
 from argen.layout import SequenceLayout
 from argen.model.gpt import GPT, GPTConfig
 from argen.tasks.gpt import GPTExperiment, gpt_config_for
-from argen.train.loop import native_bf16
 from tokenizers_img.config import load_config
 from tokenizers_img.serialization import atomic_write_bytes
 

@@ -15,11 +15,10 @@ import time
 import numpy as np
 import torch
 
-from argen.host import host_info
+from argen.host import host_info, native_bf16
 from argen.model import GPT
 from argen.pipeline import Pipeline
 from argen.tasks.gpt import CaptionedCodes, sequence_loss
-from argen.train.loop import native_bf16
 
 
 def main() -> None:

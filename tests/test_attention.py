@@ -40,6 +40,11 @@ def test_cpu_backends_are_sdpa_and_math_and_auto_picks_per_query_length():
     assert set(BACKENDS) >= {"sdpa", "math"} and "auto" not in BACKENDS
     assert resolve_backend("auto", "cpu") == "sdpa" and resolve_backend("auto", "cpu", q_len=7) == "sdpa"
     assert resolve_backend("auto", "cpu", q_len=1) == "math"  # one decode query: plain matmuls are faster on CPU
+    # ... except over a bf16 cache, eagerly, where the batched matmuls copy the keys and values first
+    assert resolve_backend("auto", "cpu", q_len=1, k_len=40, dtype=torch.bfloat16) == "sdpa"
+    compiled = torch.compile(lambda: resolve_backend("auto", "cpu", q_len=1, k_len=40, dtype=torch.bfloat16),
+                             backend="eager", fullgraph=True)
+    assert compiled() == "math"  # Inductor fuses the math path
     bf16 = torch.bfloat16  # short bf16 sequences (training under autocast): math; long ones and float32: sdpa
     assert resolve_backend("auto", "cpu", q_len=93, k_len=93, dtype=bf16) == "math"
     assert resolve_backend("auto", "cpu", q_len=CPU_BF16_MATH_MAX_KEYS + 1, k_len=CPU_BF16_MATH_MAX_KEYS + 1,

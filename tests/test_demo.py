@@ -10,8 +10,8 @@ import torch
 
 from argen.data.codes import read_meta
 from argen.demo import DemoSettings, run_demo
+from argen.host import native_bf16
 from argen.model.gpt import GPT
-from argen.train.loop import native_bf16
 
 TOKENIZER = ("train.max_steps=2", "train.batch_size=4", "model.base_channels=8", "model.norm_groups=4",
              "model.z_channels=8", "train.save_every=0", "train.log_every=1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -11,7 +12,7 @@ import torch
 
 from argen.model import GPT, GPTConfig, KVCache, available_backends, flops_per_token
 from argen.model.gpt import apply_rope, rope_positions, rope_tables
-from argen.model.inference import PackedLinear, pack_for_cpu
+from argen.model.inference import BF16Linear, PackedLinear, bf16_blocks, pack_for_cpu
 from argen.model.onednn import ONEDNN_MIN_MACS, WGRAD_BLAS_ROWS, Linear, onednn_available, use_onednn_linears
 from tokenizers_img.config import from_dict, to_dict
 
@@ -396,6 +397,53 @@ def test_pack_for_cpu_keeps_the_logits_and_leaves_the_original_alone(tmp_path):
     with pytest.raises(RuntimeError, match="inference-only and cannot be saved"):
         packed.save_pretrained(tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
+
+
+def autocast_rounding(model: GPT) -> GPT:
+    """`model` with what bf16 autocast does to its blocks' Linear layers spelled out in float32: weights, inputs and
+    outputs rounded to bf16 (a product of two bf16 numbers is exact in float32, so only the summation order differs)."""
+    ref = copy.deepcopy(model).eval()
+
+    def bf16(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).float()
+
+    for module in ref.blocks.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = bf16(module.weight.data)
+            module.register_forward_pre_hook(lambda _, args: (bf16(args[0]),))
+            module.register_forward_hook(lambda _, args, out: bf16(out))
+    return ref
+
+
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=needs_onednn)])
+@pytest.mark.parametrize("factored", [False, True])
+def test_bf16_blocks_compute_what_bf16_autocast_computes_with_float32_heads(pack, factored):
+    cfg = tiny(vocab_size=13 + 12, code_factors=(4, 3)) if factored else tiny()
+    model, idx = model_of(cfg).train(), tokens(cfg)
+    fast = pack_for_cpu(model, bf16=True) if pack else bf16_blocks(model)
+    inner = [m for m in fast.blocks.modules() if isinstance(m, (torch.nn.Linear, BF16Linear, PackedLinear))]
+    heads = [fast.lm_head, *([fast.structure_head, fast.colour_in, fast.colour_out] if factored else [])]
+    dtype = (lambda m: m.dtype) if pack else (lambda m: m.weight.dtype)
+    assert len(inner) == 4 * cfg.n_layer and all(dtype(m) == torch.bfloat16 for m in inner)
+    assert all(dtype(m) == torch.float32 for m in heads) and fast.norm.weight.dtype == torch.float32
+    assert fast.kv_cache_dtype == torch.bfloat16 and not fast.training
+    assert model.kv_cache_dtype is None and type(model.blocks[0].attn.qkv) is Linear and model.training
+    with torch.no_grad():
+        got, want, fp32 = fast(idx), autocast_rounding(model)(idx), model.eval()(idx)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    assert (got - fp32).abs().max() > 10 * (got - want).abs().max()  # the rounding is bf16's, not float32's
+
+
+def test_a_bf16_kv_cache_holds_the_keys_of_the_forward_without_it():
+    cfg = tiny()
+    fast, idx = bf16_blocks(model_of(cfg)), tokens(cfg)
+    with torch.no_grad():
+        full = fast(idx)
+        cache = KVCache.allocate(cfg, 2, dtype=fast.kv_cache_dtype)
+        steps = [fast(idx[:, :5], cache=cache)] + [fast(idx[:, t : t + 1], cache=cache, start=t) for t in range(5, cfg.block_size)]
+    assert cache.k[0].dtype == torch.bfloat16
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=2e-3, atol=2e-3)  # keys and values rounded to bf16
 
 
 def test_forward_rejects_bad_positions_and_caches():

@@ -128,6 +128,28 @@ def test_sample_cli_writes_grid_images_and_record(trained, tmp_path, capsys):
     assert (tmp_path / "compiled_images/p000_s01.png").read_bytes() == files[1].read_bytes()
 
 
+def test_sampling_precision_auto_follows_native_bf16_and_can_be_forced(trained, tmp_path, monkeypatch, capsys):
+    import argen.pipeline as pipeline_mod
+
+    for native, auto in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(pipeline_mod, "native_bf16", lambda device, _n=native: _n)
+        for precision, want in (("auto", auto), ("fp32", "fp32"), ("bf16", "bf16")):
+            pipe = Pipeline.load(trained.final, precision=precision, verify=False)
+            assert pipe.sampling_precision == want
+            assert pipe.sampler_gpt().kv_cache_dtype == (torch.bfloat16 if want == "bf16" else None)
+    with pytest.raises(ValueError, match="precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"):
+        Pipeline.load(trained.final, precision="fp16", verify=False)
+    sampling = SamplingConfig(cfg_scale=3.0, top_k=8)
+    fp32, bf16 = (Pipeline.load(trained.final, precision=p, verify=False).generate(list(CAPTIONS[:4]), n_per_prompt=2,
+                                                                                  sampling=sampling, seed=0).codes
+                  for p in ("fp32", "bf16"))
+    assert (fp32 == bf16).float().mean() > 0.8  # the same seeds draw nearly the same codes
+    out = tmp_path / "fp32.png"
+    assert main(["sample", "--pipeline", str(trained.final), "a red circle", "-n", "1", "--precision", "fp32",
+                 "-o", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["precision"] == "fp32" and "(fp32)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("damage, match", [
     (lambda m: m.pop("parts"), "has no 'parts' table"),
     (lambda m: m["parts"].pop("gpt"), "lists no 'gpt' part"),

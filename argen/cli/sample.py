@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from argen.cli.args import device, float_in, int_in, positive_int, seed
-from argen.sample import DECODINGS, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW
+from argen.sample import DECODINGS, MAX_CFG_SCALE, MAX_TEMPERATURE, MAX_WINDOW, PRECISIONS
 from argen.unclip.priors import PRIOR_CHOICES
 
 
@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="CPU: compile the GPT's decode step with torch.compile (needs a C++ compiler; about 30 s once "
                         "for the demo GPT, then faster decoding: for many images, not for one grid)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="what the GPT samples in: bf16 holds its blocks' weights and the KV cache in bfloat16 (as "
+                        "bf16 autocast trains them; faster where bf16 is native), fp32 its own weights; auto is bf16 "
+                        "on a CPU with AVX512-BF16 or AMX or a GPU with bf16, else fp32")
     u = p.add_argument_group("unCLIP pipelines")
     u.add_argument("--prior", choices=PRIOR_CHOICES, default=None,
                    help="which prior (default: diffusion when the pipeline has one, else ar); none feeds the decoder the "
@@ -58,7 +62,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
     overrides = sampler_overrides(args)
     if (Path(args.pipeline) / UNCLIP_FILE).is_file():
-        gpt_only = [flag for flag, field in GPT_ONLY_FLAGS.items() if field in overrides] + (["--compile"] * args.compile)
+        gpt_only = ([flag for flag, field in GPT_ONLY_FLAGS.items() if field in overrides] + (["--compile"] * args.compile)
+                    + (["--precision"] * (args.precision != "auto")))
         if gpt_only:
             print(f"error: {', '.join(gpt_only)} set the GPT of a token pipeline (pipeline.json); this is a unCLIP "
                   f"pipeline (its CLIP, prior and decoder take --cfg and the unCLIP options): drop them.", file=sys.stderr)
@@ -66,7 +71,8 @@ def run_sample(args: argparse.Namespace) -> int:
         return _run_sample_unclip(args, prompts, device)
     if args.compile and device != "cpu":
         print(f"note: --compile applies to CPU sampling; on {device} the GPT runs eagerly.")
-    pipe = Pipeline.load(args.pipeline, device=device, verify=not args.no_verify, compile=args.compile)
+    pipe = Pipeline.load(args.pipeline, device=device, verify=not args.no_verify, compile=args.compile,
+                         precision=args.precision)
     try:
         sampling = sampling_from_flags(args, pipe)
     except ValueError as err:
@@ -93,13 +99,13 @@ def run_sample(args: argparse.Namespace) -> int:
         "sampling": dataclasses.asdict(sampling),
         "images": [{"file": f, "prompt": p, "sample": k, "row_seed": s}
                    for f, p, k, s in zip(files, result.prompts, result.sample_index, result.row_seeds)],
-        "grid": str(out), "device": device, "seconds": round(seconds, 3),
+        "grid": str(out), "device": device, "precision": pipe.sampling_precision, "seconds": round(seconds, 3),
         "images_per_s": round(len(files) / max(seconds, 1e-9), 3),
     }
     record_file = out.with_suffix(".json")
     write_marked_json(record_file, record)
     print(f"wrote {out} ({len(files)} images, {len(prompts)} prompt(s) x {args.num}), {_images_dir(out)}/ and {record_file}; "
-          f"sampling took {seconds:.1f} s on {device}")
+          f"sampling took {seconds:.1f} s on {device} ({pipe.sampling_precision})")
     return 0
 
 

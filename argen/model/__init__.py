@@ -7,10 +7,11 @@ from argen.model.attention import (
     resolve_backend,
 )
 from argen.model.gpt import GPT, GPTConfig, KVCache, RowPositions, flops_per_token
-from argen.model.inference import CompiledDecoding, PackedLinear, pack_for_cpu
+from argen.model.inference import BF16Linear, CompiledDecoding, PackedLinear, bf16_blocks, pack_for_cpu
 from argen.model.onednn import Linear, onednn_available, use_onednn_linears
 
 __all__ = [
+    "BF16Linear",
     "GPT",
     "BackendUnavailableError",
     "CompiledDecoding",
@@ -21,6 +22,7 @@ __all__ = [
     "RowPositions",
     "attention",
     "available_backends",
+    "bf16_blocks",
     "flops_per_token",
     "onednn_available",
     "pack_for_cpu",

@@ -51,8 +51,9 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     "auto" is "sdpa" (PyTorch's flash / memory-efficient kernels on GPU, its flash kernel on CPU; xformers
     runs only when asked for by name), except on the CPU in two cases where plain batched matmuls are faster
     (measured in docs/speed.md):
-    - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products, while the CPU flash
-      kernel is tuned for blocks of queries;
+    - one query (q_len=1, KV-cache decode) in float32, or compiled: "math" is two batched matrix-vector products
+      (which Inductor fuses), while the CPU flash kernel is tuned for blocks of queries. Eager decoding over a bf16
+      cache runs "sdpa": its batched matmuls would first copy each layer's bf16 keys and values;
     - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys: the CPU flash kernel's
       bf16 backward is slow at short sequences (`python benchmarks/attention_backends.py`). In float32 it keeps up.
     """
@@ -64,7 +65,7 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     if torch.device(device).type != "cpu":
         return "sdpa"
     if q_len == 1:
-        return "math"
+        return "sdpa" if dtype == torch.bfloat16 and not torch.compiler.is_compiling() else "math"
     short = k_len is not None and k_len <= CPU_BF16_MATH_MAX_KEYS
     return "math" if dtype == torch.bfloat16 and short else "sdpa"
 

@@ -372,6 +372,7 @@ class GPT(PretrainedMixin, nn.Module):
     """
 
     config_class = GPTConfig
+    kv_cache_dtype: torch.dtype | None = None  # the KV cache's dtype in sampling (None: the weights'); see bf16_blocks
 
     def __init__(self, config: GPTConfig):
         super().__init__()

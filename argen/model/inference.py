@@ -1,4 +1,5 @@
-"""Inference copies of a GPT for CPU sampling: oneDNN-prepacked weights, and a torch.compile'd decode step."""
+"""Inference copies of a GPT for sampling: bf16 block weights, oneDNN-prepacked weights on the CPU, and a
+torch.compile'd decode step."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 import platform
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from argen.host import compile_problem
@@ -13,22 +15,39 @@ from argen.model.gpt import GPT, KVCache, RowPositions
 from argen.model.onednn import _onednn_matmul, onednn_available
 
 
-class PackedLinear(nn.Module):
-    """Inference-only x W^T with W reordered once into oneDNN's blocked layout (as Inductor's CPU freezing does).
-
-    The same arithmetic as `Linear`, without re-packing W on every call, which speeds up the small-batch GEMMs of
-    KV-cache decoding (docs/speed.md). No autograd; cannot be saved.
-    """
+class BF16Linear(nn.Module):
+    """Inference-only x W^T with W held in bfloat16: x is cast to bf16 for the product and the result back to x's
+    dtype, what bf16 autocast does to a Linear in training. Halves the weights' memory traffic."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if linear.bias is not None:
+            raise ValueError("BF16Linear takes bias-free Linear layers only.")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+class PackedLinear(nn.Module):
+    """Inference-only x W^T with W reordered once into oneDNN's blocked layout (as Inductor's CPU freezing does).
+
+    The same arithmetic as the `Linear` or `BF16Linear` it packs (in W's dtype, x cast to it and the result back),
+    without re-packing W on every call, which speeds up the small-batch GEMMs of KV-cache decoding (docs/speed.md).
+    No autograd; cannot be saved.
+    """
+
+    def __init__(self, linear: nn.Linear | BF16Linear):
+        super().__init__()
+        if getattr(linear, "bias", None) is not None:
             raise ValueError("PackedLinear packs bias-free Linear layers only.")
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)  # opaque mkldnn tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _onednn_matmul(x, self.packed)  # (..., out_features)
+        return _onednn_matmul(x.to(self.dtype), self.packed).to(x.dtype)  # (..., out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise RuntimeError("a model packed by pack_for_cpu is inference-only and cannot be saved: save the original model.")
@@ -51,7 +70,7 @@ class CompiledDecoding(nn.Module):
         if problem is not None:
             raise RuntimeError(f"compile=True: {problem}. Or sample without compile.")
         self.gpt = gpt.eval().requires_grad_(False)
-        self.config = gpt.config
+        self.config, self.kv_cache_dtype = gpt.config, gpt.kv_cache_dtype
         self.step = torch.compile(self.gpt, dynamic=True)
 
     def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, start: int | RowPositions = 0,
@@ -67,12 +86,29 @@ class CompiledDecoding(nn.Module):
             return self.step(idx, cache=cache, start=start)
 
 
-def pack_for_cpu(model: GPT, *, compile: bool = False) -> GPT | CompiledDecoding:
-    """An inference copy of a CPU `model` for sampling: its Linear layers hold oneDNN-prepacked weights (`PackedLinear`),
-    or with `compile` its decode step is compiled (`CompiledDecoding`).
+def bf16_blocks(model: GPT) -> GPT:
+    """An inference copy of `model` whose transformer blocks hold their Linear weights in bfloat16 (`BF16Linear`) and
+    whose KV cache is bfloat16, the rest in the model's dtype: the arithmetic of bf16 autocast (the residual stream,
+    norms, RoPE and softmax stay float32), except that the output heads stay float32 too, so the logits are not
+    rounded to bf16. Where bf16 is native (`argen.host.native_bf16`) it halves the weights' and the cache's memory
+    traffic, the largest costs of batched decoding. The original is untouched."""
+    copied = copy.deepcopy(model).eval().requires_grad_(False)
+    for module in list(copied.blocks.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, BF16Linear(child))
+    copied.kv_cache_dtype = torch.bfloat16
+    return copied
 
-    Logits equal the original's up to fp32 rounding (the GEMMs and fused loops sum in another order). The copy is in
-    eval mode, has no autograd and cannot be saved; the original is untouched. Costs one more copy of the weights in
+
+def pack_for_cpu(model: GPT, *, compile: bool = False, bf16: bool = False) -> GPT | CompiledDecoding:
+    """An inference copy of a CPU `model` for sampling: its Linear layers hold oneDNN-prepacked weights (`PackedLinear`),
+    or with `compile` its decode step is compiled (`CompiledDecoding`). With `bf16` the blocks' weights and the KV
+    cache are bfloat16 first (`bf16_blocks`).
+
+    Logits equal the original's up to fp32 rounding (the GEMMs and fused loops sum in another order), or with `bf16`
+    up to bf16 autocast's rounding. The copy is in eval mode, has no autograd and cannot be saved; the original is
+    untouched. Costs one more copy of the weights in
     memory (with compile, also Inductor's packed constants) and a fraction of a second; pays off for sampling
     (many forwards). `compile` pays the compilation on the first decode step (again for one row per step and for
     each new cache dtype), then decodes batches faster than the packed copy, and one row per step slower
@@ -86,11 +122,11 @@ def pack_for_cpu(model: GPT, *, compile: bool = False) -> GPT | CompiledDecoding
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"pack_for_cpu needs a float32 or bfloat16 model on the CPU, got {param.dtype} on {param.device}.")
-    packed = copy.deepcopy(model).eval().requires_grad_(False)
+    packed = bf16_blocks(model) if bf16 else copy.deepcopy(model).eval().requires_grad_(False)
     if compile:
         return CompiledDecoding(packed)
     for module in list(packed.modules()):
         for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
+            if isinstance(child, (nn.Linear, BF16Linear)):
                 setattr(module, name, PackedLinear(child))
     return packed

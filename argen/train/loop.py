@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from argen.data.skips import SkipReport
-from argen.host import compile_problem
+from argen.host import compile_problem, native_bf16
 from argen.train.batches import Batches, seed_for
 from argen.train.checkpoint import (
     LATEST_NAME,
@@ -125,19 +125,6 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}.")
-
-
-def native_bf16() -> bool:
-    """Whether the device accelerate will train on computes bf16 natively: a CUDA GPU with bf16 support, or an x86
-    CPU whose /proc/cpuinfo lists avx512_bf16 or amx_bf16 (oneDNN then runs bf16 convolutions and GEMMs faster than
-    float32; without them it emulates bf16, slower than float32). False where that cannot be read."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclass
