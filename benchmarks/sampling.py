@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from argen.host import cpu_extensions, cpu_model, native_bf16
 from argen.model import GPT, GPTConfig, flops_per_token, onednn_available, pack_for_cpu
 from argen.sample import SamplingConfig, classifier_free_guidance, sample_image_tokens
 from tokenizers_img.serialization import atomic_write_bytes
@@ -59,10 +60,10 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure_sampling(models: dict, hf, cfg: GPTConfig, *, batch: int, cfg_scale: float, num_codes: int, reps: int,
+def measure_sampling(models: dict, hfs: dict, cfg: GPTConfig, *, batch: int, cfg_scale: float, num_codes: int, reps: int,
                      seed: int) -> dict:
-    """Seconds per batch for each of our `models` (name -> (GPT, KV-cache dtype or None)) and HF `generate` (skipped
-    when `hf` is None), runs interleaved; best of `reps`."""
+    """Seconds per batch for each of our `models` (name -> (GPT, KV-cache dtype or None)) and HF `generate` on each of
+    `hfs` (name -> LlamaForCausalLM; "hf" is the float32 one the ratios are against), runs interleaved; best of `reps`."""
     from transformers import LogitsProcessorList
 
     image_offset = cfg.vocab_size - num_codes
@@ -81,29 +82,29 @@ def measure_sampling(models: dict, hf, cfg: GPTConfig, *, batch: int, cfg_scale:
         return sample_image_tokens(model, prefix, image_offset=image_offset, num_codes=num_codes, uncond_prefix=uncond,
                                    config=sampling, generator=torch.Generator().manual_seed(seed), cache_dtype=cache_dtype)
 
-    def run_hf() -> torch.Tensor:
+    def run_hf(hf) -> torch.Tensor:
         with torch.inference_mode():
             return hf.generate(rows, attention_mask=torch.ones_like(rows), do_sample=True, temperature=1.0, top_k=None,
                                top_p=None, max_new_tokens=n, min_new_tokens=n, logits_processor=processors,
                                pad_token_id=0, eos_token_id=None)
 
-    times: dict[str, list[float]] = {name: [] for name in [*models, "hf"]}
+    times: dict[str, list[float]] = {name: [] for name in [*models, *hfs]}
     for rep in range(reps):  # the first rep also warms up; the best rep is reported
         for name, (model, cache_dtype) in models.items():
             start = time.perf_counter()
             codes = run_ours(model, cache_dtype)
             times[name].append(time.perf_counter() - start)
             assert codes.shape == (batch, n), codes.shape
-        if hf is None:
-            continue
-        start = time.perf_counter()
-        out = run_hf()
-        times["hf"].append(time.perf_counter() - start)
-        assert out.shape == (rows.shape[0], cfg.prefix_len + n) and bool((out[:, cfg.prefix_len:] >= image_offset).all())
+        for name, hf in hfs.items():
+            start = time.perf_counter()
+            out = run_hf(hf)
+            times[name].append(time.perf_counter() - start)
+            assert out.shape == (rows.shape[0], cfg.prefix_len + n) and bool((out[:, cfg.prefix_len:] >= image_offset).all())
     best = {name: min(t) for name, t in times.items() if t}
     return {"batch": batch, "cfg_scale": cfg_scale, "rows_per_step": rows.shape[0], "seconds": times,
             "images_per_s": {name: batch / t for name, t in best.items()},
-            "speedup_vs_hf": {name: best["hf"] / best[name] for name in models if "hf" in best}}
+            "speedup_vs_hf": {name: best["hf"] / best[name] for name in models if "hf" in best},
+            "speedup_vs_hf_bf16": {name: best["hf bf16"] / best[name] for name in models if "hf bf16" in best}}
 
 
 def traffic_model(cfg: GPTConfig, *, rows: int, weight_bytes: int) -> dict:
@@ -170,30 +171,38 @@ def measure_training(cfg: GPTConfig, *, batch: int, steps: int, seed: int) -> di
 def to_markdown(payload: dict) -> str:
     s, t, peak = payload["sampling"], payload["training"], payload["peak_flops_per_s"]
     names = list(s[0]["images_per_s"])
-    ours = [n for n in names if n != "hf"]
+    ours = [n for n in names if not n.startswith("hf")]
+    vs_bf16 = bool(s[0]["speedup_vs_hf_bf16"])
     lines = [
         f"Command: `{payload['command']}`",
         "",
         f"Machine: {payload['machine']}, torch {payload['torch']}, transformers {payload['transformers']}, "
-        f"{payload['threads']} torch threads, fp32 weights and activations everywhere (the `bf16 KV` column keeps "
-        "only the KV cache in bf16).",
+        f"{payload['threads']} torch threads.",
         "",
         f"Sampling: {payload['sampling_model']}; prefix {payload['prefix_len']} tokens, then {payload['image_tokens']} "
         "image tokens, KV cache on both sides, temperature 1, only image codes sampled. Images/s from the best of "
-        f"{payload['reps']} interleaved runs. `ours` is `sample_image_tokens` on the model as built; `ours packed` on "
-        f"`pack_for_cpu(model)` (one-time cost {payload['pack_s']:.2f} s, not in the per-batch times); `ours compiled` on "
-        f"`pack_for_cpu(model, compile=True)`, whose decode step Inductor compiles (one-time cost: "
-        f"{payload['compile_s']:.0f} s to compile and run each setting once before the timed runs).",
+        f"{payload['reps']} interleaved runs. `ours` is `sample_image_tokens` on the float32 model as built; `ours packed` "
+        f"on `pack_for_cpu(model)` (float32, one-time cost {payload['pack_s']:.2f} s, not in the per-batch times); "
+        "`ours bf16` on `pack_for_cpu(model, bf16=True)` (the blocks' weights and the KV cache in bfloat16, the rest "
+        "float32, as bf16 autocast computes); `ours compiled` on `pack_for_cpu(model, compile=True)` in the default's "
+        "precision, whose decode step Inductor compiles (one-time cost: "
+        f"{payload['compile_s']:.0f} s to compile and run each setting once before the timed runs). `hf` is "
+        "`generate` on the float32 Llama (its default), `hf bf16` on a bfloat16 copy. "
+        f"**`{payload['default']}` is what `argen sample` runs by default on this host.**",
         "",
         "| batch | CFG | rows per step | " + " | ".join(f"{n} images/s" for n in names) + " | "
-        + " | ".join(f"{n} vs HF" for n in ours) + " |",
-        "|" + " --- |" * (3 + len(names) + len(ours)),
+        + " | ".join(f"{n} vs HF" for n in ours) + (" | " + " | ".join(f"{n} vs HF bf16" for n in ours) if vs_bf16 else "")
+        + " |",
+        "|" + " --- |" * (3 + len(names) + len(ours) * (1 + vs_bf16)),
     ]
     for r in s:
         cfg = f"scale {r['cfg_scale']:g}" if r["rows_per_step"] > r["batch"] else "off"
-        cells = [f"{r['images_per_s'][n]:.3f}" for n in names] + [f"**{r['speedup_vs_hf'][n]:.2f}x**" for n in ours]
+        cells = [f"{r['images_per_s'][n]:.3f}" for n in names] + [
+            f"**{r['speedup_vs_hf'][n]:.2f}x**" if n == payload["default"] else f"{r['speedup_vs_hf'][n]:.2f}x" for n in ours]
+        if vs_bf16:
+            cells += [f"{r['speedup_vs_hf_bf16'][n]:.2f}x" for n in ours]
         lines.append(f"| {r['batch']} | {cfg} | {r['rows_per_step']} | " + " | ".join(cells) + " |")
-    lines += ["", "Memory-traffic model of one decode step at the mean cache length (fp32 weights read once per step; "
+    lines += ["", "Memory-traffic model of one float32 decode step at the mean cache length (fp32 weights read once per step; "
               "ours reads the KV cache once, HF's DynamicCache reads it, then copies it into a new tensor with "
               "torch.cat): the ratio it predicts if both sides ran at the same bandwidth.", "",
               "| rows per step | weights MB | KV cache MB (fp32) | predicted HF / ours | with a bf16 KV cache |",
@@ -220,13 +229,14 @@ def to_markdown(payload: dict) -> str:
                      f"{t['model_flops_per_s_6n'] / flops * 100:.1f}% |")
     lines += [
         "",
-        "The honest peak is the larger one: on this CPU torch.matmul (MKL) runs far below what oneDNN reaches, "
-        "and our Linear layers use oneDNN.",
+        "MFU is read against the larger of the two peaks (our Linear layers run on oneDNN; on some CPUs MKL's "
+        "torch.matmul runs far below it).",
         "",
         "Where the sampling time goes: in fp32 each decode step reads all weights (4 bytes per parameter) and the "
         "KV cache once, on both sides. Ours saves HF's per-step KV-cache concatenation and runs the GEMMs on "
         "oneDNN (prepacked with `pack_for_cpu`) instead of MKL; what is left is bound by memory traffic and "
-        "GEMM throughput that HF shares, which caps the ratio at equal precision. `ours compiled` also removes "
+        "GEMM throughput that HF shares, which caps the ratio at equal precision. `ours bf16` halves the traffic of "
+        "the blocks' weights and of the cache. `ours compiled` also removes "
         "most of the rest: Inductor fuses the step's norms, RoPE, cache write, attention over the cached keys and "
         "SwiGLU into a few C++ loops in place of about a thousand eager ops per step.",
         "",
@@ -259,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-n", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-compile", action="store_true", help="skip the `ours compiled` sampler (pack_for_cpu(compile=True))")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time bf16 sampling (ours and HF) where bf16 is not native (it is timed where it is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/sampling"))
     args = parser.parse_args(argv)
@@ -275,21 +287,25 @@ def main(argv: list[str] | None = None) -> int:
     n_ours, n_hf = ours.num_params(), sum(p.numel() for p in hf.parameters())
     weight_bytes = 4 * (n_ours - ours.tok_emb.weight.numel())  # every matmul weight; the embedding is a row lookup
     assert n_ours == n_hf, f"parameter counts differ: ours {n_ours}, HF {n_hf}"
+    bf16 = native_bf16("cpu") or args.bf16  # what `argen sample --precision auto` picks on this host
+    default = "ours bf16" if native_bf16("cpu") else "ours packed"
     models = {"ours": (ours, None)}
+    hfs = {"hf": hf, **({"hf bf16": copy.deepcopy(hf).to(torch.bfloat16)} if bf16 else {})}
     pack_s = float("nan")
     if onednn_available():
         start = time.perf_counter()
         packed = pack_for_cpu(ours)
         pack_s = time.perf_counter() - start
         models["ours packed"] = (packed, None)
-        models["ours packed, bf16 KV"] = (packed, torch.bfloat16)
+        if bf16:
+            models["ours bf16"] = (pack_for_cpu(ours, bf16=True), None)
     compile_s = float("nan")
     if onednn_available() and not args.no_compile:
         start = time.perf_counter()
-        compiled = pack_for_cpu(ours, compile=True)
+        compiled = pack_for_cpu(ours, compile=True, bf16=default == "ours bf16")
         for batch in args.batches:  # compile before timing: batch 1 (one row) gets its own graph, the rest share one
             for scale in (1.0, args.cfg_scale):
-                measure_sampling({"ours compiled": (compiled, None)}, None, cfg, batch=batch, cfg_scale=scale,
+                measure_sampling({"ours compiled": (compiled, None)}, {}, cfg, batch=batch, cfg_scale=scale,
                                  num_codes=args.num_codes, reps=1, seed=args.seed)
         compile_s = time.perf_counter() - start
         print(f"ours compiled: compiled and ran each setting once in {compile_s:.1f} s", flush=True)
@@ -297,14 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     sampling = []
     for batch in args.batches:
         for scale in (1.0, args.cfg_scale):
-            row = measure_sampling(models, hf, cfg, batch=batch, cfg_scale=scale, num_codes=args.num_codes,
+            row = measure_sampling(models, hfs, cfg, batch=batch, cfg_scale=scale, num_codes=args.num_codes,
                                    reps=args.reps, seed=args.seed)
             print(json.dumps(row), flush=True)
             sampling.append(row)
     no_cache = measure_no_cache(models["ours packed" if "ours packed" in models else "ours"][0], cfg,
                                 num_codes=args.num_codes, seed=args.seed)
     print(json.dumps({"no_cache": no_cache}), flush=True)
-    del ours, hf, models
+    del ours, hf, hfs, models
     peaks.append(measure_peak_matmul(n=args.peak_n, reps=10))
     train_cfg = GPTConfig(vocab_size=vocab, prefix_len=args.prefix_len, image_grid=(args.grid, args.grid),
                           n_layer=args.train_layers, n_head=args.train_heads, n_embd=args.train_embd)
@@ -312,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks.append(measure_peak_matmul(n=args.peak_n, reps=10))
     peak = {name: max(p[name] for p in peaks) for name in peaks[0]}  # the best seen: contention only lowers it
     payload = {
-        "command": command, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "command": command, "machine": f"{cpu_model()} ({', '.join(cpu_extensions())}), {os.cpu_count()} CPUs",
+        "default": default,
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "sampling_model": f"{args.n_layer} layers x {args.n_embd} dims, {args.n_head} heads, FFN {cfg.ffn_dim}, "
                           f"vocab {vocab}, {n_ours / 1e6:.1f}M params (both)",
