@@ -175,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     speed = [{"model": f"demo GPT ({args.pipeline})",
               "about": f"{pipe.gpt.num_params() / 1e6:.1f}M parameters, {layout.prefix_len}-token prefix, "
                        f"{layout.num_image_tokens} image tokens, {layout.num_codes} codes; sampling {base} (CFG off: "
-                       f"scale 1; CFG on: scale {guided:g}); relation prompts; ours on the pipeline's CPU sampling copy (oneDNN-packed); HF on a "
-                       "same-size Llama with random weights.",
+                       f"scale 1; CFG on: scale {guided:g}); relation prompts; ours on the pipeline's CPU sampling copy (oneDNN-packed, "
+                       f"{pipe.sampling_precision}: the default here); HF on a same-size float32 Llama with random "
+                       "weights.",
               "rows": speed_rows}]
     if args.random_gpt:
         cfg = GPTConfig(vocab_size=300 + 1 + 1024, prefix_len=32, image_grid=(16, 16), n_layer=8, n_head=8, n_embd=512)
         ours, hf_big = build_pair(cfg, seed=args.seed)
-        ours = pack_for_cpu(ours) if onednn_available() else ours
+        ours = pack_for_cpu(ours, bf16=pipe.sampling_precision == "bf16") if onednn_available() else ours
         rows = []
         for batch in args.batches:
             g = torch.Generator().manual_seed(args.seed)
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
         speed.append({"model": "benchmark GPT, 8 x 512, random weights",
                       "about": f"{ours.config.n_layer} layers x {ours.config.n_embd}, 1024 codes, 16 x 16 image tokens, "
+                               f"{pipe.sampling_precision} as the demo GPT, "
                                "temperature 1, CFG scale 4 where on. Random weights predict nearly uniform codes, so "
                                "Jacobi drafts (q = the last prediction) are accepted almost always and copied ones "
                                "almost never: the speed here says what a pass costs, not what a trained model gains.",

@@ -47,6 +47,7 @@ def test_cpu_backends_are_sdpa_and_math_and_auto_picks_per_query_length():
     assert compiled() == "math"  # Inductor fuses the math path
     bf16 = torch.bfloat16  # short bf16 sequences (training under autocast): math; long ones and float32: sdpa
     assert resolve_backend("auto", "cpu", q_len=93, k_len=93, dtype=bf16) == "math"
+    assert resolve_backend("auto", "cpu", q_len=8, k_len=93, dtype=bf16, grad=False) == "sdpa"  # no backward follows
     assert resolve_backend("auto", "cpu", q_len=CPU_BF16_MATH_MAX_KEYS + 1, k_len=CPU_BF16_MATH_MAX_KEYS + 1,
                            dtype=bf16) == "sdpa"
     assert resolve_backend("auto", "cpu", q_len=93, k_len=93, dtype=torch.float32) == "sdpa"
@@ -67,7 +68,9 @@ def test_auto_reads_the_autocast_dtype(monkeypatch):
     attention(q, k, v, backend="auto")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attention(q, k, v, backend="auto")
-    assert calls == ["_sdpa", "_math"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attention(q, k, v, backend="auto")  # forward only: the slow bf16 backward does not follow
+    assert calls == ["_sdpa", "_math", "_sdpa"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

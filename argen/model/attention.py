@@ -45,7 +45,7 @@ CPU_BF16_MATH_MAX_KEYS = 192
 
 
 def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | None = None,
-                    k_len: int | None = None, dtype: torch.dtype | None = None) -> str:
+                    k_len: int | None = None, dtype: torch.dtype | None = None, grad: bool = True) -> str:
     """The concrete backend `attention` runs for `backend` on `device`; an unavailable one raises, naming why.
 
     "auto" is "sdpa" (PyTorch's flash / memory-efficient kernels on GPU, its flash kernel on CPU; xformers
@@ -54,8 +54,9 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     - one query (q_len=1, KV-cache decode) in float32, or compiled: "math" is two batched matrix-vector products
       (which Inductor fuses), while the CPU flash kernel is tuned for blocks of queries. Eager decoding over a bf16
       cache runs "sdpa": its batched matmuls would first copy each layer's bf16 keys and values;
-    - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys: the CPU flash kernel's
-      bf16 backward is slow at short sequences (`python benchmarks/attention_backends.py`). In float32 it keeps up.
+    - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys, when `grad` (a backward may
+      follow): the CPU flash kernel's bf16 backward is slow at short sequences (`python
+      benchmarks/attention_backends.py`). In float32, and forward only (sampling), it keeps up.
     """
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
@@ -67,7 +68,7 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     if q_len == 1:
         return "sdpa" if dtype == torch.bfloat16 and not torch.compiler.is_compiling() else "math"
     short = k_len is not None and k_len <= CPU_BF16_MATH_MAX_KEYS
-    return "math" if dtype == torch.bfloat16 and short else "sdpa"
+    return "math" if dtype == torch.bfloat16 and short and grad else "sdpa"
 
 
 def causal_mask(q_len: int, k_len: int, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -120,7 +121,7 @@ def attention(
     # under autocast the matmuls (and sdpa) run in the autocast dtype, whatever q's dtype (RoPE leaves q in fp32)
     device_type = q.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
-    name = resolve_backend(backend, q.device, q_len=Tq, k_len=Tk, dtype=dtype)
+    name = resolve_backend(backend, q.device, q_len=Tq, k_len=Tk, dtype=dtype, grad=torch.is_grad_enabled())
     if name == "sdpa":
         return _sdpa(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p)
     if name == "xformers":
