@@ -458,13 +458,20 @@ def _sample_and_judge(pipe, pipeline_dir: Path, *, settings: RecipeSettings, out
                                [("OK " if judged[i].correct else "X ") + gen.prompts[i] for i in show], columns=8),
                  out / sheets[kind])
         print(f"{kind}: {results[kind]['accuracy']:.1%} of {results[kind]['num_images']} images correct")
-    return {"sampler_sweep": sweep, "sampling": _sampling_dict(sampling, seed=settings.seed + 1),
+    return {"sampler_sweep": sweep, "sampling": _sampling_dict(sampling, seed=settings.seed + 1, pipe=pipe),
             "chosen": setting_name(sampling), "generation": results, "sheets": sheets}
 
 
-def _sampling_dict(sampling: SamplingConfig, *, seed: int) -> dict[str, Any]:
+def _in_precision(summary: dict) -> str:
+    """' in bf16' / ' in fp32': what the report's images were sampled in ('' for a report from before it was recorded)."""
+    precision = summary["sampling"].get("precision")
+    return f" in {precision}" if precision else ""
+
+
+def _sampling_dict(sampling: SamplingConfig, *, seed: int, pipe) -> dict[str, Any]:
+    """The report's sampler record; `precision` is what the GPT sampled in (bf16 where native: figures move slightly)."""
     return {"cfg_scale": sampling.cfg_scale, "cfg_schedule": sampling.cfg_schedule, "temperature": sampling.temperature,
-            "top_k": sampling.top_k, "seed": seed}
+            "top_k": sampling.top_k, "seed": seed, "precision": pipe.sampling_precision}
 
 
 def _sample_captions(pipe, pipeline_dir: Path, data, *, settings: RecipeSettings, out: Path, allow_pipe: bool
@@ -488,7 +495,7 @@ def _sample_captions(pipe, pipeline_dir: Path, data, *, settings: RecipeSettings
         labels += [f"real: {caption}", "generated", "generated"]
     save_png(contact_sheet(tiles, labels, columns=3), out / "samples_val.png")
     print(f"sampled {len(gen.images)} images for {len(real)} val captions with {setting_name(settings.sampling)}")
-    return {"sampling": _sampling_dict(settings.sampling, seed=settings.seed + 1),
+    return {"sampling": _sampling_dict(settings.sampling, seed=settings.seed + 1, pipe=pipe),
             "chosen": setting_name(settings.sampling), "sheets": {"val": "samples_val.png"}}
 
 
@@ -581,7 +588,7 @@ GPT with {gpt['num_params'] / 1e6:.2f}M parameters, {gpt['steps']} steps{_how_tr
     if shapes:
         parts.append(_shapes_markdown(summary))
     else:
-        parts.append(f"Sampler: {summary['chosen']} (seed {summary['sampling']['seed']}).\n\n"
+        parts.append(f"Sampler: {summary['chosen']}{_in_precision(summary)} (seed {summary['sampling']['seed']}).\n\n"
                      "**val captions** (real image, then two generated)\n\n![val](samples_val.png)\n")
     if "eval" in summary:
         clip_eval = summary["judge_clip"].get("eval") or {}
@@ -625,7 +632,7 @@ def _shapes_markdown(summary: dict) -> str:
 
 {chr(10).join(sweep_rows)}
 
-### Judge scores with {summary['chosen']} (seed {summary['sampling']['seed']}: other images than the sweep's)
+### Judge scores with {summary['chosen']}{_in_precision(summary)} (seed {summary['sampling']['seed']}: other images than the sweep's)
 
 single: one object with colour, shape, size and position stated (val scenes, never trained on).
 relation: two objects and a spatial relation (val scenes). heldout: colour-shape pairs and coloured relations

@@ -44,6 +44,8 @@ def test_demo_runs_every_stage_reports_its_sweep_and_reuses_finished_stages(tmp_
     assert "cfg 2 linear, top-k all, T 1" in markdown and report["chosen"] + " (chosen)" in markdown
     precision = "bf16 autocast" if native_bf16() else "float32"  # the preset's mixed_precision auto
     assert f"2 steps ({precision}, eager)" in markdown  # the toy overrides turn train.compile off
+    sampled_in = "bf16" if native_bf16("cpu") else "fp32"  # the sampler's precision auto
+    assert report["sampling"]["precision"] == sampled_in and f"Judge scores with {report['chosen']} in {sampled_in}" in markdown
     assert json.loads((out / "report.json").read_text())["chosen"] == report["chosen"]
     # the extra relation shard is encoded and trained on beside the full one
     assert read_meta(out / "codes" / "train+relation").num_items == 8
