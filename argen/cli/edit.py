@@ -175,7 +175,7 @@ def run_token_edit(args: argparse.Namespace) -> int:
     method = args.method or ("ar" if args.edit_command == "complete" else edit.EditConfig.method)
     config = edit.EditConfig(method=method, proposals=args.proposals, passes=args.passes,
                              candidates=args.candidates, paste=not args.no_paste)
-    pipe = Pipeline.load(args.pipeline, device=_device(args), verify=not args.no_verify)
+    pipe = Pipeline.load(args.pipeline, device=_device(args), verify=not args.no_verify, precision=args.precision)
     sampling = sampling_from_flags(args, pipe)
     R = pipe.vq.config.resolution
     source = _read_image(args.image, resolution=R, resize=args.resize)
@@ -201,6 +201,7 @@ def run_token_edit(args: argparse.Namespace) -> int:
     labels = ["source", "regenerated region"] + [args.prompt] * len(result.images)
     record = {"command": f"edit {args.edit_command}", "pipeline": str(Path(args.pipeline).resolve()),
               "image": args.image, "prompt": args.prompt, "seed": args.seed, "sampling": dataclasses.asdict(sampling),
+              "precision": pipe.sampling_precision,
               "edit": dataclasses.asdict(config), **summary,
               **{k: getattr(args, k) for k in ("mask", "box", "keep_mask", "keep_box", "keep_rows") if getattr(args, k, None)},
               "row_seeds": result.row_seeds}
@@ -215,7 +216,7 @@ def run_rerank(args: argparse.Namespace) -> int:
     if any(not p.strip() for p in args.prompts):
         raise ValueError("reranking scores images against their prompt: give non-empty prompts.")
     _check_outputs(Path(args.out))
-    pipe = Pipeline.load(args.pipeline, device=_device(args), verify=not args.no_verify)
+    pipe = Pipeline.load(args.pipeline, device=_device(args), verify=not args.no_verify, precision=args.precision)
     sampling = sampling_from_flags(args, pipe)
     start = time.perf_counter()
     result = rerank(pipe, args.prompts, clip=args.clip, n=args.num, sampling=sampling, seed=args.seed,
@@ -230,7 +231,8 @@ def run_rerank(args: argparse.Namespace) -> int:
             labels.append(f"{prompt}: CLIP {float(result.scores[p, k]):.3f}{mark}")
     record = {"command": "edit rerank", "pipeline": str(Path(args.pipeline).resolve()), "clip": str(args.clip),
               "prompts": result.prompts, "draws_per_prompt": n, "seed": args.seed,
-              "sampling": dataclasses.asdict(sampling), "best": result.best.tolist(), "scores": result.scores.tolist(),
+              "sampling": dataclasses.asdict(sampling), "precision": pipe.sampling_precision,
+              "best": result.best.tolist(), "scores": result.scores.tolist(),
               "seconds": round(seconds, 3)}
     print(f"kept the best of {n} draws for {len(result.prompts)} prompt(s) in {seconds:.1f} s")
     _write(args, tiles, labels, result.images, result.prompts, record, columns=n)

@@ -45,7 +45,7 @@ def run_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(prompts=args.prompts, images_per_prompt=args.num, reference=args.reference,
                             candidates=args.candidates, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size,
                             lpips=args.lpips, splits=splits)
-    pipe = Pipeline.from_pretrained(args.pipeline, device=device)
+    pipe = Pipeline.from_pretrained(args.pipeline, device=device, precision=args.precision)
     sampling = sampling_from_flags(args, pipe)
     judge = ClipEncoder.load(args.judge_clip, device=device)
     report = evaluate_pipeline(pipe, dataset=args.dataset, judge_clip=judge, settings=settings, out=args.out,

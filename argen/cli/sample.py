@@ -29,10 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="CPU: compile the GPT's decode step with torch.compile (needs a C++ compiler; about 30 s once "
                         "for the demo GPT, then faster decoding: for many images, not for one grid)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="what the GPT samples in: bf16 holds its blocks' weights and the KV cache in bfloat16 (as "
-                        "bf16 autocast trains them; faster where bf16 is native), fp32 its own weights; auto is bf16 "
-                        "on a CPU with AVX512-BF16 or AMX or a GPU with bf16, else fp32")
     u = p.add_argument_group("unCLIP pipelines")
     u.add_argument("--prior", choices=PRIOR_CHOICES, default=None,
                    help="which prior (default: diffusion when the pipeline has one, else ar); none feeds the decoder the "
@@ -128,6 +124,10 @@ def add_sampler_flags(parser: argparse.ArgumentParser, *, cfg_help: str = "class
     g.add_argument("--window", type=int_in(1, MAX_WINDOW), default=None,
                    help="draft tokens checked per forward pass with --decoding jacobi or spatial; with zipar, how many "
                         "tokens a grid row runs ahead of the row below (the grid's width or more is exact)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="what the GPT samples in: bf16 holds its blocks' weights and the KV cache in bfloat16 (as "
+                        "bf16 autocast trains them; faster where bf16 is native), fp32 its own weights; auto (the "
+                        "default) is bf16 on a CPU with AVX512-BF16 or AMX or a GPU with bf16, else fp32")
 
 
 # Flags of the GPT's sampler and the SamplingConfig field each sets (--cfg also sets a unCLIP decoder's guidance).

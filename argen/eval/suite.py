@@ -169,7 +169,8 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
     resolution = pipe.vq.config.resolution
     out = claim_output_dir(out, kind="eval") if out is not None else None
     sampling = sampling if sampling is not None else pipe.sampling
-    report: dict[str, Any] = {"dataset": dataset, "sampling": _fields(sampling), "settings": _fields(settings),
+    report: dict[str, Any] = {"dataset": dataset, "sampling": _fields(sampling), "precision": pipe.sampling_precision,
+                              "settings": _fields(settings),
                               "splits": {}}
     first = None
     for split in settings.splits:
@@ -256,7 +257,7 @@ def markdown(report: dict[str, Any]) -> str:
         return f"{x:.1f}"
 
     lines = [f"# argen eval: {report['dataset']}", "",
-             f"Sampling: {report['sampling']}. Judge CLIP trained on the train split, never the generator's. "
+             f"Sampling: {report['sampling']}{' in ' + report['precision'] if report.get('precision') else ''}. Judge CLIP trained on the train split, never the generator's. "
              "95% prompt-bootstrap intervals (recall: a point figure).", ""]
     for split, row in report["splits"].items():
         lines += [f"## {split} captions", "",
