@@ -1,5 +1,6 @@
 """CUDA checks: every attention backend equals `math` (xformers under bf16 autocast too), greedy sampling on the GPU
-gives the same tokens with and without parallel decoding, and a bf16 training step learns. Run with -m gpu."""
+gives the same tokens with and without parallel decoding, bf16 sampling stays close to float32, and a bf16 training
+step learns. Run with -m gpu."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from test_sample import NUM_CODES, OFFSET, UNCOND, prompts, tiny_model
 
+from argen.model import bf16_blocks
 from argen.model.attention import attention, available_backends
 from argen.sample import SamplingConfig, decode_image_tokens
 
@@ -46,6 +48,20 @@ def test_greedy_cuda_sampling_is_the_same_with_parallel_decoding(decoding):
 
     base = SamplingConfig(temperature=0.0, cfg_scale=2.0)
     assert torch.equal(run(SamplingConfig(**{**base.__dict__, "decoding": decoding, "window": 4})), run(base))
+
+
+def test_bf16_blocks_sample_on_cuda_with_a_bf16_cache_close_to_float32():
+    model = tiny_model().cuda()
+    fast = bf16_blocks(model)
+    prefix = prompts(4).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(prefix), model(prefix), atol=2e-2, rtol=2e-2)
+
+    def run(gpt):
+        return decode_image_tokens(gpt, prefix, image_offset=OFFSET, num_codes=NUM_CODES, uncond_prefix=UNCOND.cuda(),
+                                   config=SamplingConfig(temperature=0.0, cfg_scale=2.0)).codes
+
+    assert fast.kv_cache_dtype == torch.bfloat16 and (run(fast) == run(model)).float().mean() > 0.8
 
 
 def test_a_bf16_training_step_on_cuda_learns(tmp_path):
