@@ -108,9 +108,8 @@ def pack_for_cpu(model: GPT, *, compile: bool = False, bf16: bool = False) -> GP
 
     Logits equal the original's up to fp32 rounding (the GEMMs and fused loops sum in another order), or with `bf16`
     up to bf16 autocast's rounding. The copy is in eval mode, has no autograd and cannot be saved; the original is
-    untouched. Costs one more copy of the weights in
-    memory (with compile, also Inductor's packed constants) and a fraction of a second; pays off for sampling
-    (many forwards). `compile` pays the compilation on the first decode step (again for one row per step and for
+    untouched. Costs one more copy of the weights in memory (with compile, also Inductor's packed constants) and a
+    fraction of a second; pays off for sampling (many forwards). `compile` pays the compilation on the first decode step (again for one row per step and for
     each new cache dtype), then decodes batches faster than the packed copy, and one row per step slower
     (docs/speed.md): worth it for long batched sampling jobs, not for one grid.
     """
