@@ -47,7 +47,6 @@ SAMPLING_KEY = "sampling"  # pipeline.json's recommended sampler settings (argen
 FALLBACK_SAMPLING = SamplingConfig(cfg_scale=2.0)
 
 
-
 class PipelineError(SavedDirError):
     """A pipeline directory is missing a part, a part was swapped, or the GPT was not trained with these tokenizers."""
 

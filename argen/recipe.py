@@ -463,13 +463,15 @@ def _sample_and_judge(pipe, pipeline_dir: Path, *, settings: RecipeSettings, out
 
 
 def _in_precision(summary: dict) -> str:
-    """' in bf16' / ' in fp32': what the report's images were sampled in ('' for a report from before it was recorded)."""
+    """' in bf16' / ' in fp32': what the report's images were sampled in ('' for a report from before it was
+    recorded)."""
     precision = summary["sampling"].get("precision")
     return f" in {precision}" if precision else ""
 
 
 def _sampling_dict(sampling: SamplingConfig, *, seed: int, pipe) -> dict[str, Any]:
-    """The report's sampler record; `precision` is what the GPT sampled in (bf16 where native: figures move slightly)."""
+    """The report's sampler record; `precision` is what the GPT sampled in (bf16 where native: figures move
+    slightly)."""
     return {"cfg_scale": sampling.cfg_scale, "cfg_schedule": sampling.cfg_schedule, "temperature": sampling.temperature,
             "top_k": sampling.top_k, "seed": seed, "precision": pipe.sampling_precision}
 

@@ -256,9 +256,10 @@ def markdown(report: dict[str, Any]) -> str:
             return f"{x['estimate']:.1f} [{x['low']:.1f}, {x['high']:.1f}]"
         return f"{x:.1f}"
 
+    precision = f" in {report['precision']}" if report.get("precision") else ""  # not recorded by older reports
     lines = [f"# argen eval: {report['dataset']}", "",
-             f"Sampling: {report['sampling']}{' in ' + report['precision'] if report.get('precision') else ''}. Judge CLIP trained on the train split, never the generator's. "
-             "95% prompt-bootstrap intervals (recall: a point figure).", ""]
+             f"Sampling: {report['sampling']}{precision}. Judge CLIP trained on the train split, never the "
+             "generator's. 95% prompt-bootstrap intervals (recall: a point figure).", ""]
     for split, row in report["splits"].items():
         lines += [f"## {split} captions", "",
                   f"R-precision: the image retrieves its own caption first among {row['candidates']} "

@@ -93,12 +93,17 @@ def bf16_blocks(model: GPT) -> GPT:
     rounded to bf16. Where bf16 is native (`argen.host.native_bf16`) it halves the weights' and the cache's memory
     traffic, the largest costs of batched decoding. The original is untouched."""
     copied = copy.deepcopy(model).eval().requires_grad_(False)
-    for module in list(copied.blocks.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, BF16Linear(child))
+    _replace_linears(copied.blocks, (nn.Linear,), BF16Linear)
     copied.kv_cache_dtype = torch.bfloat16
     return copied
+
+
+def _replace_linears(root: nn.Module, kinds: tuple[type, ...], make) -> None:
+    """Swap every submodule of `root` that is one of `kinds` for `make(it)`, in place."""
+    for module in list(root.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, kinds):
+                setattr(module, name, make(child))
 
 
 def pack_for_cpu(model: GPT, *, compile: bool = False, bf16: bool = False) -> GPT | CompiledDecoding:
@@ -109,9 +114,9 @@ def pack_for_cpu(model: GPT, *, compile: bool = False, bf16: bool = False) -> GP
     Logits equal the original's up to fp32 rounding (the GEMMs and fused loops sum in another order), or with `bf16`
     up to bf16 autocast's rounding. The copy is in eval mode, has no autograd and cannot be saved; the original is
     untouched. Costs one more copy of the weights in memory (with compile, also Inductor's packed constants) and a
-    fraction of a second; pays off for sampling (many forwards). `compile` pays the compilation on the first decode step (again for one row per step and for
-    each new cache dtype), then decodes batches faster than the packed copy, and one row per step slower
-    (docs/speed.md): worth it for long batched sampling jobs, not for one grid.
+    fraction of a second; pays off for sampling (many forwards). `compile` pays the compilation on the first decode
+    step (again for one row per step and for each new cache dtype), then decodes batches faster than the packed
+    copy, and one row per step slower (docs/speed.md): worth it for long batched sampling jobs, not for one grid.
     """
     if not onednn_available():
         raise RuntimeError(
@@ -124,8 +129,5 @@ def pack_for_cpu(model: GPT, *, compile: bool = False, bf16: bool = False) -> GP
     packed = bf16_blocks(model) if bf16 else copy.deepcopy(model).eval().requires_grad_(False)
     if compile:
         return CompiledDecoding(packed)
-    for module in list(packed.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, (nn.Linear, BF16Linear)):
-                setattr(module, name, PackedLinear(child))
+    _replace_linears(packed, (nn.Linear, BF16Linear), PackedLinear)
     return packed
