@@ -15,6 +15,7 @@ from argen.model.attention import (
     resolve_backend,
 )
 
+attention_module = importlib.import_module("argen.model.attention")  # argen.model's `attention` is the function
 BACKENDS = available_backends("cpu")
 # (n_head, n_kv_head, Tq, Tk, causal): self-attention, GQA, MQA, prefill after a cache, one-token decode, full
 CASES = [
@@ -36,12 +37,15 @@ def qkv(n_head: int, n_kv_head: int, tq: int, tk: int, *, seed: int = 0, dtype=t
     return q, k, v
 
 
-def test_cpu_backends_are_sdpa_and_math_and_auto_picks_per_query_length():
+@pytest.mark.parametrize("amx", [True, False])
+def test_cpu_backends_are_sdpa_and_math_and_auto_picks_per_query_length(monkeypatch, amx):
+    monkeypatch.setattr(attention_module, "cpu_flash_decodes_bf16", lambda: amx)
     assert set(BACKENDS) >= {"sdpa", "math"} and "auto" not in BACKENDS
     assert resolve_backend("auto", "cpu") == "sdpa" and resolve_backend("auto", "cpu", q_len=7) == "sdpa"
     assert resolve_backend("auto", "cpu", q_len=1) == "math"  # one decode query: plain matmuls are faster on CPU
-    # ... except over a bf16 cache, eagerly, where the batched matmuls copy the keys and values first
-    assert resolve_backend("auto", "cpu", q_len=1, k_len=40, dtype=torch.bfloat16) == "sdpa"
+    # ... except over a bf16 cache, eagerly, on a CPU with AMX, where the batched matmuls copy the keys and values
+    # first; without AMX the flash kernel's bf16 path is the slow one
+    assert resolve_backend("auto", "cpu", q_len=1, k_len=40, dtype=torch.bfloat16) == ("sdpa" if amx else "math")
     compiled = torch.compile(lambda: resolve_backend("auto", "cpu", q_len=1, k_len=40, dtype=torch.bfloat16),
                              backend="eager", fullgraph=True)
     assert compiled() == "math"  # Inductor fuses the math path

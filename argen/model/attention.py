@@ -44,6 +44,15 @@ def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
 CPU_BF16_MATH_MAX_KEYS = 192
 
 
+@functools.cache
+def cpu_flash_decodes_bf16() -> bool:
+    """Whether the CPU flash kernel decodes one query over a bf16 cache faster than `math`: on CPUs with AMX, whose
+    tile instructions that kernel's bf16 path uses (docs/speed.md measures both kinds of host)."""
+    from argen.host import cpu_extensions
+
+    return "AMX" in cpu_extensions()
+
+
 def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | None = None,
                     k_len: int | None = None, dtype: torch.dtype | None = None, grad: bool = True) -> str:
     """The concrete backend `attention` runs for `backend` on `device`; an unavailable one raises, naming why.
@@ -51,9 +60,10 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     "auto" is "sdpa" (PyTorch's flash / memory-efficient kernels on GPU, its flash kernel on CPU; xformers
     runs only when asked for by name), except on the CPU in two cases where plain batched matmuls are faster
     (measured in docs/speed.md):
-    - one query (q_len=1, KV-cache decode) in float32, or compiled: "math" is two batched matrix-vector products
-      (which Inductor fuses), while the CPU flash kernel is tuned for blocks of queries. Eager decoding over a bf16
-      cache runs "sdpa": its batched matmuls would first copy each layer's bf16 keys and values;
+    - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products (which Inductor fuses),
+      while the CPU flash kernel is tuned for blocks of queries. Eager decoding over a bf16 cache runs "sdpa" on a
+      CPU with AMX (`cpu_flash_decodes_bf16`), where `math`'s batched matmuls would first copy each layer's bf16 keys
+      and values; without AMX the flash kernel's bf16 path is the slower one, by 3-9x;
     - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys, when `grad` (a backward may
       follow): the CPU flash kernel's bf16 backward is slow at short sequences (`python
       benchmarks/attention_backends.py`). In float32, and forward only (sampling), it keeps up.
@@ -66,7 +76,8 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     if torch.device(device).type != "cpu":
         return "sdpa"
     if q_len == 1:
-        return "sdpa" if dtype == torch.bfloat16 and not torch.compiler.is_compiling() else "math"
+        eager_bf16 = dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+        return "sdpa" if eager_bf16 and cpu_flash_decodes_bf16() else "math"
     short = k_len is not None and k_len <= CPU_BF16_MATH_MAX_KEYS
     return "math" if dtype == torch.bfloat16 and short and grad else "sdpa"
 
