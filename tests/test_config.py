@@ -106,3 +106,15 @@ def test_every_shipped_prior_config_names_its_kind():
         kind = yaml.safe_load(path.read_text()).get("kind")
         assert kind in PRIORS and (kind == "ar") == ("_ar" in path.stem), f"{path.name}: kind {kind!r}"
     assert {PRIORS[k].preset for k in PRIORS} <= {p.stem for p in configs}  # every kind's preset ships
+
+
+def test_an_unquoted_no_is_the_string_no_where_a_choice_expects_it(tmp_path):
+    from argen.train.loop import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")  # YAML 1.1 reads this as False
+    assert load_config(path, TrainConfig).mixed_precision == "no"
+    assert load_config({}, TrainConfig, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config({}, TrainConfig, ["mixed_precision=bf16"]).mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="'mixed_precision' = True is not valid"):
+        load_config({}, TrainConfig, ["mixed_precision=yes"])

@@ -48,6 +48,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(f"config key '{path}' = {value!r} matches none of {_type_name(tp)}: " + "; ".join(errors))
     if origin is Literal:
+        if value is False and "no" in args and False not in args:
+            value = "no"  # YAML reads an unquoted `no` (or off, false) as False: `mixed_precision=no` means "no"
         if value not in args:
             raise ConfigError(f"config key '{path}' = {value!r} is not valid; choose one of {', '.join(repr(a) for a in args)}.")
         return value
