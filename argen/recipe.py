@@ -73,7 +73,9 @@ class RecipeSettings:
     samples_per_prompt (shapes): images per prompt in the final judge scoring (seed `seed + 1`), per kind.
     sampling: the sampler setting where no rule-based judge can sweep (data other than shapes).
     judge_clip: train the judge CLIP and run the argen.eval suite (`argen demo` leaves it off: the shapes judge
-        scores its images). eval: the suite's settings (its splits are val, and heldout on shapes).
+        scores its images). eval: the suite's settings (its splits are val, and heldout on shapes). With
+        eval.rerank N > 1 a second CLIP (the judge's preset, the next seed) is trained to pick the best of N draws
+        per caption, scored beside the first draws (argen.eval.suite).
     score_images: val images the tokenizer is scored on (None: the whole val split; a stream's first 1000).
     """
 
@@ -201,6 +203,8 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
 
     settings = settings or RecipeSettings()
     parse_spec(dataset)  # a bad spec fails before anything is written
+    if settings.eval.rerank > 1 and not settings.judge_clip:
+        raise ValueError(f"rerank {settings.eval.rerank} is scored by the judge CLIP: drop --no-judge-clip or --rerank.")
     shapes = dataset == "shapes"  # the shapes world with its judge (shapes:TEMPLATES is scored like any data)
     split = split_overrides(overrides, prefixes=OVERRIDE_PREFIXES)
     names = presets_for(dataset, resolution) if None in (tokenizer_config, gpt_config, clip_config) else ("",) * 3
@@ -216,6 +220,9 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
                     ["train.eval_every=0", *split["tokenizer"], *data_keys, f"train.out_dir={out / 'tokenizer_run'}"])
     clip_exp = _load("clip", configs, CLIPExperiment,
                      [*split["clip"], *data_keys, f"train.out_dir={out / 'judge_clip_run'}"]) if settings.judge_clip else None
+    rerank_exp = _load("clip", configs, CLIPExperiment, [
+        *split["clip"], *data_keys, f"train.seed={clip_exp.train.seed + 1}", f"train.out_dir={out / 'rerank_clip_run'}"
+    ]) if clip_exp is not None and settings.eval.rerank > 1 else None
     data = DatasetConfig(spec=dataset, resolution=resolution, val_fraction=val_fraction,
                          follow_symlinks=follow_symlinks, strict=strict)
     streams = _code_streams(data, out / "codes", shapes=shapes, settings=settings)
@@ -234,6 +241,8 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
     stages = ["train the image tokenizer", "score the tokenizer on the val split" + (" and held-out split" if shapes else ""),
               "encode the training images into code shards", "train the BPE text tokenizer on the training captions",
               "train the GPT", *(["train the judge CLIP on the train split (evaluation only)"] if clip_exp else []),
+              *([f"train the rerank CLIP (the judge's preset, another seed: picks the best of {settings.eval.rerank})"]
+                if rerank_exp else []),
               "sample, sweep the guidance scale and judge every image" if shapes else "sample val captions",
               *(["evaluate with the judge CLIP (argen.eval suite)"] if clip_exp else [])]
     step = iter(range(1, len(stages) + 1))
@@ -295,6 +304,15 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
                      train_fn=train_clip, experiment=clip_exp)
         end(start, i)
         i += 1
+    rerank_dir = None
+    if rerank_exp is not None:
+        start = begin(i)
+        rerank_run = Path(rerank_exp.train.out_dir)
+        rerank_dir = rerank_run / "final" / CLIP_DIR
+        _train_stage(records, "rerank_clip", {"config": to_dict(rerank_exp)}, run_dir=rerank_run, product=rerank_dir,
+                     train_fn=train_clip, experiment=rerank_exp)
+        end(start, i)
+        i += 1
 
     start = begin(i)
     pipe = Pipeline.load(pipeline_dir)
@@ -317,11 +335,12 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
         pipe = Pipeline.load(pipeline_dir)  # with the sampler setting just recorded
         eval_inputs = {"gpt": gpt_inputs, "judge_clip": to_dict(clip_exp), "sampling": dataclasses.asdict(pipe.sampling),
                        "settings": dataclasses.asdict(settings.eval),
-                       "splits": ["val", "heldout"] if has_heldout(dataset) else ["val"]}
+                       "splits": ["val", "heldout"] if has_heldout(dataset) else ["val"],
+                       **({"rerank_clip": to_dict(rerank_exp)} if rerank_exp else {})}
         summary["judge_clip"] = {"dir": str(clip_dir), "config": str(configs["clip"]),
                                  "eval": json.loads((Path(clip_exp.train.out_dir) / "metrics.json").read_text()).get("eval")}
         summary["eval"] = _evaluate(pipe, clip_dir, dataset, eval_inputs, out=out / "eval", records=records,
-                                    options=options)
+                                    rerank_dir=rerank_dir, options=options)
         end(start, i)
 
     summary.update({"timings_s": timings, "total_s": sum(timings.values()),
@@ -502,7 +521,7 @@ def _sample_captions(pipe, pipeline_dir: Path, data, *, settings: RecipeSettings
 
 
 def _evaluate(pipe, clip_dir: Path, dataset: str, inputs: dict[str, Any], *, out: Path, records: StageRecords,
-              options: dict[str, Any]) -> dict[str, Any]:
+              rerank_dir: Path | None, options: dict[str, Any]) -> dict[str, Any]:
     from argen.eval.suite import evaluate_pipeline
     from argen.unclip.clip import ClipEncoder
 
@@ -510,7 +529,8 @@ def _evaluate(pipe, clip_dir: Path, dataset: str, inputs: dict[str, Any], *, out
         print(f"reusing {out / 'report.json'}")
         return json.loads((out / "report.json").read_text())
     settings = dataclasses.replace(EvalSettings(**inputs["settings"]), splits=tuple(inputs["splits"]))
-    evaluate_pipeline(pipe, dataset=dataset, judge_clip=ClipEncoder.load(clip_dir), settings=settings, out=out, **options)
+    evaluate_pipeline(pipe, dataset=dataset, judge_clip=ClipEncoder.load(clip_dir), settings=settings, out=out,
+                      rerank_clip=ClipEncoder.load(rerank_dir) if rerank_dir is not None else None, **options)
     records.mark("eval", inputs, finished=True)
     return json.loads((out / "report.json").read_text())  # as a re-run reads it back
 

@@ -130,3 +130,34 @@ def test_eval_cli_samples_with_the_flags_given(trained, judge, tmp_path, capsys)
     assert "sampling with CFG 3 constant, T 0.5, top-k 7" in capsys.readouterr().out
     sampling = json.loads((tmp_path / "a" / "report.json").read_text())["sampling"]
     assert (sampling["cfg_scale"], sampling["temperature"], sampling["top_k"]) == (3.0, 0.5, 7)
+
+
+def test_reranking_keeps_the_first_draws_and_adds_the_best_of_n_by_another_clip(trained, judge, tmp_path):  # noqa: F811
+    data = folder(tmp_path / "images")
+    pipe = Pipeline.from_pretrained(trained.final)
+    judge_clip = ClipEncoder.load(judge)
+    near_judge = ClipEncoder.load(judge)  # the judge's weights nudged: another CLIP that ranks draws as the judge does
+    with torch.no_grad():
+        next(near_judge.model.parameters()).add_(1e-6)
+    base = EvalSettings(prompts=12, reference=20, candidates=5, n_boot=50, splits=("all",))
+    plain = evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=judge_clip, settings=base,
+                              progress=lambda *_: None)["splits"]["all"]
+    settings = EvalSettings(**{**base.__dict__, "rerank": 4})
+    report = evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=judge_clip, settings=settings,
+                               rerank_clip=near_judge, out=tmp_path / "eval", progress=lambda *_: None)
+    row = report["splits"]["all"]
+    for key, figure in plain["generated"].items():  # the first draws are the images drawn without reranking
+        estimate = figure["estimate"] if isinstance(figure, dict) else figure
+        got = row["generated"][key]["estimate"] if isinstance(figure, dict) else row["generated"][key]
+        assert got == pytest.approx(estimate, rel=1e-5), key  # decoded in other batches: float rounding only
+    assert row["reranked"]["images"] == 12
+    # each kept image is the draw the (near-)judge scores highest, so the judge's CLIP score can only rise
+    assert row["reranked"]["clip_score"]["estimate"] >= row["generated"]["clip_score"]["estimate"] - 1e-3
+    assert row["reranked"]["clip_score"]["estimate"] > row["generated"]["clip_score"]["estimate"]
+    assert report["rerank_clip"]["sha256"] == near_judge.sha256
+    assert "| best of 4 by the rerank CLIP (12) |" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(ValueError, match="is the judge CLIP"):
+        evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=judge_clip, settings=settings,
+                          rerank_clip=ClipEncoder.load(judge))
+    with pytest.raises(ValueError, match="needs a rerank CLIP"):
+        evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=judge_clip, settings=settings)

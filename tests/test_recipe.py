@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from argen.cli import main
@@ -115,11 +116,12 @@ def test_dataset_captions_split_an_image_folder_with_the_given_val_fraction(tmp_
         len(dataset_captions(f"imagefolder:{root}", split="val", val_fraction=0.1))
 
 
-def _run(out: Path, data: Path, *extra: str, spec: str = "imagefolder") -> dict:
+def _run(out: Path, data: Path, *extra: str, spec: str = "imagefolder", rerank: int = 1) -> dict:
     overrides = ("tokenizer.train.max_steps=2", "tokenizer.train.save_every=0", "tokenizer.eval.max_images=8",
                  "gpt.train.max_steps=4", "gpt.train.save_every=2", "gpt.data.text_len=16", "gpt.eval.max_items=8",
                  "clip.train.max_steps=2", "clip.train.save_every=0", "clip.eval.candidates=8", *extra)
-    settings = RecipeSettings(eval=EvalSettings(prompts=4, reference=6, candidates=4, n_boot=20, batch_size=16))
+    settings = RecipeSettings(eval=EvalSettings(prompts=4, reference=6, candidates=4, n_boot=20, batch_size=16,
+                                                rerank=rerank))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return run_recipe(out, dataset=f"{spec}:{data}", resolution=32, overrides=overrides,
@@ -196,3 +198,24 @@ def test_the_whole_command_on_webdataset_shards(tmp_path):
         row = report["eval"]["splits"][split]
         assert row["generated"]["images"] == 4 and row["real (ceiling)"]["images"] == 4
     assert (tmp_path / "run" / "report.md").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_rerank_trains_a_second_clip_and_scores_the_best_of_n_beside_the_first_draws(tmp_path, capsys):
+    from argen.unclip.clip import ClipEncoder
+
+    data, out = folder(tmp_path / "images"), tmp_path / "run"
+    report = _run(out, data, rerank=3)
+    judge_seed, rerank_seed = (yaml.safe_load((out / run / "train_config.yaml").read_text())["seed"]
+                               for run in ("judge_clip_run", "rerank_clip_run"))
+    assert rerank_seed == judge_seed + 1
+    judge = ClipEncoder.load(out / "judge_clip_run" / "final" / "clip")
+    reranker = ClipEncoder.load(out / "rerank_clip_run" / "final" / "clip")
+    assert reranker.sha256 != judge.sha256 and report["eval"]["rerank_clip"]["sha256"] == reranker.sha256
+    row = report["eval"]["splits"]["val"]
+    assert row["reranked"]["images"] == row["generated"]["images"] == 4
+    assert "best of 3 by the rerank CLIP" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["train", "pipeline", "--dataset", f"imagefolder:{data}", "--resolution", "32", "-o",
+                 str(tmp_path / "other"), "--no-judge-clip", "--rerank", "4"]) == 2
+    assert "drop --no-judge-clip or --rerank" in capsys.readouterr().err

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num", type=positive_int, default=1, help="images per caption (default 1)")
     p.add_argument("--reference", type=positive_int, default=1000, help="real reference images per split (default 1000)")
     p.add_argument("--candidates", type=int_in(2), default=100, help="captions ranked for R-precision (default 100)")
+    p.add_argument("--rerank", type=int_in(1, 1024), default=1,
+                   help="also score the best of N draws per image by --rerank-clip (DALL-E's reranking; default 1: off)")
+    p.add_argument("--rerank-clip", default=None,
+                   help="the CLIP that reranks: trained separately from the judge (argen train clip ... train.seed=1)")
     p.add_argument("--lpips", default=None, help="LPIPS weights file (python -m tokenizers_img.lpips convert ...)")
     p.add_argument("--n-boot", type=positive_int, default=1000)
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -44,17 +48,22 @@ def run_eval(args: argparse.Namespace) -> int:
     splits = tuple(args.splits or (("val", "heldout") if has_heldout(args.dataset) else ("val",)))
     settings = EvalSettings(prompts=args.prompts, images_per_prompt=args.num, reference=args.reference,
                             candidates=args.candidates, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size,
-                            lpips=args.lpips, splits=splits)
+                            lpips=args.lpips, splits=splits, rerank=args.rerank)
     pipe = Pipeline.from_pretrained(args.pipeline, device=device, precision=args.precision)
     sampling = sampling_from_flags(args, pipe)
     judge = ClipEncoder.load(args.judge_clip, device=device)
+    reranker = ClipEncoder.load(args.rerank_clip, device=device) if args.rerank_clip else None
     report = evaluate_pipeline(pipe, dataset=args.dataset, judge_clip=judge, settings=settings, out=args.out,
-                               sampling=sampling, **dataset_options(args))
+                               sampling=sampling, rerank_clip=reranker, **dataset_options(args))
     for split, row in report["splits"].items():
         g, c, f = row["generated"], row["real (ceiling)"], row["shuffled captions (floor)"]
         print(f"{split}: R-precision generated {g['r_precision']['estimate']:.1f}% (real {c['r_precision']['estimate']:.1f}%, "
               f"shuffled {f['r_precision']['estimate']:.1f}%, chance {row['chance r_precision']:.1f}%); "
               f"FD image+caption {g['frechet_pairs']['estimate']:.2f} (real {c['frechet_pairs']['estimate']:.2f}, "
               f"shuffled {f['frechet_pairs']['estimate']:.2f})")
+        if "reranked" in row:
+            r = row["reranked"]
+            print(f"{split}: best of {args.rerank} by the rerank CLIP: R-precision {r['r_precision']['estimate']:.1f}%, "
+                  f"FD image+caption {r['frechet_pairs']['estimate']:.2f}")
     print(f"wrote {args.out}/report.md and report.json")
     return 0

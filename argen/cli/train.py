@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--eval-prompts", type=positive_int, default=200, help="val captions evaluated (default 200)")
     pl.add_argument("--eval-reference", type=positive_int, default=1000,
                     help="further real val images the distances compare with (default 1000)")
+    pl.add_argument("--rerank", type=int_in(1, 1024), default=1,
+                    help="also train a rerank CLIP (the judge's preset, another seed) and score the best of N draws "
+                         "per caption beside the first draws (DALL-E's reranking; default 1: off)")
     pl.add_argument("overrides", nargs="*", help="tokenizer.KEY=VALUE, gpt.KEY=VALUE, clip.KEY=VALUE, e.g. "
                     "gpt.train.max_steps=2000 tokenizer.loss.perceptual_weight=0")
     add_dataset_options(pl)
@@ -212,7 +215,8 @@ def run_train_pipeline(args: argparse.Namespace) -> int:
     from argen.recipe import RecipeSettings, run_recipe
 
     settings = RecipeSettings(num_train_codes=args.train_items, judge_clip=not args.no_judge_clip,
-                              eval=EvalSettings(prompts=args.eval_prompts, reference=args.eval_reference))
+                              eval=EvalSettings(prompts=args.eval_prompts, reference=args.eval_reference,
+                                                rerank=args.rerank))
     run_recipe(args.out, dataset=args.dataset, resolution=args.resolution, overrides=tuple(args.overrides),
                tokenizer_config=args.tokenizer_config, gpt_config=args.gpt_config, clip_config=args.clip_config,
                settings=settings, val_fraction=args.val_fraction, follow_symlinks=args.follow_symlinks,

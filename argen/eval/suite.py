@@ -30,6 +30,7 @@ class EvalSettings:
     the precision/recall manifolds compare against.
     candidates: captions each image is ranked among for R-precision (chance = 1 / candidates). k: neighbours for the
     precision/recall manifolds. lpips: a local LPIPS weights file (tokenizers_img.lpips) or None to skip LPIPS.
+    rerank: draws per kept image for a second "reranked" row, the best by a rerank CLIP (DALL-E's best of N); 1: off.
     """
 
     prompts: int = 200
@@ -42,9 +43,10 @@ class EvalSettings:
     batch_size: int = 64
     lpips: str | None = None
     splits: tuple[str, ...] = ("val",)
+    rerank: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("prompts", "images_per_prompt", "reference", "n_boot", "batch_size", "k"):
+        for name in ("prompts", "images_per_prompt", "reference", "n_boot", "batch_size", "k", "rerank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.candidates < 2:
@@ -160,49 +162,77 @@ def shuffled(n: int, *, seed: int) -> torch.Tensor:
 
 
 def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings, out: str | Path | None = None,
-                      sampling=None, progress=print, **dataset_options: Any) -> dict[str, Any]:
+                      sampling=None, rerank_clip=None, progress=print, **dataset_options: Any) -> dict[str, Any]:
     """Generate for the captions of each split in `settings.splits` and score everything; returns the report dict and,
     with `out`, writes out/report.json, out/report.md and a grid of generated beside real images per split.
-    `sampling` (a SamplingConfig) defaults to the pipeline's recommended setting."""
+    `sampling` (a SamplingConfig) defaults to the pipeline's recommended setting. With `settings.rerank` N > 1, each
+    kept image is also chosen as the best of N draws by `rerank_clip` (a ClipEncoder that is not the judge) and scored
+    in a "reranked" row; the "generated" row holds the first draws, the same images as without reranking."""
     from argen.eval.tokenizer import evaluate_tokenizer
 
+    _check_rerank(settings, rerank_clip, judge_clip)
     resolution = pipe.vq.config.resolution
     out = claim_output_dir(out, kind="eval") if out is not None else None
     sampling = sampling if sampling is not None else pipe.sampling
     report: dict[str, Any] = {"dataset": dataset, "sampling": _fields(sampling), "precision": pipe.sampling_precision,
                               "settings": _fields(settings),
                               "splits": {}}
+    if settings.rerank > 1:
+        report["rerank_clip"] = {"path": rerank_clip.source, "sha256": rerank_clip.sha256}
     first = None
+    per = settings.images_per_prompt
     for split in settings.splits:
         cset = caption_set(dataset, split, resolution=resolution, settings=settings, **dataset_options)
         first = first or cset
         progress(f"[eval] {split}: {len(cset.captions)} captions, {len(cset.reference)} reference images")
         scorer = PairScorer(judge_clip, cset, settings)
         own = torch.arange(len(cset.captions))
-        gen = pipe.generate(cset.captions, n_per_prompt=settings.images_per_prompt, seed=settings.seed,
+        gen = pipe.generate(cset.captions, n_per_prompt=per * settings.rerank, seed=settings.seed,
                             sampling=sampling, batch_size=settings.batch_size)
-        index = own.repeat_interleave(settings.images_per_prompt)
-        row = {"generated": scorer.score(gen.images, index),
+        draws = gen.images.unflatten(0, (len(own), per * settings.rerank))  # (P, draws, 3, R, R)
+        first_draws = draws[:, :per].flatten(0, 1)  # draw k of a prompt does not depend on how many are drawn
+        index = own.repeat_interleave(per)
+        row = {"generated": scorer.score(first_draws, index),
                "real (ceiling)": scorer.score(cset.images, own),
                "shuffled captions (floor)": scorer.score(cset.images, shuffled(len(own), seed=settings.seed),
                                                          true_index=own),
                "candidates": min(settings.candidates, len(cset.captions))}
         row["chance r_precision"] = 100 / row["candidates"]
+        columns = {"generated": first_draws}
+        if settings.rerank > 1:
+            from argen.rerank import clip_similarity
+
+            sims = clip_similarity(rerank_clip, gen.prompts, gen.images).view(len(own), -1)
+            keep = sims.topk(per, dim=1).indices  # (P, per): the best `per` of each prompt's draws
+            columns["reranked"] = draws[own[:, None], keep].flatten(0, 1)
+            row["reranked"] = scorer.score(columns["reranked"], index)
         if dataset.split(":")[0] == "shapes":
             from argen.eval.generation import judge_images
 
-            verdicts = np.array([r.correct for r in judge_images(gen.prompts, gen.images)], dtype=np.float64)
+            verdicts = np.array([r.correct for r in judge_images(list(map(cset.captions.__getitem__, index)),
+                                                                 first_draws)], dtype=np.float64)
             row["shapes judge"] = _iv(PromptBootstrap(index.tolist(), n_boot=settings.n_boot, seed=settings.seed)
                                       .mean(verdicts), 100)
         report["splits"][split] = row
         if out is not None:
-            _grid(gen, cset, out / f"samples_{split}.png", per_prompt=settings.images_per_prompt)
+            _grid(columns, cset, out / f"samples_{split}.png", per_prompt=per)
     report["tokenizer"] = _tokenizer_figures(pipe.vq, torch.cat([first.images, first.reference]), judge_clip, settings,
                                              evaluate_tokenizer)
     if out is not None:
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         atomic_write_bytes(out / "report.md", markdown(report).encode())
     return report
+
+
+def _check_rerank(settings: EvalSettings, rerank_clip, judge_clip) -> None:
+    if settings.rerank == 1:
+        return
+    if rerank_clip is None:
+        raise ValueError(f"rerank={settings.rerank} needs a rerank CLIP (--rerank-clip): a CLIP trained separately "
+                         "from the judge, e.g. `argen train clip ... train.seed=1`.")
+    if rerank_clip.sha256 == judge_clip.sha256:
+        raise ValueError(f"the rerank CLIP {rerank_clip.source} is the judge CLIP: an image chosen by the judge would "
+                         "be graded by the model that chose it. Rerank with a CLIP trained separately (another seed).")
 
 
 def _fields(obj) -> dict[str, Any]:
@@ -233,43 +263,51 @@ def _tokenizer_figures(vq, images: torch.Tensor, clip, settings: EvalSettings, e
     return fig
 
 
-def _grid(gen, cset: CaptionSet, path: Path, *, per_prompt: int, prompts: int = 8) -> None:
-    """The first prompts' real image, then their generated images, one row per prompt."""
+def _grid(columns: dict[str, torch.Tensor], cset: CaptionSet, path: Path, *, per_prompt: int, prompts: int = 8) -> None:
+    """The first prompts' real image, then their images of each column (generated, reranked), one row per prompt."""
     from argen.viz import contact_sheet, save_png
 
     tiles, labels = [], []
     for p in range(min(prompts, len(cset.captions))):
         tiles.append(cset.images[p])
         labels.append(f"real: {cset.captions[p]}")
-        for k in range(per_prompt):
-            tiles.append(gen.images[p * per_prompt + k])
-            labels.append("generated")
-    save_png(contact_sheet(tiles, labels, columns=per_prompt + 1), path)
+        for name, images in columns.items():
+            for k in range(per_prompt):
+                tiles.append(images[p * per_prompt + k])
+                labels.append(name)
+    save_png(contact_sheet(tiles, labels, columns=1 + per_prompt * len(columns)), path)
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: one table per split (generated, ceiling, floor), then the tokenizer."""
-    def cell(x) -> str:
+    """The report as Markdown: one table per split (generated, reranked if any, ceiling, floor), then the tokenizer."""
+    def cell(x, digits: int = 1) -> str:
         if x is None:
             return "n/a"
         if isinstance(x, dict):
-            return f"{x['estimate']:.1f} [{x['low']:.1f}, {x['high']:.1f}]"
-        return f"{x:.1f}"
+            return f"{x['estimate']:.{digits}f} [{x['low']:.{digits}f}, {x['high']:.{digits}f}]"
+        return f"{x:.{digits}f}"
 
     precision = f" in {report['precision']}" if report.get("precision") else ""  # not recorded by older reports
+    rerank = report["settings"].get("rerank", 1)
     lines = [f"# argen eval: {report['dataset']}", "",
              f"Sampling: {report['sampling']}{precision}. Judge CLIP trained on the train split, never the "
              "generator's. 95% prompt-bootstrap intervals (recall: a point figure).", ""]
+    if rerank > 1:
+        lines += [f"Reranked: each image is the best of {rerank} draws by the rerank CLIP "
+                  f"`{report['rerank_clip']['path']}` (not the judge); generated: the first draws.", ""]
     for split, row in report["splits"].items():
         lines += [f"## {split} captions", "",
                   f"R-precision: the image retrieves its own caption first among {row['candidates']} "
                   f"(chance {row['chance r_precision']:.1f}%).", "",
                   "| images | R-precision % | CLIP score | FD images | FD image+caption | precision % | recall % |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
+        for name in ("generated", "reranked", "real (ceiling)", "shuffled captions (floor)"):
+            if name not in row:
+                continue
             r = row[name]
-            lines.append(f"| {name} ({r['images']}) | {cell(r['r_precision'])} | {cell(r['clip_score'])} | "
-                         f"{cell(r['frechet_images'])} | {cell(r['frechet_pairs'])} | {cell(r['precision'])} | "
+            label = f"best of {rerank} by the rerank CLIP" if name == "reranked" else name
+            lines.append(f"| {label} ({r['images']}) | {cell(r['r_precision'])} | {cell(r['clip_score'])} | "
+                         f"{cell(r['frechet_images'])} | {cell(r['frechet_pairs'], 3)} | {cell(r['precision'])} | "
                          f"{cell(r['recall'])} |")
         if "shapes judge" in row:
             lines += ["", f"Shapes judge, whole prompt: {cell(row['shapes judge'])}%."]
