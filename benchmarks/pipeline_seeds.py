@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-ROWS = ("generated", "real (ceiling)", "shuffled captions (floor)")
+ROWS = ("generated", "reranked", "real (ceiling)", "shuffled captions (floor)")  # reranked: with --rerank only
 FIGURES = ("r_precision", "clip_score", "frechet_images", "frechet_pairs", "precision", "recall")
 
 
@@ -31,8 +31,10 @@ def run_record(run: Path) -> dict:
               "total_s": report["total_s"], "timings_s": report["timings_s"], "host": report["host"],
               "sampling": report["eval"]["sampling"], "splits": {}}
     for split, row in report["eval"]["splits"].items():
-        record["splits"][split] = {name: {k: row[name][k] for k in FIGURES} for name in ROWS}
+        record["splits"][split] = {name: {k: row[name][k] for k in FIGURES} for name in ROWS if name in row}
         record["splits"][split]["candidates"] = row["candidates"]
+        if "reranked r_precision gain" in row:
+            record["splits"][split]["reranked r_precision gain"] = row["reranked r_precision gain"]
     return record
 
 
@@ -47,10 +49,10 @@ def table(records: list[dict]) -> str:
     lines = [f"| split | images | R-precision % ({seeds}) | CLIP score | FD image+caption |",
              "| --- | --- | --- | --- | --- |"]
     for split in records[0]["splits"]:
-        for name in ROWS:
+        for name in (n for n in ROWS if all(n in r["splits"][split] for r in records)):
             cells = [_cell([r["splits"][split][name][f]["estimate"] for r in records])
                      for f in ("r_precision", "clip_score")]
-            fd = " / ".join(f"{r['splits'][split][name]['frechet_pairs']['estimate']:.2f}" for r in records)
+            fd = " / ".join(f"{r['splits'][split][name]['frechet_pairs']['estimate']:.3f}" for r in records)
             lines.append(f"| {split} | {name} | {cells[0]} | {cells[1]} | {fd} |")
     return "\n".join(lines)
 

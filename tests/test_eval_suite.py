@@ -154,6 +154,10 @@ def test_reranking_keeps_the_first_draws_and_adds_the_best_of_n_by_another_clip(
     # each kept image is the draw the (near-)judge scores highest, so the judge's CLIP score can only rise
     assert row["reranked"]["clip_score"]["estimate"] >= row["generated"]["clip_score"]["estimate"] - 1e-3
     assert row["reranked"]["clip_score"]["estimate"] > row["generated"]["clip_score"]["estimate"]
+    gain = row["reranked r_precision gain"]  # paired over captions: its mean is the difference of the two means
+    assert gain["estimate"] == pytest.approx(row["reranked"]["r_precision"]["estimate"]
+                                             - row["generated"]["r_precision"]["estimate"])
+    assert gain["low"] <= gain["estimate"] <= gain["high"]
     assert report["rerank_clip"]["sha256"] == near_judge.sha256
     assert "| best of 4 by the rerank CLIP (12) |" in (tmp_path / "eval" / "report.md").read_text()
     with pytest.raises(ValueError, match="is the judge CLIP"):

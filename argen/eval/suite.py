@@ -125,9 +125,8 @@ class PairScorer:
         s = self.settings
         feats = self.clip.encode_images(images).double()  # (N, D)
         text = self.text[caption_index]
-        groups = caption_index.tolist()
-        boot = PromptBootstrap(groups, n_boot=s.n_boot, seed=s.seed)
-        hits = r_precision_hits(feats, caption_index, self.text, candidates=s.candidates, exclude=true_index, seed=s.seed)
+        boot = PromptBootstrap(caption_index.tolist(), n_boot=s.n_boot, seed=s.seed)
+        hits = self.hits(feats, caption_index, true_index=true_index)
         feats_np = feats.numpy()
         pairs = _pairs(feats_np, text.numpy())
         precision_hits = within_manifold(feats, self.reference, self.radii)
@@ -143,6 +142,22 @@ class PairScorer:
             "recall": 100 * precision_recall(self.reference, feats, k=s.k)[1],
         }
 
+
+
+    def hits(self, feats: torch.Tensor, caption_index: torch.Tensor, *, true_index: torch.Tensor | None = None
+             ) -> np.ndarray:
+        """R-precision hit (0/1) of each image's judge-CLIP features against its caption (see `score`)."""
+        s = self.settings
+        return r_precision_hits(feats, caption_index, self.text, candidates=s.candidates, exclude=true_index, seed=s.seed)
+
+    def paired_r_precision_gain(self, images: torch.Tensor, baseline: torch.Tensor, caption_index: torch.Tensor
+                                ) -> dict[str, float]:
+        """R-precision of `images` minus that of `baseline` (the same captions, row for row), in points, with a
+        prompt-bootstrap interval of the paired difference."""
+        s = self.settings
+        gain = np.subtract(*(self.hits(self.clip.encode_images(x).double(), caption_index).astype(np.float64)
+                             for x in (images, baseline)))
+        return _iv(PromptBootstrap(caption_index.tolist(), n_boot=s.n_boot, seed=s.seed).mean(gain), 100)
 
 
 def _pairs(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
@@ -206,6 +221,7 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
             keep = sims.topk(per, dim=1).indices  # (P, per): the best `per` of each prompt's draws
             columns["reranked"] = draws[own[:, None], keep].flatten(0, 1)
             row["reranked"] = scorer.score(columns["reranked"], index)
+            row["reranked r_precision gain"] = scorer.paired_r_precision_gain(columns["reranked"], first_draws, index)
         if dataset.split(":")[0] == "shapes":
             from argen.eval.generation import judge_images
 
@@ -309,6 +325,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} ({r['images']}) | {cell(r['r_precision'])} | {cell(r['clip_score'])} | "
                          f"{cell(r['frechet_images'])} | {cell(r['frechet_pairs'], 3)} | {cell(r['precision'])} | "
                          f"{cell(r['recall'])} |")
+        if "reranked r_precision gain" in row:
+            lines += ["", f"Reranked minus generated R-precision, paired over captions: "
+                          f"{cell(row['reranked r_precision gain'])} points."]
         if "shapes judge" in row:
             lines += ["", f"Shapes judge, whole prompt: {cell(row['shapes judge'])}%."]
         lines += ["", f"![generated beside real](samples_{split}.png)", ""]
