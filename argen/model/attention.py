@@ -63,7 +63,7 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products (which Inductor fuses),
       while the CPU flash kernel is tuned for blocks of queries. Eager decoding over a bf16 cache runs "sdpa" on a
       CPU with AMX (`cpu_flash_decodes_bf16`), where `math`'s batched matmuls would first copy each layer's bf16 keys
-      and values; without AMX the flash kernel's bf16 path is the slower one, by 3-9x;
+      and values; without AMX the flash kernel's bf16 path is the slower one;
     - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys, when `grad` (a backward may
       follow): the CPU flash kernel's bf16 backward is slow at short sequences (`python
       benchmarks/attention_backends.py`). In float32, and forward only (sampling), it keeps up.
