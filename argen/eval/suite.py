@@ -118,12 +118,20 @@ class PairScorer:
         self.pair_stats = feature_statistics(_pairs(self.reference.numpy(), reference_text))
         self.radii = knn_radii(self.reference, settings.k)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The judge CLIP's features of images (N, 3, R, R) in [-1, 1] -> (N, D) float64."""
+        return self.clip.encode_images(images).double()
+
     def score(self, images: torch.Tensor, caption_index: torch.Tensor, *, true_index: torch.Tensor | None = None
               ) -> dict[str, Any]:
         """images (N, 3, R, R) in [-1, 1], image i scored against caption caption_index[i]; true_index (the floor):
         the caption image i really shows, kept out of its R-precision distractors."""
+        return self.score_features(self.encode(images), caption_index, true_index=true_index)
+
+    def score_features(self, feats: torch.Tensor, caption_index: torch.Tensor, *,
+                       true_index: torch.Tensor | None = None) -> dict[str, Any]:
+        """`score` on images already encoded (`encode`), so that one set of images scored twice is encoded once."""
         s = self.settings
-        feats = self.clip.encode_images(images).double()  # (N, D)
         text = self.text[caption_index]
         boot = PromptBootstrap(caption_index.tolist(), n_boot=s.n_boot, seed=s.seed)
         hits = self.hits(feats, caption_index, true_index=true_index)
@@ -131,7 +139,7 @@ class PairScorer:
         pairs = _pairs(feats_np, text.numpy())
         precision_hits = within_manifold(feats, self.reference, self.radii)
         return {
-            "images": len(images),
+            "images": len(feats),
             "r_precision": _iv(boot.mean(hits.astype(np.float64)), 100),
             "clip_score": _iv(boot.mean(clip_scores(feats.float(), text.float()))),
             "frechet_images": _iv(boot.interval(
@@ -142,21 +150,18 @@ class PairScorer:
             "recall": 100 * precision_recall(self.reference, feats, k=s.k)[1],
         }
 
-
-
     def hits(self, feats: torch.Tensor, caption_index: torch.Tensor, *, true_index: torch.Tensor | None = None
              ) -> np.ndarray:
         """R-precision hit (0/1) of each image's judge-CLIP features against its caption (see `score`)."""
         s = self.settings
         return r_precision_hits(feats, caption_index, self.text, candidates=s.candidates, exclude=true_index, seed=s.seed)
 
-    def paired_r_precision_gain(self, images: torch.Tensor, baseline: torch.Tensor, caption_index: torch.Tensor
+    def paired_r_precision_gain(self, feats: torch.Tensor, baseline: torch.Tensor, caption_index: torch.Tensor
                                 ) -> dict[str, float]:
-        """R-precision of `images` minus that of `baseline` (the same captions, row for row), in points, with a
-        prompt-bootstrap interval of the paired difference."""
+        """R-precision of the images with features `feats` minus that of `baseline`'s (`encode`; the same captions,
+        row for row), in points, with a prompt-bootstrap interval of the paired difference."""
         s = self.settings
-        gain = np.subtract(*(self.hits(self.clip.encode_images(x).double(), caption_index).astype(np.float64)
-                             for x in (images, baseline)))
+        gain = np.subtract(*(self.hits(f, caption_index).astype(np.float64) for f in (feats, baseline)))
         return _iv(PromptBootstrap(caption_index.tolist(), n_boot=s.n_boot, seed=s.seed).mean(gain), 100)
 
 
@@ -207,10 +212,11 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
         draws = gen.images.unflatten(0, (len(own), per * settings.rerank))  # (P, draws, 3, R, R)
         first_draws = draws[:, :per].flatten(0, 1)  # draw k of a prompt does not depend on how many are drawn
         index = own.repeat_interleave(per)
-        row = {"generated": scorer.score(first_draws, index),
-               "real (ceiling)": scorer.score(cset.images, own),
-               "shuffled captions (floor)": scorer.score(cset.images, shuffled(len(own), seed=settings.seed),
-                                                         true_index=own),
+        real, first_feats = scorer.encode(cset.images), scorer.encode(first_draws)
+        row = {"generated": scorer.score_features(first_feats, index),
+               "real (ceiling)": scorer.score_features(real, own),
+               "shuffled captions (floor)": scorer.score_features(real, shuffled(len(own), seed=settings.seed),
+                                                                  true_index=own),
                "candidates": min(settings.candidates, len(cset.captions))}
         row["chance r_precision"] = 100 / row["candidates"]
         columns = {"generated": first_draws}
@@ -220,13 +226,14 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
             sims = clip_similarity(rerank_clip, gen.prompts, gen.images).view(len(own), -1)
             keep = sims.topk(per, dim=1).indices  # (P, per): the best `per` of each prompt's draws
             columns["reranked"] = draws[own[:, None], keep].flatten(0, 1)
-            row["reranked"] = scorer.score(columns["reranked"], index)
-            row["reranked r_precision gain"] = scorer.paired_r_precision_gain(columns["reranked"], first_draws, index)
+            reranked = scorer.encode(columns["reranked"])
+            row["reranked"] = scorer.score_features(reranked, index)
+            row["reranked r_precision gain"] = scorer.paired_r_precision_gain(reranked, first_feats, index)
         if dataset.split(":")[0] == "shapes":
             from argen.eval.generation import judge_images
 
-            verdicts = np.array([r.correct for r in judge_images(list(map(cset.captions.__getitem__, index)),
-                                                                 first_draws)], dtype=np.float64)
+            verdicts = np.array([r.correct for r in judge_images([cset.captions[i] for i in index], first_draws)],
+                                dtype=np.float64)
             row["shapes judge"] = _iv(PromptBootstrap(index.tolist(), n_boot=settings.n_boot, seed=settings.seed)
                                       .mean(verdicts), 100)
         report["splits"][split] = row
