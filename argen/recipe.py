@@ -293,26 +293,20 @@ def run_recipe(out: str | Path, *, dataset: str = "shapes", resolution: int = 32
     end(start, 4)
 
     i = 5
-    clip_dir = None
-    if clip_exp is not None:
+    clip_dirs: dict[str, Path] = {}  # the judge CLIP, then the rerank CLIP: one stage each, where asked for
+    for name, exp in (("judge_clip", clip_exp), ("rerank_clip", rerank_exp)):
+        if exp is None:
+            continue
         from argen.tasks.clip import CLIP_DIR, train_clip
 
         start = begin(i)
-        clip_run = Path(clip_exp.train.out_dir)
-        clip_dir = clip_run / "final" / CLIP_DIR
-        _train_stage(records, "judge_clip", {"config": to_dict(clip_exp)}, run_dir=clip_run, product=clip_dir,
-                     train_fn=train_clip, experiment=clip_exp)
+        run_dir = Path(exp.train.out_dir)
+        clip_dirs[name] = run_dir / "final" / CLIP_DIR
+        _train_stage(records, name, {"config": to_dict(exp)}, run_dir=run_dir, product=clip_dirs[name],
+                     train_fn=train_clip, experiment=exp)
         end(start, i)
         i += 1
-    rerank_dir = None
-    if rerank_exp is not None:
-        start = begin(i)
-        rerank_run = Path(rerank_exp.train.out_dir)
-        rerank_dir = rerank_run / "final" / CLIP_DIR
-        _train_stage(records, "rerank_clip", {"config": to_dict(rerank_exp)}, run_dir=rerank_run, product=rerank_dir,
-                     train_fn=train_clip, experiment=rerank_exp)
-        end(start, i)
-        i += 1
+    clip_dir, rerank_dir = clip_dirs.get("judge_clip"), clip_dirs.get("rerank_clip")
 
     start = begin(i)
     pipe = Pipeline.load(pipeline_dir)
