@@ -30,6 +30,18 @@ DECODE_SHAPES = ((16, 8, 48, 64), (16, 8, 160, 64), (16, 8, 288, 64))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def best_mean_seconds(run, reps: int) -> float:
+    """One warm-up call of `run`, then the best of 3 means over `reps` calls, in seconds."""
+    run()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            run()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
 def time_backend(shape: tuple[int, int, int, int], dtype: torch.dtype, backend: str, *, reps: int, seed: int) -> float:
     """Best-of-3 mean milliseconds of one causal forward + backward."""
     g = torch.Generator().manual_seed(seed)
@@ -38,14 +50,7 @@ def time_backend(shape: tuple[int, int, int, int], dtype: torch.dtype, backend: 
     def run() -> None:
         attention(q, k, v, backend=backend, causal=True).float().sum().backward()
 
-    run()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            run()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return best * 1e3
+    return best_mean_seconds(run, reps) * 1e3
 
 
 @torch.inference_mode()
@@ -56,14 +61,7 @@ def time_decode(shape: tuple[int, int, int, int], dtype: torch.dtype, backend: s
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(rows, heads, 1, dim, generator=g).to(dtype)
     k, v = (torch.randn(rows, heads, keys + 64, dim, generator=g).to(dtype)[:, :, :keys] for _ in range(2))
-    attention(q, k, v, backend=backend, causal=True)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps * 20):
-            attention(q, k, v, backend=backend, causal=True)
-        best = min(best, (time.perf_counter() - start) / (reps * 20))
-    return best * 1e6
+    return best_mean_seconds(lambda: attention(q, k, v, backend=backend, causal=True), reps * 20) * 1e6
 
 
 def to_markdown(rows: list[dict], decode: list[dict], command: str, machine: str) -> str:
