@@ -3,6 +3,7 @@ pipeline with a tiny judge CLIP, written and read back."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -165,3 +166,6 @@ def test_reranking_keeps_the_first_draws_and_adds_the_best_of_n_by_another_clip(
                           rerank_clip=ClipEncoder.load(judge))
     with pytest.raises(ValueError, match="needs a rerank CLIP"):
         evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=judge_clip, settings=settings)
+    with pytest.raises(ValueError, match=r"was given without reranking: give --rerank N \(N > 1\)"):
+        evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=judge_clip,
+                          settings=dataclasses.replace(settings, rerank=1), rerank_clip=near_judge)

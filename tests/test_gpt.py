@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import itertools
 import json
 import math
@@ -15,6 +16,8 @@ from argen.model.gpt import apply_rope, rope_positions, rope_tables
 from argen.model.inference import BF16Linear, PackedLinear, bf16_blocks, pack_for_cpu
 from argen.model.onednn import ONEDNN_MIN_MACS, WGRAD_BLAS_ROWS, Linear, onednn_available, use_onednn_linears
 from tokenizers_img.config import from_dict, to_dict
+
+gpt_module = importlib.import_module("argen.model.gpt")
 
 
 def tiny(**kw) -> GPTConfig:
@@ -66,6 +69,40 @@ def test_cached_decoding_equals_full_forward(backend, n_kv_head, abs_pos_emb, co
         bounds = [0, 3, 4, 9, cfg.block_size]
         chunks = [model(idx[:, a:b], cache=cache, start=a) for a, b in itertools.pairwise(bounds)]
         torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_the_cache_grows_in_chunks_and_a_decode_step_reads_its_whole_contiguous_capacity(monkeypatch, backend,
+                                                                                         mask_padding):
+    monkeypatch.setattr(gpt_module, "KV_CHUNK", 3)
+    cfg = tiny(attn_backend=backend, mask_padding=mask_padding, pad_id=0)
+    model, idx = model_of(cfg), tokens(cfg)
+    idx[0, 2] = 0  # a pad in row 0's caption
+    seen = []  # (keys, contiguous) of each one-query attention call
+    real_attention = gpt_module.attention
+
+    def spy(q, k, v, **kw):
+        if q.shape[2] == 1:
+            seen.append((k.shape[2], k.is_contiguous() and v.is_contiguous()))
+        return real_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(gpt_module, "attention", spy)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.allocate(cfg, 2)
+        assert cache.capacity == 3
+        steps = [model(idx[:, : cfg.prefix_len], cache=cache, start=0)]
+        capacities = [cache.capacity]
+        for t in range(cfg.prefix_len, cfg.block_size):
+            steps.append(model(idx[:, t : t + 1], cache=cache, start=t))
+            capacities.append(cache.capacity)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert capacities == [6, 6, 9, 9, 9, 12, 12, 12, 15, 15, 15, 16]  # whole chunks up to block_size = 16
+    assert seen == [(c, True) for c in capacities[1:] for _ in range(cfg.n_layer)]
+    assert cache.rows(torch.tensor([1])).capacity == 16 and cache.rows(torch.tensor([1])).max_length == 16
+    with pytest.raises(ValueError, match="the KVCache holds at most 16 positions, asked for 17"):
+        cache.reserve(17)
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))

@@ -249,6 +249,9 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
 
 def _check_rerank(settings: EvalSettings, rerank_clip, judge_clip) -> None:
     if settings.rerank == 1:
+        if rerank_clip is not None:
+            raise ValueError(f"a rerank CLIP ({rerank_clip.source}) was given without reranking: give --rerank N (N > 1) "
+                             "to also score the best of N draws per caption, or leave out --rerank-clip.")
         return
     if rerank_clip is None:
         raise ValueError(f"rerank={settings.rerank} needs a rerank CLIP (--rerank-clip): a CLIP trained separately "

@@ -62,8 +62,7 @@ def resolve_backend(backend: str, device: torch.device | str, *, q_len: int | No
     (measured in docs/speed.md):
     - one query (q_len=1, KV-cache decode): "math" is two batched matrix-vector products (which Inductor fuses),
       while the CPU flash kernel is tuned for blocks of queries. Eager decoding over a bf16 cache runs "sdpa" on a
-      CPU with AMX (`cpu_flash_decodes_bf16`), where `math`'s batched matmuls would first copy each layer's bf16 keys
-      and values; without AMX the flash kernel's bf16 path is the slower one;
+      CPU with AMX (`cpu_flash_decodes_bf16`); without AMX the flash kernel's bf16 path is the slower one;
     - bf16 (q in bf16, or bf16 autocast) with at most CPU_BF16_MATH_MAX_KEYS keys, when `grad` (a backward may
       follow): the CPU flash kernel's bf16 backward is slow at short sequences (`python
       benchmarks/attention_backends.py`). In float32, and forward only (sampling), it keeps up.
@@ -184,8 +183,6 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, ma
     Hkv, Tk = k.shape[1], k.shape[2]
     G = H // Hkv
     q = (q * (1.0 / math.sqrt(D))).reshape(B, Hkv, G * Tq, D)  # head h reads key/value head h // G
-    if Tq == 1:  # decode: the keys as the left operand, (Tk, D) @ (D, G), streamed row by row
-        return _decode_math(q, k, v, mask=mask, dropout_p=dropout_p).view(B, H, Tq, D)
     scores = q @ k.transpose(-2, -1)  # (B, Hkv, G*Tq, Tk)
     if mask is not None:
         scores = scores.view(B, Hkv, G, Tq, Tk).masked_fill(~mask[:, :, None], float("-inf")).view(B, Hkv, G * Tq, Tk)
@@ -196,20 +193,3 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, ma
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     return (weights @ v).view(B, H, Tq, D)
-
-
-def _decode_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
-                 dropout_p: float) -> torch.Tensor:
-    """One query per head against a KV cache: q (B, Hkv, G, D) already scaled, k and v (B, Hkv, Tk, D) -> (B, Hkv, G, D);
-    mask (B, 1, 1, Tk): the keys it may read (None: all).
-
-    The scores are k @ q^T, (Tk, D) @ (D, G), rather than q @ k^T: the batched GEMMs then read each cache row once in
-    memory order, which makes the decode step faster, the more so with a bfloat16 cache, whose q @ k^T products are
-    slow on the CPU (docs/speed.md)."""
-    scores = (k @ q.transpose(-2, -1)).transpose(-2, -1)  # (B, Hkv, G, Tk); contiguous when G = 1
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
-    if dropout_p > 0:
-        weights = F.dropout(weights, p=dropout_p)
-    return weights @ v

@@ -217,16 +217,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+# KVCache capacity grows in steps of this many positions (see KVCache).
+KV_CHUNK = 32
+
+
 @dataclass
 class KVCache:
-    """Preallocated keys and values of every layer, passed into `GPT.forward`; the model never keeps state.
+    """Keys and values of every layer, passed into `GPT.forward`; the model never keeps state.
 
-    k, v: one (B, n_kv_head, block_size + 1, head_dim) tensor per layer. `forward(idx, cache=c, start=s)` writes
-    positions [s, s + T) and attends to [0, s + T), so positions [0, s) must have been written by earlier calls.
-    Each layer owns its tensor (no shared base) and one position is spare, so the attended keys are always a strided
-    slice: an Inductor-compiled decode step (`pack_for_cpu(model, compile=True)`) then writes the new position in
-    place and keeps one graph for every step (a view of one all-layer tensor made it copy that tensor on every
-    write, and the full-length slice of the last step recompiled).
+    k, v: one contiguous (B, n_kv_head, capacity, head_dim) tensor per layer. `forward(idx, cache=c, start=s)` writes
+    positions [s, s + T) and attends to [0, s + T), so positions [0, s) must have been written by earlier calls. The
+    capacity grows in steps of KV_CHUNK positions (`reserve`, which forward calls) up to block_size: a one-token decode
+    step on the CPU then reads the whole contiguous tensor with the unwritten tail masked (`GPT.forward`), because
+    oneDNN's batched matmuls copy a strided slice of a longer tensor on every call (docs/speed.md). Each layer owns
+    its tensor (no shared base), so an Inductor-compiled decode step (`pack_for_cpu(model, compile=True)`) writes
+    the new position in place.
     A cache in a narrower dtype than the model (bfloat16 under float32 weights) stores keys and values rounded
     to it and runs the attention products in it (softmax still in float32): it halves the cache's memory traffic,
     which at batch 16 is as large as the weights' (benchmarks/sampling.py).
@@ -235,6 +240,7 @@ class KVCache:
     k: tuple[torch.Tensor, ...]
     v: tuple[torch.Tensor, ...]
     visible: torch.Tensor | None = None  # (B, block_size + 1) bool: False where a masked pad was written
+    max_length: int | None = None  # the capacity `reserve` grows to at most (None: the current one)
 
     @classmethod
     def allocate(
@@ -242,15 +248,36 @@ class KVCache:
     ) -> KVCache:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        shape = (batch_size, config.kv_heads, config.block_size + 1, config.head_dim)
+        shape = (batch_size, config.kv_heads, min(KV_CHUNK, config.block_size), config.head_dim)
         visible = torch.ones(batch_size, config.block_size + 1, dtype=torch.bool, device=device) if config.mask_padding else None
         return cls(*(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)) for _ in "kv"),
-                   visible=visible)
+                   visible=visible, max_length=config.block_size)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Grow every layer's tensors (a copy) to hold positions [0, length), in whole KV_CHUNKs up to max_length."""
+        if length <= self.capacity:
+            return
+        limit = self.capacity if self.max_length is None else self.max_length
+        if length > limit:
+            raise ValueError(f"the KVCache holds at most {limit} positions, asked for {length}.")
+        grown = min(-(-length // KV_CHUNK) * KV_CHUNK, limit)
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty(*t.shape[:2], grown, t.shape[3])
+            out[:, :, : t.shape[2]] = t
+            out[:, :, t.shape[2] :] = 0  # masked, but finite: a masked weight of 0 times NaN would still be NaN
+            return out
+
+        self.k, self.v = tuple(map(grow, self.k)), tuple(map(grow, self.v))
 
     def rows(self, index: torch.Tensor) -> KVCache:
         """A cache of the rows `index` (B',) only (a copy)."""
         return KVCache(tuple(k[index] for k in self.k), tuple(v[index] for v in self.v),
-                       None if self.visible is None else self.visible[index])
+                       None if self.visible is None else self.visible[index], self.max_length)
 
     @property
     def batch_size(self) -> int:
@@ -297,7 +324,8 @@ class SelfAttention(nn.Module):
         start: int | RowPositions = 0,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """mask: bool (B, 1, T, keys) in place of the causal (or RowPositions) one: see `GPT._padding_mask`."""
+        """mask: bool (B, 1, T, keys) in place of the causal (or RowPositions) one (`GPT._padding_mask`); with a cache
+        its keys may run past start + T, over the cache's masked tail (a CPU decode step, see KVCache)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D)
@@ -313,10 +341,11 @@ class SelfAttention(nn.Module):
             k, v, mask = cache_k[:, :, : start.end], cache_v[:, :, : start.end], start.mask if mask is None else mask
             q = q.to(k.dtype)
         elif cache is not None:
-            cache_k, cache_v = cache  # (B, Hkv, block_size + 1, D), possibly in a narrower dtype than x (see KVCache)
+            cache_k, cache_v = cache  # (B, Hkv, capacity, D), possibly in a narrower dtype than x (see KVCache)
             cache_k[:, :, start : start + T] = k
             cache_v[:, :, start : start + T] = v
-            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, Hkv, start + T, D)
+            keys = start + T if mask is None else mask.shape[-1]  # a CPU decode step's mask covers the whole capacity
+            k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]  # (B, Hkv, keys, D)
             q = q.to(k.dtype)
         y = attention(q, k, v, backend=self.backend, causal=mask is None, mask=mask,
                       dropout_p=self.dropout if self.training else 0.0)
@@ -455,14 +484,20 @@ class GPT(PretrainedMixin, nn.Module):
         cos = self.rope_cos[start : start + T].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
         sin = self.rope_sin[start : start + T].unsqueeze(1)
         pos = self.pos_emb.weight[start : start + T] if self.pos_emb is not None else None
+        # a one-token CPU decode step reads the cache's whole contiguous capacity, its unwritten tail masked (KVCache)
+        padded_decode = cache is not None and T == 1 and idx.device.type == "cpu"
+        if cache is not None:
+            cache.reserve(start + T)
+        keys = torch.arange(cache.capacity if padded_decode else start + T, device=idx.device)
         mask = None
         if self.config.mask_padding:
-            keys = torch.arange(start + T, device=idx.device)
             visible = idx != self.config.pad_id  # (B, T)
             if cache is not None:
                 cache.visible[:, start : start + T] = visible
-                visible = cache.visible[:, : start + T]
-            mask = self._padding_mask(visible, keys[None, start:], keys)
+                visible = cache.visible[:, : len(keys)]
+            mask = self._padding_mask(visible, keys[None, start : start + T], keys)
+        elif padded_decode:
+            mask = (keys <= start).expand(B, 1, 1, len(keys))
         return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from, targets=targets,
                          mask=mask)
 
@@ -491,6 +526,7 @@ class GPT(PretrainedMixin, nn.Module):
         if rows.index.shape != idx.shape or int(rows.index.min()) < 0 or rows.end > self.config.block_size:
             raise ValueError(f"RowPositions {tuple(rows.index.shape)} must match idx {tuple(idx.shape)} and lie in "
                              f"[0, block_size={self.config.block_size}), got [{int(rows.index.min())}, {rows.end}).")
+        cache.reserve(rows.end)
         cos = self.rope_cos[rows.index].unsqueeze(2)  # (B, T, 1, D/2), broadcast over heads
         sin = self.rope_sin[rows.index].unsqueeze(2)
         pos = self.pos_emb(rows.index) if self.pos_emb is not None else None

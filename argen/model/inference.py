@@ -79,10 +79,13 @@ class CompiledDecoding(nn.Module):
                 or isinstance(start, RowPositions)):
             return self.gpt(idx, cache=cache, start=start, logits_from=logits_from)
         import torch._inductor.config as inductor_config
+        import torch.fx.experimental._config as fx_config
 
         # freezing is read when a graph is compiled, which may happen on any step (a new batch size or cache dtype);
-        # torch.compile(options={"freezing": True}) did not freeze (the step ran slower than eager)
-        with inductor_config.patch(freezing=True):
+        # torch.compile(options={"freezing": True}) did not freeze (the step ran slower than eager). Without duck
+        # sizing, a cache capacity that equals the number of rows at the first step does not cost a second graph.
+        cache.reserve(start + 1)  # grown eagerly: the compiled step only writes in place
+        with inductor_config.patch(freezing=True), fx_config.patch(use_duck_shape=False):
             return self.step(idx, cache=cache, start=start)
 
 
