@@ -573,7 +573,7 @@ def test_masked_padding_keeps_cached_decoding_equal_to_the_full_forward():
         steps.append(model(seq[:, t : t + 1], cache=cache, start=t))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert not cache.visible[0, 3:7].any() and cache.visible[0, :3].all() and cache.visible[:, 7:].all()
-    assert cache.rows(torch.tensor([1])).visible.shape == (1, cfg.block_size + 1)
+    assert cache.rows(torch.tensor([1])).visible.shape == (1, cfg.block_size)
 
 
 def test_positions_are_checked():

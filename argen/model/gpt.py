@@ -239,7 +239,7 @@ class KVCache:
 
     k: tuple[torch.Tensor, ...]
     v: tuple[torch.Tensor, ...]
-    visible: torch.Tensor | None = None  # (B, block_size + 1) bool: False where a masked pad was written
+    visible: torch.Tensor | None = None  # (B, block_size) bool: False where a masked pad was written
     max_length: int | None = None  # the capacity `reserve` grows to at most (None: the current one)
 
     @classmethod
@@ -249,7 +249,7 @@ class KVCache:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         shape = (batch_size, config.kv_heads, min(KV_CHUNK, config.block_size), config.head_dim)
-        visible = torch.ones(batch_size, config.block_size + 1, dtype=torch.bool, device=device) if config.mask_padding else None
+        visible = torch.ones(batch_size, config.block_size, dtype=torch.bool, device=device) if config.mask_padding else None
         return cls(*(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)) for _ in "kv"),
                    visible=visible, max_length=config.block_size)
 
