@@ -18,7 +18,7 @@ import torch
 
 from argen.host import host_info
 from argen.model.attention import CPU_BF16_MATH_MAX_KEYS, attention, resolve_backend
-from argen.model.gpt import KV_CHUNK
+from argen.model.gpt import KV_CHUNK, kv_capacity
 from tokenizers_img.serialization import atomic_write_bytes
 
 # (batch, heads, tokens, head_dim): the demo GPT (4 heads, 93 tokens), the sampling benchmark's training model
@@ -59,7 +59,7 @@ def time_decode(shape: tuple[int, int, int, int], dtype: torch.dtype, backend: s
     """Best-of-3 mean microseconds of one query per row against `keys` cached positions, as the sampler's CPU decode
     step passes them: the KV cache's whole contiguous capacity (whole KV_CHUNKs) with the unwritten tail masked."""
     rows, heads, keys, dim = shape
-    capacity = -(-keys // KV_CHUNK) * KV_CHUNK
+    capacity = kv_capacity(keys)
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(rows, heads, 1, dim, generator=g).to(dtype)
     k, v = (torch.randn(rows, heads, capacity, dim, generator=g).to(dtype) for _ in range(2))

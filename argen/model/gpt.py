@@ -221,6 +221,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 KV_CHUNK = 32
 
 
+def kv_capacity(length: int) -> int:
+    """The capacity a KVCache grows to for `length` positions: whole KV_CHUNKs (before the block_size cap)."""
+    return -(-length // KV_CHUNK) * KV_CHUNK
+
+
 @dataclass
 class KVCache:
     """Keys and values of every layer, passed into `GPT.forward`; the model never keeps state.
@@ -264,7 +269,7 @@ class KVCache:
         limit = self.capacity if self.max_length is None else self.max_length
         if length > limit:
             raise ValueError(f"the KVCache holds at most {limit} positions, asked for {length}.")
-        grown = min(-(-length // KV_CHUNK) * KV_CHUNK, limit)
+        grown = min(kv_capacity(length), limit)
 
         def grow(t: torch.Tensor) -> torch.Tensor:
             out = t.new_empty(*t.shape[:2], grown, t.shape[3])
@@ -488,16 +493,17 @@ class GPT(PretrainedMixin, nn.Module):
         padded_decode = cache is not None and T == 1 and idx.device.type == "cpu"
         if cache is not None:
             cache.reserve(start + T)
-        keys = torch.arange(cache.capacity if padded_decode else start + T, device=idx.device)
         mask = None
-        if self.config.mask_padding:
-            visible = idx != self.config.pad_id  # (B, T)
-            if cache is not None:
-                cache.visible[:, start : start + T] = visible
-                visible = cache.visible[:, : len(keys)]
-            mask = self._padding_mask(visible, keys[None, start : start + T], keys)
-        elif padded_decode:
-            mask = (keys <= start).expand(B, 1, 1, len(keys))
+        if self.config.mask_padding or padded_decode:
+            keys = torch.arange(cache.capacity if padded_decode else start + T, device=idx.device)
+            if not self.config.mask_padding:
+                mask = (keys <= start).expand(B, 1, 1, len(keys))
+            else:
+                visible = idx != self.config.pad_id  # (B, T)
+                if cache is not None:
+                    cache.visible[:, start : start + T] = visible
+                    visible = cache.visible[:, : len(keys)]
+                mask = self._padding_mask(visible, keys[None, start : start + T], keys)
         return self._run(idx, cos, sin, pos, cache=cache, start=start, logits_from=logits_from, targets=targets,
                          mask=mask)
 
