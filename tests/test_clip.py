@@ -3,6 +3,8 @@ retrieval metric invariants, shapes caption consistency, a tiny training run and
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 from pathlib import Path
 
@@ -116,6 +118,35 @@ def test_load_rejects_a_directory_that_is_not_a_clip(tmp_path):
     (tmp_path / "x/config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ClipError, match="model_type='gpt2'"):
         ClipEncoder.load(tmp_path / "x")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_argen_attention_gives_transformers_eager_outputs_and_gradients(monkeypatch, tmp_path, bpe, backend):
+    attention_module = importlib.import_module("argen.model.attention")
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda *args, **kwargs: backend)
+    config = tiny_config()
+    config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = 2
+    clip = ClipEncoder.build(config, bpe, text_len=20, seed=0)  # runs argen's attention
+    assert clip.model.config._attn_implementation == "argen"
+    reference = copy.deepcopy(clip.model)
+    reference.set_attn_implementation("eager")
+    ids, mask = clip.tokenize(CAPTIONS)
+    pixels = clip.pixel_values(images(4))
+    for padding in (None, mask.long()):  # our BPE pools causally without a mask; a pretrained CLIP passes one
+        outs = []
+        for model in (clip.model.train(), reference.train()):
+            model.zero_grad()
+            out = model(input_ids=ids, pixel_values=pixels, attention_mask=padding, return_loss=True)
+            out.loss.backward()
+            outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (ours, our_grads), (ref, ref_grads) = outs
+        torch.testing.assert_close(ours.text_embeds, ref.text_embeds, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.image_embeds, ref.image_embeds, atol=1e-5, rtol=1e-5)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    clip.save(tmp_path / "clip")  # the implementation is not written: plain transformers loads the saved model
+    assert "argen" not in (tmp_path / "clip/model/config.json").read_text()
+    assert CLIPModel.from_pretrained(tmp_path / "clip/model").config._attn_implementation != "argen"
 
 
 # ----------------------------------------------------------------------------------------------- loss

@@ -193,3 +193,34 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, ma
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     return (weights @ v).view(B, H, Tq, D)
+
+
+HF_ATTENTION = "argen"  # the name `use_argen_attention` registers with transformers' AttentionInterface
+
+
+def _hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract over `attention`: q, k, v (B, H, T, D) and the bool mask of
+    `sdpa_mask` (or None) in, (B, Tq, H, D) out, so a Hugging Face model gets the backend rule of `resolve_backend`."""
+    if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5, rel_tol=1e-6):
+        raise ValueError(f"{type(module).__name__} scales attention by {scaling}, not 1/sqrt(head_dim): "
+                         "argen's attention supports only the standard scale; load the model with attn_implementation='sdpa'.")
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    mask = None if attention_mask is None else attention_mask.expand(B, 1, Tq, Tk)
+    out = attention(query, key, value, causal=bool(causal) and mask is None and Tq > 1, mask=mask,
+                    dropout_p=dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_argen_attention(model: torch.nn.Module) -> None:
+    """Run a transformers model's attention (a CLIPModel, say) through `attention` with backend "auto", in place:
+    on the CPU in bf16 the short sequences of a small CLIP run the math path, whose backward is faster there than the
+    flash kernel's (docs/speed.md). Masks are built as for sdpa (bool, True = attend). Weights are untouched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(HF_ATTENTION, _hf_attention_forward)
+    AttentionMaskInterface.register(HF_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(HF_ATTENTION)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from argen.model.attention import use_argen_attention
 from argen.model.onednn import use_onednn_linears
 from argen.saved import SavedDirError, trained_with
 from argen.text import TOKENIZER_FILE, TextTokenizer
@@ -73,12 +74,13 @@ class ClipEncoder:
     to the vision tower's size and normalised by the CLIP's pixel mean and std here.
 
     The model's `nn.Linear` layers are swapped in place for `argen.model.onednn.Linear` (same parameters) so CPU fp32
-    GEMMs run on oneDNN.
+    GEMMs run on oneDNN, and its attention runs through `argen.model.attention.attention` (`use_argen_attention`).
     """
 
     def __init__(self, model, tokenizer, *, text_len: int, image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, ...] = (0.5, 0.5, 0.5), source: str = "<memory>") -> None:
         use_onednn_linears(model)  # in place, same parameters: CPU fp32 GEMMs on oneDNN (a no-op elsewhere)
+        use_argen_attention(model)  # argen's attention rule (math for short bf16 sequences on the CPU, else sdpa)
         self.model = model.eval()
         self.tokenizer = tokenizer  # argen.text.TextTokenizer (ours) or a transformers tokenizer (pretrained)
         self.text_len = int(text_len)
