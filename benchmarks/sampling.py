@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the `ours compiled` sampler (pack_for_cpu(compile=True))")
     parser.add_argument("--bf16", action="store_true",
                         help="also time bf16 sampling (ours and HF) where bf16 is not native (it is timed where it is)")
+    parser.add_argument("--no-native-bf16", action="store_true",
+                        help="time as on a CPU without native bf16 (the float32 default); run with ONEDNN_MAX_CPU_ISA=AVX2 "
+                             "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 to emulate an AVX2-only host")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/sampling"))
     args = parser.parse_args(argv)
@@ -287,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     n_ours, n_hf = ours.num_params(), sum(p.numel() for p in hf.parameters())
     weight_bytes = 4 * (n_ours - ours.tok_emb.weight.numel())  # every matmul weight; the embedding is a row lookup
     assert n_ours == n_hf, f"parameter counts differ: ours {n_ours}, HF {n_hf}"
-    bf16 = native_bf16("cpu") or args.bf16  # what `argen sample --precision auto` picks on this host
-    default = "ours bf16" if native_bf16("cpu") else "ours packed"
+    native = native_bf16("cpu") and not args.no_native_bf16  # what `argen sample --precision auto` picks on this host
+    bf16 = native or args.bf16
+    default = "ours bf16" if native else "ours packed"
     models = {"ours": (ours, None)}
     hfs = {"hf": hf, **({"hf bf16": copy.deepcopy(hf).to(torch.bfloat16)} if bf16 else {})}
     pack_s = float("nan")
@@ -328,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks.append(measure_peak_matmul(n=args.peak_n, reps=10))
     peak = {name: max(p[name] for p in peaks) for name in peaks[0]}  # the best seen: contention only lowers it
     payload = {
-        "command": command, "machine": f"{cpu_model()} ({', '.join(cpu_extensions())}), {os.cpu_count()} CPUs",
+        "command": command, "machine": f"{cpu_model()} ({', '.join(cpu_extensions())}), {os.cpu_count()} CPUs, torch kernels "
+                   f"{torch.backends.cpu.get_cpu_capability()}, oneDNN ISA cap {os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}",
         "default": default,
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
         "sampling_model": f"{args.n_layer} layers x {args.n_embd} dims, {args.n_head} heads, FFN {cfg.ffn_dim}, "
