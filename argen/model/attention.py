@@ -204,13 +204,12 @@ def _hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     """transformers' attention-function contract over `attention`: q, k, v (B, H, T, D) and the bool mask of
     `sdpa_mask` (or None) in, (B, Tq, H, D) out, so a Hugging Face model gets the backend rule of `resolve_backend`."""
     if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5, rel_tol=1e-6):
-        raise ValueError(f"{type(module).__name__} scales attention by {scaling}, not 1/sqrt(head_dim): "
-                         "argen's attention supports only the standard scale; load the model with attn_implementation='sdpa'.")
+        raise ValueError(f"{type(module).__name__} scales attention by {scaling}: argen's attention takes only the "
+                         "standard 1/sqrt(head_dim).")
     B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     mask = None if attention_mask is None else attention_mask.expand(B, 1, Tq, Tk)
-    out = attention(query, key, value, causal=bool(causal) and mask is None and Tq > 1, mask=mask,
-                    dropout_p=dropout if module.training else 0.0)
+    out = attention(query, key, value, causal=bool(causal) and mask is None, mask=mask, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
 
 
