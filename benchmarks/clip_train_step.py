@@ -33,7 +33,8 @@ SETTINGS = (
 )
 
 
-def build(experiment: CLIPExperiment, tokenizer, implementation: str, *, seed: int) -> ClipEncoder:
+def build(experiment: CLIPExperiment, tokenizer, implementation: str, *, seed: int) -> torch.nn.Module:
+    """The preset's freshly initialised CLIPModel, in train mode, on `implementation`'s attention."""
     config = experiment.model.clip_config(resolution=experiment.data.resolution, text_len=experiment.text_len)
     clip = ClipEncoder.build(config, tokenizer, text_len=experiment.text_len, seed=seed)  # argen attention
     if implementation != "argen":
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [{"setting": name, "seconds_per_step": min(times), "timings": times} for name, _, _, _, times in runs]
     reference_s = rows[0]["seconds_per_step"]
-    host = f"{cpu_model()} ({', '.join(cpu_extensions()) or 'no AVX-512'}), {args.threads} threads"
+    host = f"{cpu_model()} ({', '.join(cpu_extensions()) or 'no vector extensions listed'}), {args.threads} threads"
     m = experiment.model
     lines = [f"Command: `{command}`", "", f"Host: {host}, torch {torch.__version__}", "",
              f"`{args.config}`: vision {m.vision.layers} x {m.vision.width} ({(res // m.patch_size) ** 2 + 1} tokens), "
