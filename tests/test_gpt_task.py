@@ -194,6 +194,34 @@ def test_caption_dropout_and_text_weight(parts, tmp_path):
     assert torch.equal(weighted.image_acc, (predicted.argmax(-1) == batch["codes"] + layout.image_offset).float().mean())
 
 
+def test_input_noise_corrupts_the_inputs_only(parts, tmp_path):
+    """input_noise: the step replaces that share of the input codes with random codes; the targets stay clean."""
+    text = TextTokenizer.load(parts.text_file)
+    data = CaptionedCodes([str(parts.train)], text_tokenizer=text, text_len=8)
+    layout = SequenceLayout.from_parts(text, text_len=8, num_codes=32, image_grid=(4, 4))
+    batch = data.__getitems__(list(range(8)))
+    task = GPTTask(experiment_for(parts, tmp_path, "cond_drop_prob=0.0", "input_noise=0.5"), layout=layout,
+                   text_tokenizer=text, trained_with={})
+    gpt = task.gpt.eval()  # no dropout: the loss is a function of the inputs
+    seen = []
+    gpt.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    torch.manual_seed(3)
+    out = task.training_step(batch, modules={"gpt": gpt}, step=0)
+    fed = layout.image_codes(torch.cat([seen[0], torch.zeros_like(seen[0][:, :1])], dim=1))[:, :-1]
+    clean = batch["codes"][:, :-1]
+    changed = (fed != clean).float().mean()
+    assert 0.3 < float(changed) < 0.6  # half redrawn, a 32nd of them to the same code
+    torch.testing.assert_close(out.losses["gpt"], sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout,
+                                                                input_codes=torch.cat([fed, batch["codes"][:, -1:]], 1)).loss)
+    assert not torch.allclose(out.losses["gpt"], sequence_loss(gpt, batch["text_ids"], batch["codes"], layout=layout).loss)
+    with torch.no_grad():  # by hand: the log-probability of the clean targets given the noisy inputs
+        logp = gpt(seen[0]).float().log_softmax(-1)[:, layout.prefix_len - 1:]
+    by_hand = -logp.gather(-1, (batch["codes"] + layout.image_offset)[..., None]).mean()
+    torch.testing.assert_close(out.losses["gpt"], by_hand, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"input_noise must be in \[0, 1\), got 1.0"):
+        experiment_for(parts, tmp_path, "input_noise=1.0")
+
+
 def test_masked_padding_trains_on_the_used_text_columns_only_with_the_same_loss(parts, tmp_path):
     """model.mask_padding: the step leaves out the text columns that hold only pads in the batch; loss, accuracy and
     gradients are those of the full sequence."""

@@ -131,7 +131,9 @@ class GPTEvalConfig:
 @dataclass
 class GPTExperiment:
     """One GPT run. cond_drop_prob: share of training captions replaced by the empty caption (for CFG).
-    text_loss_weight: weight of text-token targets relative to image tokens (DALL-E style; 0 = image tokens only)."""
+    text_loss_weight: weight of text-token targets relative to image tokens (DALL-E style; 0 = image tokens only).
+    input_noise: share of the input image codes replaced by random codes in training (the targets stay clean), so
+    the GPT cannot lean on the codes before it alone and must read the caption."""
 
     model: GPTArchitecture
     data: GPTDataConfig
@@ -140,12 +142,15 @@ class GPTExperiment:
     eval: GPTEvalConfig = field(default_factory=GPTEvalConfig)
     cond_drop_prob: float = 0.1
     text_loss_weight: float = 0.0
+    input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}.")
         if self.text_loss_weight < 0:
             raise ValueError(f"text_loss_weight must be >= 0, got {self.text_loss_weight}.")
+        if not 0.0 <= self.input_noise < 1.0:
+            raise ValueError(f"input_noise must be in [0, 1), got {self.input_noise}.")
 
 
 class CaptionedCodes(torch.utils.data.Dataset):
@@ -259,15 +264,19 @@ class SequenceLoss:
 
 
 def sequence_loss(model: nn.Module, text_ids: Tensor, codes: Tensor, *, layout: SequenceLayout,
-                  text_loss_weight: float = 0.0, accuracy: bool = False, drop_padding: bool = False) -> SequenceLoss:
+                  input_codes: Tensor | None = None, text_loss_weight: float = 0.0, accuracy: bool = False,
+                  drop_padding: bool = False) -> SequenceLoss:
     """Cross-entropy of the GPT on [text | BOI | codes]: image targets weigh 1, text targets `text_loss_weight`,
     PAD targets 0. text_ids (B, text_len), codes (B, h*w) int64. The model gives the targets' log-probabilities
     (`GPT.forward(targets=...)`), none for the text positions without a text loss (text_loss is then 0).
     `accuracy` adds the argmax accuracy over image targets; the model then computes every logit (evaluation).
     `drop_padding` (a model with `GPTConfig.mask_padding`, no text loss): the text columns that hold only pads in this
-    batch are left out of the forward, which gives the same loss with less compute."""
+    batch are left out of the forward, which gives the same loss with less compute. `input_codes` (B, h*w): the codes
+    the inputs read, where they differ from the targets' `codes` (input noise in training)."""
     seq = layout.build(text_ids, codes, check=False)  # (B, seq_len); ids are checked once, at load time
     inputs, targets = layout.split(seq)
+    if input_codes is not None:
+        inputs = layout.split(layout.build(text_ids, input_codes, check=False)).inputs
     weights = layout.loss_weights(targets, text_loss_weight=text_loss_weight)
     first = layout.prefix_len - 1  # the first input position whose target is an image token
     positions = None
@@ -350,7 +359,12 @@ class GPTTask:
             drop = (torch.rand(text_ids.shape[0]) < p).to(text_ids.device)
             text_ids = torch.where(drop[:, None], torch.full_like(text_ids, self.layout.pad_id), text_ids)
             logs["cond_dropped"] = drop.float().mean()
-        out = sequence_loss(modules["gpt"], text_ids, codes, layout=self.layout,
+        input_codes = None
+        if self.experiment.input_noise > 0:  # from the global CPU RNG too, so a resumed run draws the same noise
+            noisy = (torch.rand(codes.shape) < self.experiment.input_noise).to(codes.device)
+            random_codes = torch.randint(self.layout.num_codes, codes.shape).to(codes.device)
+            input_codes = torch.where(noisy, random_codes, codes)
+        out = sequence_loss(modules["gpt"], text_ids, codes, layout=self.layout, input_codes=input_codes,
                             text_loss_weight=self.experiment.text_loss_weight, drop_padding=self.gpt.config.mask_padding)
         logs["image_loss"] = out.image_loss.detach()
         if self.experiment.text_loss_weight > 0:
