@@ -314,7 +314,7 @@ def test_training_lowers_the_loss_and_writes_a_pipeline(parts, tmp_path):
 
 
 def test_resume_gives_identical_weights(parts, tmp_path, monkeypatch):
-    args = ("train.max_steps=8", "train.save_every=4", "cond_drop_prob=0.5", "train.eval_every=0")
+    args = ("train.max_steps=8", "train.save_every=4", "cond_drop_prob=0.5", "input_noise=0.3", "train.eval_every=0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         straight = train_gpt(experiment_for(parts, tmp_path / "a", *args))
