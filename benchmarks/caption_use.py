@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("-o", "--out", required=True)
     args = ap.parse_args(argv)
+    if args.draws == 1:
+        ap.error("--draws 1 leaves nothing to rerank: give 0 (the classifier only) or at least 2.")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = claim_output_dir(args.out, kind="benchmark")

@@ -207,7 +207,7 @@ def test_input_noise_corrupts_the_inputs_only(parts, tmp_path):
     gpt.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     torch.manual_seed(3)
     out = task.training_step(batch, modules={"gpt": gpt}, step=0)
-    fed = layout.image_codes(torch.cat([seen[0], torch.zeros_like(seen[0][:, :1])], dim=1))[:, :-1]
+    fed = seen[0][:, layout.prefix_len:] - layout.image_offset  # the input codes: all but the last
     clean = batch["codes"][:, :-1]
     changed = (fed != clean).float().mean()
     assert 0.3 < float(changed) < 0.6  # half redrawn, a 32nd of them to the same code
