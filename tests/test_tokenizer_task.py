@@ -19,7 +19,7 @@ import argen.data.codes as codes_mod
 from argen.cli import main
 from argen.configs import presets, resolve
 from argen.data.codes import CodeShardDataset
-from argen.tasks.tokenizer import TokenizerExperiment, train_tokenizer
+from argen.tasks.tokenizer import TokenizerExperiment, TokenizerTask, train_tokenizer
 from tokenizers_img.config import ConfigError, load_config
 from tokenizers_img.serialization import pretrained_hash
 from tokenizers_img.vq_model import VQModel
@@ -48,6 +48,13 @@ def test_training_writes_a_loadable_tokenizer_and_whole_set_metrics(tiny_tokeniz
     ckpt = load_file(run / "checkpoints" / "step_00000020" / "module.vq.safetensors")
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt[k]), k
+
+
+def test_a_tokenizer_is_not_compiled_under_bf16_autocast_on_the_cpu():
+    task = TokenizerTask(load_config(TINY, TokenizerExperiment))
+    assert "zero gradients" in task.compile_problem(torch.device("cpu"), "bf16")
+    assert "train.mixed_precision=no" in task.compile_problem(torch.device("cpu"), "bf16")
+    assert task.compile_problem(torch.device("cpu"), "no") is None
 
 
 def test_resolution_is_typed_once():

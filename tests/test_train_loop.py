@@ -172,6 +172,23 @@ def test_compile_auto_trains_eagerly_where_inductor_cannot_and_true_refuses(tmp_
         train(ToyTask(), ToyData(), toy_config(tmp_path / "true", max_steps=3, compile=True))
 
 
+def test_a_task_can_keep_its_modules_eager_under_a_given_precision(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop_mod, "compile_problem", lambda device: None)  # as where Inductor compiles
+    asked = []
+
+    class Refuses(DeterminismProbe):
+        def compile_problem(self, device, mixed_precision):
+            asked.append((device.type, mixed_precision))
+            return "wrong gradients here" if mixed_precision == "bf16" else None
+
+    task = Refuses()
+    train(task, ToyData(), toy_config(tmp_path / "auto", max_steps=2, compile="auto", mixed_precision="bf16"))
+    assert asked == [("cpu", "bf16")] and task.seen and not any(task.seen)
+    assert "train.compile auto -> eager: wrong gradients here" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="train.compile=true: wrong gradients here"):
+        train(Refuses(), ToyData(), toy_config(tmp_path / "true", max_steps=2, compile=True, mixed_precision="bf16"))
+
+
 @pytest.mark.slow
 def test_a_compiled_run_is_deterministic_and_learns_what_eager_learns(tmp_path):
     from argen.host import compile_problem

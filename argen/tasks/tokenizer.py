@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from argen.data.registry import DatasetConfig, indexable
@@ -135,6 +136,15 @@ class TokenizerTask:
         device = next(iter(whole.values())).device
         self._disc_copy.to(device).load_state_dict(whole)
         return self._disc_copy
+
+    def compile_problem(self, device: torch.device, mixed_precision: str) -> str | None:
+        """Compiled under bf16 autocast on the CPU, the encoder and decoder got zero gradients (torch 2.13's
+        Inductor; `benchmarks/compiled_tokenizer_grads.py` checks a torch), so the tokenizer trains eagerly there."""
+        if device.type == "cpu" and mixed_precision == "bf16":
+            return ("compiled under bf16 autocast on the CPU, the tokenizer's encoder and decoder get zero gradients "
+                    "(an Inductor fault; python benchmarks/compiled_tokenizer_grads.py checks this torch); set "
+                    "train.mixed_precision=no to compile it, or train.compile=false")
+        return None
 
     def describe(self) -> str:
         parts = f"VQ {sum(p.numel() for p in self.vq.parameters()) / 1e6:.2f}M parameters"

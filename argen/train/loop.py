@@ -157,9 +157,10 @@ class StepOutput:
 class Task(Protocol):
     """What a model family provides to `train`.
 
-    Two optional methods are used when present: `describe() -> str`, a line the main process prints before the
-    first step (parameter counts, data sizes), and `report(result: TrainResult) -> dict`, keys the main process adds
-    to `metrics.json` at the end.
+    Three optional methods are used when present: `describe() -> str`, a line the main process prints before the
+    first step (parameter counts, data sizes); `report(result: TrainResult) -> dict`, keys the main process adds
+    to `metrics.json` at the end; and `compile_problem(device, mixed_precision) -> str | None`, why `train.compile`
+    must not compile this task's modules there (refused when true, eager when auto).
     """
 
     def modules(self) -> dict[str, nn.Module]:
@@ -512,7 +513,7 @@ def _build(task: Task, dataset: Any, config: TrainConfig, *, task_config: dict[s
     for s in specs:  # a model with its optimizer: FSDP2 swaps the optimizer's parameters for the shards
         *wrapped, optimizers[s.name] = accelerator.prepare(*[modules[n] for n in s.modules], raw[s.name])
         prepared.update(zip(s.modules, wrapped))
-    compiled = _compiles(config, device, accelerator)
+    compiled = _compiles(config, device, accelerator, task)
     if compiled:
         for n in trainable:  # in place: the module (and a DDP wrapper's call) runs compiled, its state_dict keeps its keys
             modules[n].compile()
@@ -533,12 +534,13 @@ def _build(task: Task, dataset: Any, config: TrainConfig, *, task_config: dict[s
     return run
 
 
-def _compiles(config: TrainConfig, device: torch.device, accelerator: Any) -> bool:
-    """Whether this run compiles its modules: `compile` True (refused where Inductor cannot compile) or "auto"
-    (where it can)."""
+def _compiles(config: TrainConfig, device: torch.device, accelerator: Any, task: Task) -> bool:
+    """Whether this run compiles its modules: `compile` True (refused where Inductor cannot compile, or where the task
+    says compiling it is wrong) or "auto" (where neither holds)."""
     if config.compile is False:
         return False
-    problem = compile_problem(device)
+    task_problem = getattr(task, "compile_problem", lambda device, mixed_precision: None)
+    problem = compile_problem(device) or task_problem(device, accelerator.mixed_precision)
     if problem is None:
         accelerator.print(f"train.compile {config.compile}: the trained modules run through torch.compile; the first "
                           "steps and the first evaluation wait for its compilation")
