@@ -13,7 +13,7 @@ Sizes come from one preset per resolution (YAML files in argen/configs), changed
 | ---------- | -------------------------------- | -------------------------------- | ----------------- | --------- |
 | 32 shapes  | shapes_32 (f4 patch, 8x8, 128x32 pairs) | shapes_32 (4 x 256, 3.5M)  | shapes_judge_clip | CPU       |
 | 32         | real_32 (f4, 8x8, 512)           | real_32 (4 x 256)                | judge_clip_32     | CPU       |
-| 64         | real_64 (f8 VQ, 8x8, 1024)       | real_64 (4 x 256, dropout 0.2)   | judge_clip_64     | CPU       |
+| 64         | real_64 (f8 VQ, 8x8, 1024)       | real_64 (4 x 256, dropout 0.1)   | judge_clip_64     | CPU       |
 | 128        | real_128 (f8 VQGAN, 16x16, 4096) | real_128 (8 x 512, ~30M)         | judge_clip_128    | one GPU   |
 | 256        | real_256 (f16 VQGAN, 16x16, 16k) | gpu_100m (10 x 768, ~100M)       | judge_clip_256    | one GPU   |
 
