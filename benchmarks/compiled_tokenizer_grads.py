@@ -22,7 +22,7 @@ from argen.configs import resolve
 from argen.host import host_info
 from argen.tasks.tokenizer import TokenizerExperiment
 from tokenizers_img.config import load_config
-from tokenizers_img.serialization import atomic_write_bytes
+from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 from tokenizers_img.vq_model import VQModel
 
 MODULES = ("encoder", "quant_conv", "quantizer", "post_quant_conv", "decoder")
@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in rows[precision].items():
             print(f"{precision:14s} {name:16s} |grad| eager {r['eager_norm']:.4g}, compiled {r['compiled_norm']:.4g}, "
                   f"relative difference {r['relative_difference']:.3g}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python " + " ".join(sys.argv), "host": host_info(measure_bf16=False).describe(), "torch": torch.__version__,
-              "config": args.config, "batch": args.batch, "gradients": rows}
-    atomic_write_bytes(args.out / "compiled_tokenizer_grads.json", (json.dumps(record, indent=2) + "\n").encode())
+    out = claim_output_dir(args.out, kind="benchmark")
+    record = {"command": "python " + " ".join(sys.argv), "host": host_info(measure_bf16=False).describe(),
+              "torch": torch.__version__, "config": args.config, "batch": args.batch, "gradients": rows}
+    atomic_write_bytes(out / "compiled_tokenizer_grads.json", (json.dumps(record, indent=2) + "\n").encode())
     return 0
 
 

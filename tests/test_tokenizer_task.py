@@ -52,7 +52,7 @@ def test_training_writes_a_loadable_tokenizer_and_whole_set_metrics(tiny_tokeniz
 
 def test_a_tokenizer_is_not_compiled_under_bf16_autocast_on_the_cpu():
     task = TokenizerTask(load_config(TINY, TokenizerExperiment))
-    assert "zero gradients" in task.compile_problem(torch.device("cpu"), "bf16")
+    assert "wrong gradients, zero for some layers" in task.compile_problem(torch.device("cpu"), "bf16")
     assert "train.mixed_precision=no" in task.compile_problem(torch.device("cpu"), "bf16")
     assert task.compile_problem(torch.device("cpu"), "no") is None
 

@@ -138,10 +138,10 @@ class TokenizerTask:
         return self._disc_copy
 
     def compile_problem(self, device: torch.device, mixed_precision: str) -> str | None:
-        """Compiled under bf16 autocast on the CPU, the encoder and decoder got zero gradients (torch 2.13's
-        Inductor; `benchmarks/compiled_tokenizer_grads.py` checks a torch), so the tokenizer trains eagerly there."""
+        """Compiled under bf16 autocast on the CPU, the VQ model got wrong gradients, none for post_quant_conv
+        (torch 2.13's Inductor; `benchmarks/compiled_tokenizer_grads.py` checks a torch), so it trains eagerly there."""
         if device.type == "cpu" and mixed_precision == "bf16":
-            return ("compiled under bf16 autocast on the CPU, the tokenizer's encoder and decoder get zero gradients "
+            return ("compiled under bf16 autocast on the CPU, the tokenizer gets wrong gradients, zero for some layers "
                     "(an Inductor fault; python benchmarks/compiled_tokenizer_grads.py checks this torch); set "
                     "train.mixed_precision=no to compile it, or train.compile=false")
         return None
