@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-ROWS = ("generated", "reranked", "real (ceiling)", "shuffled captions (floor)")  # reranked: with --rerank only
+from argen.eval.suite import ROWS
+
 FIGURES = ("r_precision", "clip_score", "frechet_images", "frechet_pairs", "precision", "recall")
 
 

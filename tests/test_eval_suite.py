@@ -16,7 +16,7 @@ from test_pipeline import trained  # noqa: F401  (the module-scoped tiny pipelin
 from argen.cli import main
 from argen.data.imagefolder import ImageFolderDataset
 from argen.eval.caption_metrics import precision_recall, r_precision_hits
-from argen.eval.suite import EvalSettings, evaluate_pipeline, shuffled
+from argen.eval.suite import RECONSTRUCTED, EvalSettings, PairScorer, caption_set, evaluate_pipeline, shuffled
 from argen.pipeline import Pipeline
 from argen.text import train_text_tokenizer
 from argen.unclip.clip import ClipEncoder
@@ -81,7 +81,7 @@ def test_the_report_holds_generated_ceiling_and_floor_for_every_figure(trained, 
     report = evaluate_pipeline(pipe, dataset=f"imagefolder:{data}", judge_clip=ClipEncoder.load(judge),
                                settings=settings, out=tmp_path / "eval", progress=lambda *_: None)
     row = report["splits"]["all"]
-    for name in ("generated", "real (ceiling)", "shuffled captions (floor)"):
+    for name in ("generated", RECONSTRUCTED, "real (ceiling)", "shuffled captions (floor)"):
         r = row[name]
         assert r["images"] == 12
         for key in ("r_precision", "clip_score", "frechet_images", "frechet_pairs", "precision"):
@@ -91,10 +91,18 @@ def test_the_report_holds_generated_ceiling_and_floor_for_every_figure(trained, 
     ceiling, floor = row["real (ceiling)"], row["shuffled captions (floor)"]
     assert floor["frechet_images"]["estimate"] == ceiling["frechet_images"]["estimate"]
     assert floor["precision"] == ceiling["precision"]
+    # the reconstructed row scores the same captions' own images after encode and decode, against their own captions
+    cset = caption_set(f"imagefolder:{data}", "all", resolution=pipe.vq.config.resolution, settings=settings)
+    with torch.inference_mode():
+        by_hand = PairScorer(ClipEncoder.load(judge), cset, settings).score(
+            pipe.vq.decode(pipe.vq.encode(cset.images)).clamp(-1, 1), torch.arange(12))
+    assert row[RECONSTRUCTED] == by_hand
+    assert row[RECONSTRUCTED]["frechet_images"] != ceiling["frechet_images"]  # reconstructions are not the originals
     tok = report["tokenizer"]
     assert tok["num_images"] == 32 and 0 < tok["codebook_usage"] <= 1 and np.isfinite(tok["frechet_reconstructions"])
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["splits"]["all"]["generated"]["images"] == 12
     assert "| generated (12) |" in (tmp_path / "eval" / "report.md").read_text()
+    assert f"| {RECONSTRUCTED} (12) |" in (tmp_path / "eval" / "report.md").read_text()
     assert Image.open(tmp_path / "eval" / "samples_all.png").size[0] > 0
 
 

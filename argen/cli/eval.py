@@ -40,7 +40,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from argen.data.registry import has_heldout
-    from argen.eval.suite import EvalSettings, evaluate_pipeline
+    from argen.eval.suite import RECONSTRUCTED, EvalSettings, evaluate_pipeline
     from argen.pipeline import Pipeline
     from argen.unclip.clip import ClipEncoder
 
@@ -58,6 +58,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for split, row in report["splits"].items():
         g, c, f = row["generated"], row["real (ceiling)"], row["shuffled captions (floor)"]
         print(f"{split}: R-precision generated {g['r_precision']['estimate']:.1f}% (real {c['r_precision']['estimate']:.1f}%, "
+              f"reconstructed {row[RECONSTRUCTED]['r_precision']['estimate']:.1f}%, "
               f"shuffled {f['r_precision']['estimate']:.1f}%, chance {row['chance r_precision']:.1f}%); "
               f"FD image+caption {g['frechet_pairs']['estimate']:.2f} (real {c['frechet_pairs']['estimate']:.2f}, "
               f"shuffled {f['frechet_pairs']['estimate']:.2f})")

@@ -1,6 +1,7 @@
 """`argen eval`: a pipeline judged on any captioned dataset without a rule-based judge, by a separately trained judge
 CLIP: caption retrieval (R-precision), CLIP score, Fréchet distances and precision/recall, each beside the real
-images' ceiling and the shuffled-caption floor, with prompt-bootstrap intervals; plus the tokenizer's own figures."""
+images' ceiling, their tokenizer reconstructions (what images made of codes can reach) and the shuffled-caption floor,
+with prompt-bootstrap intervals; plus the tokenizer's own figures."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from argen.eval.caption_metrics import knn_radii, precision_recall, r_precision_
 from argen.eval.clip_metrics import clip_scores, feature_statistics, frechet_distance
 from argen.eval.stats import Interval, PromptBootstrap
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
+
+RECONSTRUCTED = "reconstructed (tokenizer ceiling)"
+# a split's rows in report order; "reranked" only with rerank > 1
+ROWS = ("generated", "reranked", RECONSTRUCTED, "real (ceiling)", "shuffled captions (floor)")
 
 
 @dataclass(frozen=True)
@@ -213,13 +218,15 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
         first_draws = draws[:, :per].flatten(0, 1)  # draw k of a prompt does not depend on how many are drawn
         index = own.repeat_interleave(per)
         real, first_feats = scorer.encode(cset.images), scorer.encode(first_draws)
+        reconstructed = reconstruct(pipe.vq, cset.images, batch_size=settings.batch_size)
         row = {"generated": scorer.score_features(first_feats, index),
                "real (ceiling)": scorer.score_features(real, own),
+               RECONSTRUCTED: scorer.score(reconstructed, own),
                "shuffled captions (floor)": scorer.score_features(real, shuffled(len(own), seed=settings.seed),
                                                                   true_index=own),
                "candidates": min(settings.candidates, len(cset.captions))}
         row["chance r_precision"] = 100 / row["candidates"]
-        columns = {"generated": first_draws}
+        columns = {"reconstructed": reconstructed, "generated": first_draws}
         if settings.rerank > 1:
             from argen.rerank import clip_similarity
 
@@ -238,13 +245,20 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
                                       .mean(verdicts), 100)
         report["splits"][split] = row
         if out is not None:
-            _grid(columns, cset, out / f"samples_{split}.png", per_prompt=per)
+            _grid(columns, cset, out / f"samples_{split}.png")
     report["tokenizer"] = _tokenizer_figures(pipe.vq, torch.cat([first.images, first.reference]), judge_clip, settings,
                                              evaluate_tokenizer)
     if out is not None:
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         atomic_write_bytes(out / "report.md", markdown(report).encode())
     return report
+
+
+def reconstruct(vq, images: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """The tokenizer's reconstructions of images (N, 3, R, R) in [-1, 1]: decode(encode(x)), clamped to [-1, 1]."""
+    with torch.inference_mode():
+        return torch.cat([vq.decode(vq.encode(images[i:i + batch_size])).clamp(-1, 1)
+                          for i in range(0, len(images), batch_size)])
 
 
 def _check_rerank(settings: EvalSettings, rerank_clip, judge_clip) -> None:
@@ -272,8 +286,7 @@ def _tokenizer_figures(vq, images: torch.Tensor, clip, settings: EvalSettings, e
     originals, and LPIPS when a weights file is given."""
     dataset = [{"image": x, "caption": "", "key": str(i)} for i, x in enumerate(images)]
     metrics = evaluate_tokenizer(vq, dataset, batch_size=settings.batch_size)
-    with torch.inference_mode():
-        recon = torch.cat([vq.decode(vq.encode(images[i:i + 64])).clamp(-1, 1) for i in range(0, len(images), 64)])
+    recon = reconstruct(vq, images, batch_size=settings.batch_size)
     orig_f, recon_f = clip.encode_images(images).double().numpy(), clip.encode_images(recon).double().numpy()
     fig = {**metrics.__dict__, "frechet_reconstructions": frechet_distance(*feature_statistics(recon_f),
                                                                             *feature_statistics(orig_f))}
@@ -289,8 +302,9 @@ def _tokenizer_figures(vq, images: torch.Tensor, clip, settings: EvalSettings, e
     return fig
 
 
-def _grid(columns: dict[str, torch.Tensor], cset: CaptionSet, path: Path, *, per_prompt: int, prompts: int = 8) -> None:
-    """The first prompts' real image, then their images of each column (generated, reranked), one row per prompt."""
+def _grid(columns: dict[str, torch.Tensor], cset: CaptionSet, path: Path, *, prompts: int = 8) -> None:
+    """The first prompts' real image, then their images of each column (reconstructed, generated, reranked), one row
+    per prompt; a column holds k images per prompt, prompt-major."""
     from argen.viz import contact_sheet, save_png
 
     tiles, labels = [], []
@@ -298,10 +312,11 @@ def _grid(columns: dict[str, torch.Tensor], cset: CaptionSet, path: Path, *, per
         tiles.append(cset.images[p])
         labels.append(f"real: {cset.captions[p]}")
         for name, images in columns.items():
-            for k in range(per_prompt):
-                tiles.append(images[p * per_prompt + k])
-                labels.append(name)
-    save_png(contact_sheet(tiles, labels, columns=1 + per_prompt * len(columns)), path)
+            k = len(images) // len(cset.captions)
+            tiles += list(images[p * k:(p + 1) * k])
+            labels += [name] * k
+    width = 1 + sum(len(images) // len(cset.captions) for images in columns.values())
+    save_png(contact_sheet(tiles, labels, columns=width), path)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -317,7 +332,8 @@ def markdown(report: dict[str, Any]) -> str:
     rerank = report["settings"].get("rerank", 1)
     lines = [f"# argen eval: {report['dataset']}", "",
              f"Sampling: {report['sampling']}{precision}. Judge CLIP trained on the train split, never the "
-             "generator's. 95% prompt-bootstrap intervals (recall: a point figure).", ""]
+             "generator's. 95% prompt-bootstrap intervals (recall: a point figure). Reconstructed: the real images "
+             "through the tokenizer, about the best that images made of its codes can score.", ""]
     if rerank > 1:
         lines += [f"Reranked: each image is the best of {rerank} draws by the rerank CLIP "
                   f"`{report['rerank_clip']['path']}` (not the judge); generated: the first draws.", ""]
@@ -327,8 +343,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"(chance {row['chance r_precision']:.1f}%).", "",
                   "| images | R-precision % | CLIP score | FD images | FD image+caption | precision % | recall % |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for name in ("generated", "reranked", "real (ceiling)", "shuffled captions (floor)"):
-            if name not in row:
+        for name in ROWS:
+            if name not in row:  # reranked without rerank; reconstructed in reports from before it was scored
                 continue
             r = row[name]
             label = f"best of {rerank} by the rerank CLIP" if name == "reranked" else name
@@ -340,7 +356,7 @@ def markdown(report: dict[str, Any]) -> str:
                           f"{cell(row['reranked r_precision gain'])} points."]
         if "shapes judge" in row:
             lines += ["", f"Shapes judge, whole prompt: {cell(row['shapes judge'])}%."]
-        lines += ["", f"![generated beside real](samples_{split}.png)", ""]
+        lines += ["", f"![real, reconstructed and generated](samples_{split}.png)", ""]
     t = report["tokenizer"]
     lines += ["## Tokenizer (reconstructions of the same images)", "",
               f"PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.3f}, codebook usage {100 * t['codebook_usage']:.1f}% "
