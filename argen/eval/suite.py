@@ -1,7 +1,7 @@
 """`argen eval`: a pipeline judged on any captioned dataset without a rule-based judge, by a separately trained judge
 CLIP: caption retrieval (R-precision), CLIP score, Fréchet distances and precision/recall, each beside the real
-images' ceiling, their tokenizer reconstructions (what images made of codes can reach) and the shuffled-caption floor,
-with prompt-bootstrap intervals; plus the tokenizer's own figures."""
+images' ceiling, the same images through the tokenizer (what the tokenizer alone loses of it) and the shuffled-caption
+floor, with prompt-bootstrap intervals; plus the tokenizer's own figures."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from argen.eval.clip_metrics import clip_scores, feature_statistics, frechet_dis
 from argen.eval.stats import Interval, PromptBootstrap
 from tokenizers_img.serialization import atomic_write_bytes, claim_output_dir
 
-RECONSTRUCTED = "reconstructed (tokenizer ceiling)"
+RECONSTRUCTED = "real, reconstructed"  # the real images through the tokenizer
 # a split's rows in report order; "reranked" only with rerank > 1
 ROWS = ("generated", "reranked", RECONSTRUCTED, "real (ceiling)", "shuffled captions (floor)")
 
@@ -332,8 +332,8 @@ def markdown(report: dict[str, Any]) -> str:
     rerank = report["settings"].get("rerank", 1)
     lines = [f"# argen eval: {report['dataset']}", "",
              f"Sampling: {report['sampling']}{precision}. Judge CLIP trained on the train split, never the "
-             "generator's. 95% prompt-bootstrap intervals (recall: a point figure). Reconstructed: the real images "
-             "through the tokenizer, about the best that images made of its codes can score.", ""]
+             "generator's. 95% prompt-bootstrap intervals (recall: a point figure). Real, reconstructed: the real images "
+             "encoded and decoded by the tokenizer, so the gap to the ceiling is what the tokenizer alone loses.", ""]
     if rerank > 1:
         lines += [f"Reranked: each image is the best of {rerank} draws by the rerank CLIP "
                   f"`{report['rerank_clip']['path']}` (not the judge); generated: the first draws.", ""]
