@@ -307,16 +307,16 @@ def _grid(columns: dict[str, torch.Tensor], cset: CaptionSet, path: Path, *, pro
     per prompt; a column holds k images per prompt, prompt-major."""
     from argen.viz import contact_sheet, save_png
 
+    per = {name: len(images) // len(cset.captions) for name, images in columns.items()}
     tiles, labels = [], []
     for p in range(min(prompts, len(cset.captions))):
         tiles.append(cset.images[p])
         labels.append(f"real: {cset.captions[p]}")
         for name, images in columns.items():
-            k = len(images) // len(cset.captions)
+            k = per[name]
             tiles += list(images[p * k:(p + 1) * k])
             labels += [name] * k
-    width = 1 + sum(len(images) // len(cset.captions) for images in columns.values())
-    save_png(contact_sheet(tiles, labels, columns=width), path)
+    save_png(contact_sheet(tiles, labels, columns=1 + sum(per.values())), path)
 
 
 def markdown(report: dict[str, Any]) -> str:
