@@ -101,8 +101,7 @@ def reconstruction_sheet(vq, images: torch.Tensor, captions: Sequence[str]) -> t
     per-image PSNR (B,) in dB."""
     from tokenizers_img.metrics import psnr
 
-    with torch.inference_mode():
-        recon = vq.decode(vq.encode(images)).clamp(-1, 1)
+    recon = vq.reconstruct(images)
     scores = psnr(images, recon)
     tiles, labels = [], []
     for i in range(len(images)):

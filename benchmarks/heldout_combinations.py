@@ -47,7 +47,7 @@ def measure(tokenizer: str | Path, *, n: int, resolution: int = 32, batch: int =
     for start in range(0, n, batch):
         items = [scene_and_caption(i, "heldout") for i in range(start, min(n, start + batch))]
         images = torch.from_numpy(np.stack([render(s, resolution) for s, _ in items])).permute(0, 3, 1, 2)
-        rec = vq.decode(vq.encode(images.float() / 127.5 - 1)).clamp(-1, 1)
+        rec = vq.reconstruct(images.float() / 127.5 - 1)
         for (scene, caption), image in zip(items, rec):
             row = counts[combination(scene.objects)]
             row[0] += 1

@@ -72,6 +72,10 @@ def test_encode_decode_equals_forward(kw):
     assert torch.allclose(model.decode(codes), out.reconstruction, atol=1e-5)
     flat = codes.flatten(1)  # (B, h*w), the GPT's layout
     assert torch.allclose(model.decode(flat), out.reconstruction, atol=1e-5)
+    # reconstruct: the same, clamped to [-1, 1], whatever the batches it is computed in
+    whole = model.reconstruct(x)
+    assert torch.allclose(whole, out.reconstruction.clamp(-1, 1), atol=1e-5)
+    assert torch.allclose(model.reconstruct(x, batch_size=2), whole, atol=1e-6) and not whole.requires_grad
 
 
 @pytest.mark.parametrize("encoder, local", [("patch", True), ("conv", False)])

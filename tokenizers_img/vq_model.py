@@ -266,6 +266,12 @@ class VQModel(PretrainedMixin, nn.Module):
         return self._decode_vectors(self.quantizer.codes_to_vectors(codes))
 
     @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> decode(encode(images)) clamped to [-1, 1], `batch_size` images at a time."""
+        return torch.cat([self.decode(self.encode(images[i:i + batch_size])).clamp(-1, 1)
+                          for i in range(0, len(images), batch_size)])
+
+    @torch.no_grad()
     def code_appearance(self, *, background: float = -1.0, batch_size: int = 256) -> torch.Tensor:
         """What each code looks like: (num_codes, C * f * f), code k decoded at the centre of a grid of the code a
         flat image of value `background` encodes to, its own f x f pixels flattened (channel-major).

@@ -218,7 +218,7 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
         first_draws = draws[:, :per].flatten(0, 1)  # draw k of a prompt does not depend on how many are drawn
         index = own.repeat_interleave(per)
         real, first_feats = scorer.encode(cset.images), scorer.encode(first_draws)
-        reconstructed = reconstruct(pipe.vq, cset.images, batch_size=settings.batch_size)
+        reconstructed = pipe.vq.reconstruct(cset.images, batch_size=settings.batch_size)
         row = {"generated": scorer.score_features(first_feats, index),
                "real (ceiling)": scorer.score_features(real, own),
                RECONSTRUCTED: scorer.score(reconstructed, own),
@@ -254,13 +254,6 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
     return report
 
 
-def reconstruct(vq, images: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
-    """The tokenizer's reconstructions of images (N, 3, R, R) in [-1, 1]: decode(encode(x)), clamped to [-1, 1]."""
-    with torch.inference_mode():
-        return torch.cat([vq.decode(vq.encode(images[i:i + batch_size])).clamp(-1, 1)
-                          for i in range(0, len(images), batch_size)])
-
-
 def _check_rerank(settings: EvalSettings, rerank_clip, judge_clip) -> None:
     if settings.rerank == 1:
         if rerank_clip is not None:
@@ -286,7 +279,7 @@ def _tokenizer_figures(vq, images: torch.Tensor, clip, settings: EvalSettings, e
     originals, and LPIPS when a weights file is given."""
     dataset = [{"image": x, "caption": "", "key": str(i)} for i, x in enumerate(images)]
     metrics = evaluate_tokenizer(vq, dataset, batch_size=settings.batch_size)
-    recon = reconstruct(vq, images, batch_size=settings.batch_size)
+    recon = vq.reconstruct(images, batch_size=settings.batch_size)
     orig_f, recon_f = clip.encode_images(images).double().numpy(), clip.encode_images(recon).double().numpy()
     fig = {**metrics.__dict__, "frechet_reconstructions": frechet_distance(*feature_statistics(recon_f),
                                                                             *feature_statistics(orig_f))}
