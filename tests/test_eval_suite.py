@@ -16,7 +16,15 @@ from test_pipeline import trained  # noqa: F401  (the module-scoped tiny pipelin
 from argen.cli import main
 from argen.data.imagefolder import ImageFolderDataset
 from argen.eval.caption_metrics import precision_recall, r_precision_hits
-from argen.eval.suite import RECONSTRUCTED, EvalSettings, PairScorer, caption_set, evaluate_pipeline, shuffled
+from argen.eval.suite import (
+    RECONSTRUCTED,
+    EvalSettings,
+    PairScorer,
+    caption_set,
+    evaluate_pipeline,
+    reference_warning,
+    shuffled,
+)
 from argen.pipeline import Pipeline
 from argen.text import train_text_tokenizer
 from argen.unclip.clip import ClipEncoder
@@ -43,6 +51,12 @@ def test_precision_and_recall_at_their_bounds():
     half = torch.cat([real[:100], real[:100] + 100.0])  # half inside the real manifold, half far away
     precision, recall = precision_recall(real, half, k=3)
     assert abs(precision - 0.5) < 0.05 and recall < 1.0
+
+
+def test_a_reference_set_no_wider_than_the_features_is_named():
+    settings = EvalSettings(prompts=300)
+    assert reference_warning(129, 128, settings) is None
+    assert reference_warning(128, 128, settings).startswith("only 128 reference images beside the 300 prompts' own")
 
 
 def test_settings_are_checked():
@@ -111,7 +125,13 @@ def test_eval_cli_runs_and_refuses_a_too_small_split(trained, judge, tmp_path, c
     args = ["eval", "--pipeline", str(trained.final), "--dataset", f"imagefolder:{data}", "--judge-clip", str(judge),
             "--splits", "all", "--prompts", "6", "--reference", "5", "--candidates", "4", "--n-boot", "20"]
     assert main([*args, "-o", str(tmp_path / "a")]) == 0
-    assert "R-precision generated" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "R-precision generated" in printed
+    # 5 reference images cannot give the covariance of wider features: the CLI and the report say so
+    width = 2 * ClipEncoder.load(judge).encode_text(["a red circle"]).embeds.shape[1]
+    assert f"all: warning: only 5 reference images beside the 6 prompts' own, for {width}-wide" in printed
+    assert "**Warning:** only 5 reference images" in (tmp_path / "a" / "report.md").read_text()
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["splits"]["all"]["reference"] == 5
     assert main([*args[:-6], "--prompts", "6", "--reference", "3", "--candidates", "4", "-o", str(tmp_path / "b")]) == 2
     assert "more than k=3" in capsys.readouterr().err
 

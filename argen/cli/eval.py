@@ -62,6 +62,8 @@ def run_eval(args: argparse.Namespace) -> int:
               f"shuffled {f['r_precision']['estimate']:.1f}%, chance {row['chance r_precision']:.1f}%); "
               f"FD image+caption {g['frechet_pairs']['estimate']:.2f} (real {c['frechet_pairs']['estimate']:.2f}, "
               f"shuffled {f['frechet_pairs']['estimate']:.2f})")
+        if "warning" in row:
+            print(f"{split}: warning: {row['warning']}")
         if "reranked" in row:
             r = row["reranked"]
             print(f"{split}: best of {args.rerank} by the rerank CLIP: R-precision {r['r_precision']['estimate']:.1f}%, "

@@ -226,6 +226,10 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
                                                                   true_index=own),
                "candidates": min(settings.candidates, len(cset.captions))}
         row["chance r_precision"] = 100 / row["candidates"]
+        row["reference"] = len(cset.reference)
+        if (warning := reference_warning(len(cset.reference), 2 * scorer.reference.shape[1], settings)) is not None:
+            row["warning"] = warning
+            progress(f"[eval] {split}: {warning}")
         columns = {"reconstructed": reconstructed, "generated": first_draws}
         if settings.rerank > 1:
             from argen.rerank import clip_similarity
@@ -252,6 +256,18 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
         atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
         atomic_write_bytes(out / "report.md", markdown(report).encode())
     return report
+
+
+def reference_warning(reference: int, pair_dims: int, settings: EvalSettings) -> str | None:
+    """Why a split's Fréchet distances and precision/recall cannot be read, or None: with no more reference pairs than
+    the judge's image+caption feature width, their covariance is singular (the split had few images beyond the
+    prompts' own)."""
+    if reference > pair_dims:
+        return None
+    return (f"only {reference} reference images beside the {settings.prompts} prompts' own, for {pair_dims}-wide "
+            "image+caption features: the Fréchet distances and precision/recall of this split are biased and cannot "
+            "be compared with other runs (R-precision and CLIP score can). Give fewer --prompts, so that more of the "
+            "split's images are left for the reference.")
 
 
 def _check_rerank(settings: EvalSettings, rerank_clip, judge_clip) -> None:
@@ -344,6 +360,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} ({r['images']}) | {cell(r['r_precision'])} | {cell(r['clip_score'])} | "
                          f"{cell(r['frechet_images'])} | {cell(r['frechet_pairs'], 3)} | {cell(r['precision'])} | "
                          f"{cell(r['recall'])} |")
+        if "warning" in row:
+            lines += ["", f"**Warning:** {row['warning']}"]
         if "reranked r_precision gain" in row:
             lines += ["", f"Reranked minus generated R-precision, paired over captions: "
                           f"{cell(row['reranked r_precision gain'])} points."]
