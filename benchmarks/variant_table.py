@@ -1,7 +1,7 @@
 """One table of GPT variants, each trained on several seeds and each GPT judged on several evaluation seeds.
 
-    python benchmarks/variant_table.py benchmarks/results/icons10_pipeline/gpt_variants \
-        --variant preset=runs/icons_d10_s{S}:runs/ev_icons_d10_s{S}_e{E} --seeds 0 1 2 --eval-seeds 0 1 2
+    python benchmarks/variant_table.py benchmarks/results/icons10_pipeline/gpt_variants/seeds3 \
+        --variant a_preset_before=runs/icons_d10_s{S}:runs/ev_icons_d10_s{S}_e{E} --seeds 0 1 2 --eval-seeds 0 1 2
 
 With --variant NAME=GPT_RUN:EVAL_DIR ({S}: the GPT seed, {E}: the evaluation seed), it first copies each GPT run's
 metrics.json and each `argen eval` report.json into OUT/NAME/gptS/; without, it reads what OUT already holds. It then
