@@ -54,9 +54,8 @@ def test_precision_and_recall_at_their_bounds():
 
 
 def test_a_reference_set_no_wider_than_the_features_is_named():
-    settings = EvalSettings(prompts=300)
-    assert reference_warning(129, 128, settings) is None
-    assert reference_warning(128, 128, settings).startswith("only 128 reference images beside the 300 prompts' own")
+    assert reference_warning(129, 128, prompts=300) is None
+    assert reference_warning(128, 128, prompts=300).startswith("only 128 reference images beside the 300 prompts' own")
 
 
 def test_settings_are_checked():

@@ -227,7 +227,7 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
                "candidates": min(settings.candidates, len(cset.captions))}
         row["chance r_precision"] = 100 / row["candidates"]
         row["reference"] = len(cset.reference)
-        if (warning := reference_warning(len(cset.reference), 2 * scorer.reference.shape[1], settings)) is not None:
+        if (warning := reference_warning(row["reference"], len(scorer.pair_stats[0]), settings.prompts)) is not None:
             row["warning"] = warning
             progress(f"[eval] {split}: {warning}")
         columns = {"reconstructed": reconstructed, "generated": first_draws}
@@ -258,13 +258,13 @@ def evaluate_pipeline(pipe, *, dataset: str, judge_clip, settings: EvalSettings,
     return report
 
 
-def reference_warning(reference: int, pair_dims: int, settings: EvalSettings) -> str | None:
+def reference_warning(reference: int, pair_dims: int, prompts: int) -> str | None:
     """Why a split's Fréchet distances and precision/recall cannot be read, or None: with no more reference pairs than
     the judge's image+caption feature width, their covariance is singular (the split had few images beyond the
     prompts' own)."""
     if reference > pair_dims:
         return None
-    return (f"only {reference} reference images beside the {settings.prompts} prompts' own, for {pair_dims}-wide "
+    return (f"only {reference} reference images beside the {prompts} prompts' own, for {pair_dims}-wide "
             "image+caption features: the Fréchet distances and precision/recall of this split are biased and cannot "
             "be compared with other runs (R-precision and CLIP score can). Give fewer --prompts, so that more of the "
             "split's images are left for the reference.")
