@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 FIGURES = (("r_precision", "R-precision %"), ("clip_score", "CLIP score"), ("frechet_pairs", "FD image+caption"))
+ROWS = (("generated", ""), ("real (ceiling)", ", real images"), ("shuffled captions (floor)", ", shuffled captions"))
 
 
 def collect(out: Path, spec: str, seeds: list[int], eval_seeds: list[int]) -> None:
@@ -45,7 +46,7 @@ def gpt_record(gpt_dir: Path) -> dict:
         rows = [r["splits"][split] for r in reports]
         record["splits"][split] = {
             row: {key: statistics.mean(r[row][key]["estimate"] for r in rows) for key, _ in FIGURES}
-            for row in ("generated", "real (ceiling)", "shuffled captions (floor)")}
+            for row, _ in ROWS}
         if any("warning" in r for r in rows):
             record["splits"][split]["warning"] = next(r["warning"] for r in rows if "warning" in r)
     return record
@@ -83,12 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = next(iter(next(iter(variants.values())).values()))["splits"]
     for split in splits:
         for key, label in FIGURES:
-            digits = 3 if key == "frechet_pairs" else 1
-            row(f"{split} {label}", lambda r, s=split, k=key: r["splits"][s]["generated"][k], digits)
-            row(f"{split} {label}, real images", lambda r, s=split, k=key: r["splits"][s]["real (ceiling)"][k],
-                digits)
-            row(f"{split} {label}, shuffled captions", lambda r, s=split, k=key: r["splits"][s]["shuffled captions (floor)"][k],
-                digits)
+            for name, suffix in ROWS:
+                row(f"{split} {label}{suffix}", lambda r, s=split, n=name, k=key: r["splits"][s][n][k],
+                    3 if key == "frechet_pairs" else 1)
     warnings = {w for gpts in variants.values() for r in gpts.values() for s in r["splits"].values()
                 if (w := s.get("warning"))}
     lines += [""] + [f"Warning from argen eval: {w}" for w in sorted(warnings)]
