@@ -6,8 +6,8 @@
 With --variant NAME=GPT_RUN:EVAL_DIR ({S}: the GPT seed, {E}: the evaluation seed), it first copies each GPT run's
 metrics.json and each `argen eval` report.json into OUT/NAME/gptS/; without, it reads what OUT already holds. It then
 writes OUT/variants.json and OUT/variants.md: per GPT, its val loss with and without the caption and, averaged over
-its evaluation seeds, the generated images' R-precision, CLIP score and image+caption Fréchet distance per split,
-with the ceiling and the floor; then the mean and range over the GPT seeds of each variant.
+its evaluation seeds, the generated images' R-precision, CLIP score and image+caption Fréchet distance per split
+(first draws, and the best of N where the evaluations reranked), with the ceiling and the floor; then the mean and range over the GPT seeds of each variant.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 FIGURES = (("r_precision", "R-precision %"), ("clip_score", "CLIP score"), ("frechet_pairs", "FD image+caption"))
-ROWS = (("generated", ""), ("real (ceiling)", ", real images"), ("shuffled captions (floor)", ", shuffled captions"))
+ROWS = (("generated", ""), ("reranked", ", best of N"), ("real (ceiling)", ", real images"),
+        ("shuffled captions (floor)", ", shuffled captions"))  # "reranked" only where every report has it
 
 
 def collect(out: Path, spec: str, seeds: list[int], eval_seeds: list[int]) -> None:
@@ -46,7 +47,7 @@ def gpt_record(gpt_dir: Path) -> dict:
         rows = [r["splits"][split] for r in reports]
         record["splits"][split] = {
             row: {key: statistics.mean(r[row][key]["estimate"] for r in rows) for key, _ in FIGURES}
-            for row, _ in ROWS}
+            for row, _ in ROWS if all(row in r for r in rows)}
         if any("warning" in r for r in rows):
             record["splits"][split]["warning"] = next(r["warning"] for r in rows if "warning" in r)
     return record
@@ -69,14 +70,17 @@ def main(argv: list[str] | None = None) -> int:
                 if v.is_dir()}
     if not variants:
         raise SystemExit(f"{args.out} holds no variant folders: give --variant NAME=GPT_RUN:EVAL_DIR.")
-    lines = ["Per GPT seed, each figure averaged over its evaluation seeds; generated images are first draws.", "",
+    lines = ["Per GPT seed, each figure averaged over its evaluation seeds; generated images are first draws, best of N the "
+             "draws a rerank CLIP kept.", "",
              "| figure | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
 
     def row(label: str, get, digits: int) -> None:
         cells = []
         for gpts in variants.values():
-            values = [get(r) for r in gpts.values()]
+            values = [get(r) for r in gpts.values()]  # None where a GPT lacks the figure
             cells.append(spread(values, digits) if None not in values else "n/a")
+        if all(cell == "n/a" for cell in cells):
+            return
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("val loss", lambda r: r["val_loss"], 3)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in splits:
         for key, label in FIGURES:
             for name, suffix in ROWS:
-                row(f"{split} {label}{suffix}", lambda r, s=split, n=name, k=key: r["splits"][s][n][k],
+                row(f"{split} {label}{suffix}", lambda r, s=split, n=name, k=key: r["splits"][s].get(n, {}).get(k),
                     3 if key == "frechet_pairs" else 1)
     warnings = {w for gpts in variants.values() for r in gpts.values() for s in r["splits"].values()
                 if (w := s.get("warning"))}
