@@ -28,7 +28,8 @@ class HostInfo:
     def describe(self) -> str:
         ext = ", ".join(self.extensions) or "no AVX2"
         bf16 = f", bf16 {self.bf16_gflops:.0f}" if self.bf16_gflops is not None else ""
-        return (f"{self.device} ({ext}), {self.threads} threads: GEMM fp32 {self.fp32_gflops:.0f}{bf16} GFLOP/s "
+        threads = f"{self.threads} thread" + ("s" if self.threads != 1 else "")
+        return (f"{self.device} ({ext}), {threads}: GEMM fp32 {self.fp32_gflops:.0f}{bf16} GFLOP/s "
                 "(measured now)")
 
 
