@@ -184,10 +184,11 @@ def to_markdown(payload: dict) -> str:
         f"{payload['reps']} interleaved runs. `ours` is `sample_image_tokens` on the float32 model as built; `ours packed` "
         f"on `pack_for_cpu(model)` (float32, one-time cost {payload['pack_s']:.2f} s, not in the per-batch times); "
         "`ours bf16` on `pack_for_cpu(model, bf16=True)` (the blocks' weights and the KV cache in bfloat16, the rest "
-        "float32, as bf16 autocast computes); `ours compiled` on `pack_for_cpu(model, compile=True)` in the default's "
-        "precision, whose decode step Inductor compiles (one-time cost: "
-        f"{payload['compile_s']:.0f} s to compile and run each setting once before the timed runs). `hf` is "
-        "`generate` on the float32 Llama (its default), `hf bf16` on a bfloat16 copy. "
+        "float32, as bf16 autocast computes); "
+        + (f"`ours compiled` on `pack_for_cpu(model, compile=True)` in the default's precision, whose decode step "
+           f"Inductor compiles (one-time cost: {payload['compile_s']:.0f} s to compile and run each setting once "
+           "before the timed runs); " if payload["compile_s"] == payload["compile_s"] else "")  # NaN: not run
+        + "`hf` is `generate` on the float32 Llama (its default), `hf bf16` on a bfloat16 copy. "
         f"**`{payload['default']}` is what `argen sample` runs by default on this host.**",
         "",
         "| batch | CFG | rows per step | " + " | ".join(f"{n} images/s" for n in names) + " | "
