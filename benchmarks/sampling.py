@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -187,7 +188,7 @@ def to_markdown(payload: dict) -> str:
         "float32, as bf16 autocast computes); "
         + (f"`ours compiled` on `pack_for_cpu(model, compile=True)` in the default's precision, whose decode step "
            f"Inductor compiles (one-time cost: {payload['compile_s']:.0f} s to compile and run each setting once "
-           "before the timed runs); " if payload["compile_s"] == payload["compile_s"] else "")  # NaN: not run
+           "before the timed runs); " if not math.isnan(payload["compile_s"]) else "")  # NaN: --no-compile
         + "`hf` is `generate` on the float32 Llama (its default), `hf bf16` on a bfloat16 copy. "
         f"**`{payload['default']}` is what `argen sample` runs by default on this host.**",
         "",

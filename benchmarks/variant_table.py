@@ -7,7 +7,8 @@ With --variant NAME=GPT_RUN:EVAL_DIR ({S}: the GPT seed, {E}: the evaluation see
 metrics.json and each `argen eval` report.json into OUT/NAME/gptS/; without, it reads what OUT already holds. It then
 writes OUT/variants.json and OUT/variants.md: per GPT, its val loss with and without the caption and, averaged over
 its evaluation seeds, the generated images' R-precision, CLIP score and image+caption Fréchet distance per split
-(first draws, and the best of N where the evaluations reranked), with the ceiling and the floor; then the mean and range over the GPT seeds of each variant.
+(first draws, and the best of N where the evaluations reranked), with the ceiling and the floor; then the mean and
+range over the GPT seeds of each variant.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                 if v.is_dir()}
     if not variants:
         raise SystemExit(f"{args.out} holds no variant folders: give --variant NAME=GPT_RUN:EVAL_DIR.")
-    lines = ["Per GPT seed, each figure averaged over its evaluation seeds; generated images are first draws, best of N the "
-             "draws a rerank CLIP kept.", "",
+    lines = ["Per GPT seed, each figure averaged over its evaluation seeds; generated images are first draws, best of N "
+             "the draws a rerank CLIP kept.", "",
              "| figure | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
 
     def row(label: str, get, digits: int) -> None:
