@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every stage of the 256 px road for a few minutes on one GPU: the GPU tests, then `argen train pipeline` at 256 px
 # (the real_256 VQGAN with 16x16 codes, the ~100M gpu_100m GPT, a judge CLIP) on the 256 px icon set with short
-# step counts, eager and compiled sampling, and the GPU's memory in use. Not run yet: no GPU has been lent here.
+# step counts, eager and compiled sampling, parallel decoding's speed, and the GPU's memory in use. Not run yet: no
+# GPU has been lent here.
 # Usage: bash benchmarks/gpu_smoke.sh [OUT]   (default runs/gpu_smoke; needs CUDA and `pip install -e ".[dev]"`)
 set -euo pipefail
 OUT=${1:-runs/gpu_smoke}
@@ -27,6 +28,10 @@ log "sampling: eager and compiled decode step, batch 8 with CFG"
 python -m argen sample --pipeline "$OUT/run/gpt_run/final" "document open, an action icon" -n 8 -o "$OUT/eager.png"
 python -m argen sample --pipeline "$OUT/run/gpt_run/final" "document open, an action icon" -n 8 --compile \
     -o "$OUT/compiled.png"
+
+log "parallel decoding against one token per pass and HF generate (float32 and bf16), batch 8 and 1, CFG off and on"
+python benchmarks/parallel_decoding.py --pipeline "$OUT/run/gpt_run/final" --no-judge --hf-bf16 \
+    --settings spatial:8 zipar:2 --batches 8 1 --reps 2 -o "$OUT/parallel_decoding"
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
 log "done: $OUT/run/report.md"
