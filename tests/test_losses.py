@@ -154,6 +154,7 @@ def test_patch_discriminator_shapes_and_batch_independence():
 def test_generator_and_discriminator_steps_with_ddp_wrapped_discriminator(tmp_path):
     """One-process gloo group: a DDP-wrapped discriminator works in both steps; the generator step leaves no grads."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    ddp = None
     try:
         images, latent, weight, disc = _setup()
         ddp = nn.parallel.DistributedDataParallel(disc)
@@ -168,4 +169,7 @@ def test_generator_and_discriminator_steps_with_ddp_wrapped_discriminator(tmp_pa
             assert all(p.grad is not None for p in disc.parameters())
             disc.zero_grad(set_to_none=True)
     finally:
+        # DDP's reducer holds the group: freed after destroy_process_group, the group's destructor can hang joining its
+        # gloo threads (seen once in a CI run), so the wrapper goes first
+        del ddp
         dist.destroy_process_group()
