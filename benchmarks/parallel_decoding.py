@@ -126,30 +126,34 @@ def measure_clip_quality(pipe: Pipeline, configs: dict[str, SamplingConfig], *, 
     settings = EvalSettings(prompts=prompts, images_per_prompt=per_prompt, n_boot=n_boot, seed=seed)
     cset = caption_set(dataset, "val", resolution=pipe.vq.config.resolution, settings=settings)
     scorer = PairScorer(judge_clip, cset, settings)
+
+    def judged(feats: torch.Tensor, caption_index: torch.Tensor) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Each image's R-precision hit (0/1) and CLIP score against its caption, and their prompt-bootstrap means
+        (R-precision in %) as `PairScorer.score_features` gives them, without its Fréchet and manifold figures."""
+        hits = scorer.hits(feats, caption_index).astype(np.float64)
+        scores = clip_scores(feats.float(), scorer.text[caption_index].float())
+        boot = PromptBootstrap(caption_index.tolist(), n_boot=n_boot, seed=seed)
+        return hits, scores, {"r_precision": boot.mean(hits * 100).as_dict(), "clip_score": boot.mean(scores).as_dict()}
+
     index = torch.arange(len(cset.captions)).repeat_interleave(per_prompt)  # (N,) caption of each image
     boot = PromptBootstrap(index.tolist(), n_boot=n_boot, seed=seed)
     rows, hits, scores, grids = {}, {}, {}, {}
     for name, config in configs.items():
         gen = pipe.generate(cset.captions, n_per_prompt=per_prompt, sampling=config, seed=seed, batch_size=256)
-        feats = scorer.encode(gen.images)
-        rows[name] = {k: v for k, v in scorer.score_features(feats, index).items()
-                      if k in ("r_precision", "clip_score")}
-        hits[name] = scorer.hits(feats, index).astype(np.float64)
-        scores[name] = clip_scores(feats.float(), scorer.text[index].float())
+        hits[name], scores[name], rows[name] = judged(scorer.encode(gen.images), index)
         grids[name] = gen.images[::per_prompt][:16]
     for name in configs:
         if name != "token":
             rows[name]["r_precision_vs_token"] = boot.difference(hits[name], hits["token"]).as_dict()
             rows[name]["clip_score_vs_token"] = boot.difference(scores[name], scores["token"]).as_dict()
-    own = torch.arange(len(cset.captions))
-    real = scorer.score_features(scorer.encode(cset.images), own)
+    *_, real = judged(scorer.encode(cset.images), torch.arange(len(cset.captions)))
     names = list(grids)
     save_png(contact_sheet([img for n in names for img in grids[n]],
                            [f"{n}: {c}" for n in names for c in cset.captions[:16]], columns=16),
              out / "val_side_by_side.png")
     return {"dataset": dataset, "split": "val", "prompts": len(cset.captions), "images": len(index),
             "candidates": min(settings.candidates, len(cset.captions)), "settings": rows,
-            "real (ceiling)": {k: real[k] for k in ("r_precision", "clip_score")}}
+            "real (ceiling)": real}
 
 
 def markdown(payload: dict) -> str:
@@ -296,18 +300,19 @@ def main(argv: list[str] | None = None) -> int:
                                "Jacobi drafts (q = the last prediction) are accepted almost always and copied ones "
                                "almost never: the speed here says what a pass costs, not what a trained model gains.",
                       "rows": rows})
-    clip_quality = None
+    quality = clip_quality = None
     if args.judge_clip is not None and not args.no_judge:
         from argen.unclip.clip import ClipEncoder
 
         clip_quality = measure_clip_quality(
-            pipe, settings(base, args.settings), dataset=args.dataset, judge_clip=ClipEncoder.load(args.judge_clip,
-                                                                                                    device=device),
-            prompts=args.val_prompts, per_prompt=args.per_prompt, seed=args.seed + 1, n_boot=args.n_boot, out=out)
-    quality = None if args.no_judge or clip_quality is not None else measure_quality(
-        pipe, settings(base, args.settings), prompts={"single": prompt_set("single", max_prompts=16),
-                                                       "relation": prompt_set("relation", max_prompts=args.relation_prompts)},
-        per_prompt={"single": 8, "relation": 2}, seed=args.seed + 1, n_boot=args.n_boot, out=out)
+            pipe, settings(base, args.settings), dataset=args.dataset,
+            judge_clip=ClipEncoder.load(args.judge_clip, device=device), prompts=args.val_prompts,
+            per_prompt=args.per_prompt, seed=args.seed + 1, n_boot=args.n_boot, out=out)
+    elif not args.no_judge:
+        quality = measure_quality(
+            pipe, settings(base, args.settings), prompts={"single": prompt_set("single", max_prompts=16),
+                                                           "relation": prompt_set("relation", max_prompts=args.relation_prompts)},
+            per_prompt={"single": 8, "relation": 2}, seed=args.seed + 1, n_boot=args.n_boot, out=out)
     payload = {"command": command, "host": host_info(measure_bf16=False).describe(), "torch": torch.__version__, "transformers": transformers.__version__,
                "sampling": str(base), "speed": speed, "quality": quality, "clip_quality": clip_quality}
     atomic_write_bytes(out / "parallel_decoding.json", json.dumps(payload, indent=2).encode())
